@@ -1,0 +1,2 @@
+class RegistryError(Exception):
+    """A registry that is missing, damaged, locked or asked for something it cannot do."""
