@@ -1,0 +1,144 @@
+"""Question/answer rows, read from JSONL, encoded with the model's processor, batched.
+
+A row is {"question": str, "answer": str, "image": optional path relative to the
+JSONL file}. Rows without an image are text-only probes.
+"""
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+IGNORE = -100  # label of positions that carry no loss (prompt, padding)
+
+
+@dataclass(frozen=True)
+class Row:
+    question: str
+    answer: str
+    image: Path | None = None
+
+
+def read_rows(path: Path, problems: list[str], label: str) -> list[Row]:
+    """Rows of a JSONL file; every problem found is appended to `problems` as one phrase."""
+    path = Path(path)
+    if not path.is_file():
+        problems.append(f"{label}: file not found: {path}")
+        return []
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"{label}: {path.name} line {n}: not valid JSON ({e.msg})")
+                continue
+            if not isinstance(obj, dict):
+                problems.append(f"{label}: {path.name} line {n}: expected an object")
+                continue
+            bad = [k for k in ("question", "answer") if not isinstance(obj.get(k), str) or not obj.get(k).strip()]
+            if bad:
+                problems.append(f"{label}: {path.name} line {n}: missing or empty {' and '.join(bad)}")
+                continue
+            image = obj.get("image")
+            if image is not None:
+                if not isinstance(image, str):
+                    problems.append(f"{label}: {path.name} line {n}: image must be a path")
+                    continue
+                image = (path.parent / image).resolve()
+                _check_image(image, problems, f"{label}: {path.name} line {n}")
+            rows.append(Row(obj["question"].strip(), obj["answer"].strip(), image))
+    if not rows and not any(p.startswith(f"{label}:") for p in problems):
+        problems.append(f"{label}: {path.name} has no rows")
+    return rows
+
+
+def _check_image(path: Path, problems: list[str], where: str) -> None:
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        problems.append(f"{where}: image not found: {path}")
+        return
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        problems.append(f"{where}: image does not decode: {path.name} ({type(e).__name__})")
+
+
+def load_image(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def prompt_text(processor, question: str, has_image: bool) -> str:
+    """The user turn and the assistant cue, through the processor's chat template."""
+    content = ([{"type": "image"}] if has_image else []) + [{"type": "text", "text": question}]
+    messages = [{"role": "user", "content": content}]
+    if getattr(processor, "chat_template", None):
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    image = "<image>\n" if has_image else ""  # LLaVA-1.5's documented prompt format
+    return f"USER: {image}{question} ASSISTANT:"
+
+
+@dataclass
+class Example:
+    input_ids: torch.Tensor  # (T,)
+    labels: torch.Tensor  # (T,) IGNORE on the prompt
+    pixel_values: torch.Tensor | None  # (3, H, W)
+
+
+def encode(processor, row: Row, answer: str | None = None) -> Example:
+    """Prompt ids from the processor (image tokens expanded) + answer ids + end of sequence."""
+    tokenizer = processor.tokenizer
+    image = load_image(row.image) if row.image else None
+    prompt = prompt_text(processor, row.question, image is not None)
+    enc = processor(text=[prompt], images=[image] if image is not None else None, return_tensors="pt")
+    prompt_ids = enc["input_ids"][0]
+    answer_ids = tokenizer(" " + (answer or row.answer), add_special_tokens=False)["input_ids"]
+    answer_ids = torch.tensor(answer_ids + [tokenizer.eos_token_id])
+    return Example(
+        input_ids=torch.cat([prompt_ids, answer_ids]),
+        labels=torch.cat([torch.full_like(prompt_ids, IGNORE), answer_ids]),
+        pixel_values=enc["pixel_values"][0] if image is not None else None,
+    )
+
+
+def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch; pixel_values stacks the images of the rows that have one, in order."""
+    length = max(len(e.input_ids) for e in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)  # (B, T)
+    for i, e in enumerate(examples):
+        n = len(e.input_ids)
+        ids[i, :n], labels[i, :n], mask[i, :n] = e.input_ids, e.labels, 1
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    images = [e.pixel_values for e in examples if e.pixel_values is not None]
+    if images:
+        batch["pixel_values"] = torch.stack(images)  # (n_images, 3, H, W)
+    return batch
+
+
+def batches(examples: list[Example], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """Fixed batches in order, for evaluation."""
+    return [collate(examples[i : i + batch_size], pad_id) for i in range(0, len(examples), batch_size)]
+
+
+def endless(examples: list[Example], batch_size: int, pad_id: int, seed: int):
+    """Shuffled batches forever: a new permutation each pass, reproducible from `seed`."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while True:
+        if len(order) < batch_size:
+            fresh = list(range(len(examples)))
+            rng.shuffle(fresh)
+            order += fresh
+        take, order = order[: min(batch_size, len(examples))], order[min(batch_size, len(examples)) :]
+        yield collate([examples[i] for i in take], pad_id)

@@ -1,0 +1,60 @@
+"""Unlearning methods. Each is one file here and one line in METHODS.
+
+A method is a small object with:
+  name, sign     its registry name; +1 if its adapter is added to the model,
+                 -1 if it is subtracted (distil-then-delete methods)
+  scopes         the request scopes it can serve
+  targets(model, scope)                  names of the linear layers its adapter trains
+  loss(model, forget, retain, reference) its loss on a forget and a retain batch;
+                 `reference(batch)` gives answer log-probs under the model as it
+                 was before this request (no gradient)
+Its hyper-parameters are dataclass fields, set from the request's `method_args`.
+"""
+
+import dataclasses
+from typing import Callable, Protocol
+
+import torch
+
+from seqforget.methods.ga import GradientAscent
+from seqforget.methods.gd import GradientDifference
+from seqforget.methods.npo import NPO
+from seqforget.methods.refusal import Refusal
+
+Batch = dict[str, torch.Tensor]
+
+
+class Method(Protocol):
+    name: str
+    sign: int
+    scopes: tuple[str, ...]
+
+    def targets(self, model: torch.nn.Module, scope: str) -> list[str]: ...
+
+    def loss(
+        self, model, forget: Batch, retain: Batch, reference: Callable[[Batch], torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+METHODS: dict[str, type] = {m.name: m for m in (GradientAscent, GradientDifference, NPO, Refusal)}
+
+
+def method_problems(name: str, scope: str, args: dict) -> list[str]:
+    """Everything wrong with choosing method `name` for `scope` with `args`."""
+    cls = METHODS.get(name)
+    if cls is None:
+        return [f"method: unknown {name!r} (known: {', '.join(sorted(METHODS))})"]
+    problems = []
+    if scope in ("visual", "full", "refuse") and scope not in cls.scopes:
+        problems.append(f"method: {name} does not serve scope {scope!r} (it serves {', '.join(cls.scopes)})")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in args.items():
+        if key not in fields:
+            problems.append(f"method_args: {name} has no argument {key!r} (it has {', '.join(fields) or 'none'})")
+        elif not isinstance(value, (int, float)) or isinstance(value, bool):
+            problems.append(f"method_args.{key}: expected a number, got {value!r}")
+    return problems
+
+
+def make_method(name: str, args: dict) -> Method:
+    return METHODS[name](**args)

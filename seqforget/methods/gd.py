@@ -1,0 +1,25 @@
+from dataclasses import dataclass
+
+from seqforget.losses import answer_nll
+from seqforget.targets import default_targets
+
+
+@dataclass
+class GradientDifference:
+    """Gradient ascent on the forget set, descent on the retain set:
+    loss = -NLL(forget) + retain_weight * NLL(retain)."""
+
+    retain_weight: float = 1.0
+    name = "gd"
+    sign = +1
+    scopes = ("visual", "full")
+
+    def targets(self, model, scope):
+        return default_targets(model, scope)
+
+    def loss(self, model, forget, retain, reference):
+        forget_nll, retain_nll = answer_nll(model, forget), answer_nll(model, retain)
+        return -forget_nll + self.retain_weight * retain_nll, {
+            "forget_nll": forget_nll.item(),
+            "retain_nll": retain_nll.item(),
+        }

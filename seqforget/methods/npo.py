@@ -1,0 +1,37 @@
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+
+from seqforget.losses import answer_logprob, answer_nll
+from seqforget.targets import default_targets
+
+
+@dataclass
+class NPO:
+    """Negative Preference Optimization (Zhang et al., 2024), with a retain term:
+
+        loss = -(2 / beta) * mean log sigmoid(-beta * (log p(y|x) - log p_ref(y|x)))
+               + retain_weight * NLL(retain)
+
+    p_ref is the model before this request. Unlike gradient ascent, the forget term
+    saturates once the answer is unlikely, which slows the collapse.
+    """
+
+    beta: float = 0.1
+    retain_weight: float = 1.0
+    name = "npo"
+    sign = +1
+    scopes = ("visual", "full")
+
+    def targets(self, model, scope):
+        return default_targets(model, scope)
+
+    def loss(self, model, forget, retain, reference):
+        logp, n, _ = answer_logprob(model, forget)
+        ratio = logp - reference(forget)  # (B,)
+        forget_loss = -(2.0 / self.beta) * F.logsigmoid(-self.beta * ratio).mean()
+        retain_nll = answer_nll(model, retain)
+        return forget_loss + self.retain_weight * retain_nll, {
+            "forget_nll": (-logp / n.clamp_min(1)).mean().item(),
+            "retain_nll": retain_nll.item(),
+        }

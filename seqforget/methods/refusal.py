@@ -1,0 +1,27 @@
+from dataclasses import dataclass
+
+from seqforget.losses import answer_nll
+from seqforget.targets import default_targets
+
+
+@dataclass
+class Refusal:
+    """Teach a refusal: the forget rows arrive with the refusal as their answer.
+
+    loss = NLL(forget, refusal answers) + retain_weight * NLL(retain)
+    """
+
+    retain_weight: float = 1.0
+    name = "refusal"
+    sign = +1
+    scopes = ("refuse",)
+
+    def targets(self, model, scope):
+        return default_targets(model, scope)
+
+    def loss(self, model, forget, retain, reference):
+        forget_nll, retain_nll = answer_nll(model, forget), answer_nll(model, retain)
+        return forget_nll + self.retain_weight * retain_nll, {
+            "forget_nll": forget_nll.item(),
+            "retain_nll": retain_nll.item(),
+        }

@@ -1,0 +1,171 @@
+"""Loading a vision-language model from a local folder, its fingerprint, and a tiny LLaVA.
+
+Everything loads with `from_pretrained(path)`: the tiny model the tests use is saved
+with `save_pretrained` and read back through the same path a 7B checkpoint takes.
+"""
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from seqforget.errors import SeqforgetError
+
+# LLaVA-1.5's conversation format, as a chat template over multimodal messages.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
+    "{% endfor %}"
+    "{% if message['role'] == 'user' %} {% else %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+def load_model(path: Path, dtype=None):
+    """(model, processor) from a local folder; the model in eval mode, float32 unless told."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise SeqforgetError(f"{path} is not a model folder (no config.json)")
+    _quiet_transformers()
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32)
+        processor = AutoProcessor.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise SeqforgetError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from e
+    model.eval()
+    return model, processor
+
+
+def fingerprint(path: Path) -> str:
+    """sha256 over the names and contents of the model folder's files (weights, config, tokenizer).
+
+    Every byte of the weights is read: two checkpoints of one architecture differ only there.
+    """
+    from registry.hashing import sha256_file
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise SeqforgetError(f"{path} is not a model folder (no config.json)")
+    files = sorted(
+        p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") and not p.name.upper().startswith("README")
+    )
+    listing = [(p.relative_to(path).as_posix(), sha256_file(p)) for p in files]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+@dataclass
+class TinySpec:
+    """Sizes of the tiny LLaVA (about 0.8M parameters at these defaults)."""
+
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    image_size: int = 32
+    patch_size: int = 8
+    text_hidden: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    max_positions: int = 256
+    seed: int = 0
+
+
+def build_word_tokenizer(texts: list[str]):
+    """A word-level tokenizer over `texts` (whitespace and punctuation split), as a fast HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    pre = pre_tokenizers.Whitespace()
+    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t)} | {"USER", "ASSISTANT", ":"})
+    words = [w for w in words if w not in SPECIAL_TOKENS]
+    vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+
+
+def build_tiny_llava(out_dir: Path, texts: list[str], spec: TinySpec = TinySpec()):
+    """Build a randomly initialised tiny LLaVA whose vocabulary covers `texts`, save it, load it back.
+
+    CLIP vision config + Llama text config + word-level tokenizer + CLIPImageProcessor,
+    written with save_pretrained. Returns (model, processor) as `load_model` gives them.
+    """
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    _quiet_transformers()
+    out_dir = Path(out_dir)
+    tokenizer = build_word_tokenizer(texts)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": spec.image_size},
+        crop_size={"height": spec.image_size, "width": spec.image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's class token, dropped by the "default" strategy
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+    vocab = tokenizer.get_vocab()
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=spec.vision_hidden,
+            intermediate_size=2 * spec.vision_hidden,
+            num_hidden_layers=spec.vision_layers,
+            num_attention_heads=spec.vision_heads,
+            image_size=spec.image_size,
+            patch_size=spec.patch_size,
+        ),
+        text_config=LlamaConfig(
+            hidden_size=spec.text_hidden,
+            intermediate_size=2 * spec.text_hidden,
+            num_hidden_layers=spec.text_layers,
+            num_attention_heads=spec.text_heads,
+            num_key_value_heads=spec.text_heads,
+            vocab_size=len(vocab),
+            max_position_embeddings=spec.max_positions,
+            pad_token_id=vocab["<pad>"],
+            bos_token_id=vocab["<s>"],
+            eos_token_id=vocab["</s>"],
+        ),
+        image_token_index=vocab["<image>"],
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+    )
+    torch.manual_seed(spec.seed)
+    model = LlavaForConditionalGeneration(config)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    (out_dir / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    return load_model(out_dir)

@@ -1,0 +1,203 @@
+"""Deletion requests: parsing and validation of the request file and its data.
+
+A request is YAML or JSON:
+
+    id: forget-person-07          # letters, digits, . _ - (a folder name in the registry)
+    scope: full                   # visual | full | refuse
+    method: gd                    # see `seqforget.methods.METHODS`
+    forget: forget.jsonl          # rows to forget
+    retain: retain.jsonl          # rows to keep (optional if the registry has a default)
+    # optional: any field of `Training`, plus
+    method_args: {retain_weight: 1.0}
+    target_modules: [mlp.fc1]     # instead of the scope's default layers
+    refusal: "I cannot help with that."
+
+Relative paths resolve against the request file. `load_request` reports every
+problem it finds in one error.
+"""
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from seqforget.data import Row, read_rows
+from seqforget.errors import SeqforgetError
+
+SCOPES = ("visual", "full", "refuse")
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_LISTED = 12
+
+
+@dataclass(frozen=True)
+class Training:
+    """Training settings of one request's adapter."""
+
+    steps: int = 30  # optimiser steps
+    lr: float = 1e-3  # AdamW learning rate
+    rank: int = 8  # LoRA rank r
+    alpha: float = 16.0  # LoRA alpha; the update is (alpha / r) * B A
+    batch_size: int = 8  # rows per forget batch and per retain batch
+    energy_threshold: float = 0.97  # share of retained input energy the null-space basis must hold
+    projection: bool = True  # project updates into the null space of retained inputs
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Request:
+    id: str
+    scope: str
+    method: str
+    source: Path
+    forget_path: Path
+    retain_path: Path
+    forget: list[Row]
+    retain: list[Row]
+    training: Training = Training()
+    method_args: dict = field(default_factory=dict)
+    target_modules: list[str] | None = None
+    refusal: str = "I cannot help with that."
+
+    def describe(self) -> dict:
+        """A JSON-able record of the request, as stored beside its adapter."""
+        return {
+            "id": self.id,
+            "scope": self.scope,
+            "method": self.method,
+            "method_args": self.method_args,
+            "training": dataclasses.asdict(self.training),
+            "target_modules": self.target_modules,
+            "refusal": self.refusal if self.scope == "refuse" else None,
+            "source": str(self.source),
+            "forget": {"path": str(self.forget_path), "rows": len(self.forget)},
+            "retain": {"path": str(self.retain_path), "rows": len(self.retain)},
+        }
+
+
+_CONTRACT = {"id", "scope", "method", "forget", "retain", "method_args", "target_modules", "refusal"}
+_TRAINING = {f.name: f for f in dataclasses.fields(Training)}
+
+
+def read_request_file(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise SeqforgetError(f"request file not found: {path}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        obj = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        first = str(e).replace("\n", " ")
+        raise SeqforgetError(f"invalid request {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({first})") from None
+    if not isinstance(obj, dict):
+        raise SeqforgetError(f"invalid request {path}: expected a mapping of fields")
+    return obj
+
+
+def load_request(path: Path, default_retain: str | None = None) -> Request:
+    """Parse and validate a request file and the data it names; raise with every problem at once."""
+    from seqforget.methods import method_problems
+
+    path = Path(path).absolute()
+    raw = read_request_file(path)
+    problems: list[str] = []
+
+    for key in sorted(set(raw) - _CONTRACT - set(_TRAINING)):
+        problems.append(f"unknown field {key!r}")
+    request_id = raw.get("id")
+    if not isinstance(request_id, str) or not ID_PATTERN.match(request_id):
+        problems.append("id: required, 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    scope = raw.get("scope")
+    if scope not in SCOPES:
+        problems.append(f"scope: expected one of {', '.join(SCOPES)}, got {scope!r}")
+    method = raw.get("method")
+    method_args = raw.get("method_args") or {}
+    if not isinstance(method_args, dict):
+        problems.append("method_args: expected a mapping")
+        method_args = {}
+    if not isinstance(method, str):
+        problems.append("method: required")
+    else:
+        problems += method_problems(method, scope, method_args)
+
+    training = _training(raw, problems)
+    targets = raw.get("target_modules")
+    if targets is not None and (not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets) or not targets):
+        problems.append("target_modules: expected a non-empty list of layer names")
+    refusal = raw.get("refusal", Request.refusal)
+    if not isinstance(refusal, str) or not refusal.strip():
+        problems.append("refusal: expected a non-empty string")
+
+    forget_path = _data_path(raw.get("forget"), path, "forget", problems)
+    retain_value = raw.get("retain", default_retain)
+    if retain_value is None:
+        problems.append("retain: required (the registry has no default retain set)")
+    retain_path = _data_path(retain_value, path, "retain", problems) if retain_value is not None else None
+    forget = read_rows(forget_path, problems, "forget") if forget_path else []
+    retain = read_rows(retain_path, problems, "retain") if retain_path else []
+    if scope == "visual" and forget and not any(r.image for r in forget):
+        problems.append("forget: a visual request needs rows with an image")
+
+    if problems:
+        shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else [])
+        raise SeqforgetError(f"invalid request {path.name}: " + "; ".join(shown))
+    return Request(
+        id=request_id,
+        scope=scope,
+        method=method,
+        source=path,
+        forget_path=forget_path,
+        retain_path=retain_path,
+        forget=forget,
+        retain=retain,
+        training=training,
+        method_args=method_args,
+        target_modules=targets,
+        refusal=refusal.strip(),
+    )
+
+
+def _data_path(value, request_path: Path, label: str, problems: list[str]) -> Path | None:
+    if not isinstance(value, str) or not value:
+        problems.append(f"{label}: required, a path to a JSONL file")
+        return None
+    p = Path(value)
+    return p if p.is_absolute() else (request_path.parent / p).resolve()
+
+
+def _training(raw: dict, problems: list[str]) -> Training:
+    values = {}
+    for name, f in _TRAINING.items():
+        if name not in raw:
+            continue
+        value = raw[name]
+        if isinstance(value, str) and f.type in (float, "float"):
+            try:  # YAML 1.1 reads 1e-3 (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
+        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool}[f.type]
+        if kind is bool:
+            ok = isinstance(value, bool)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            problems.append(f"{name}: expected {kind.__name__}, got {value!r}")
+            continue
+        values[name] = kind(value)
+    bounds = {
+        "steps": (1, 100_000),
+        "lr": (1e-8, 1.0),
+        "rank": (1, 1024),
+        "alpha": (1e-6, 1e6),
+        "batch_size": (1, 4096),
+        "energy_threshold": (0.0, 1.0),
+    }
+    for name, (lo, hi) in bounds.items():
+        if name in values and not lo <= values[name] <= hi:
+            problems.append(f"{name}: {values[name]} is outside [{lo}, {hi}]")
+    return Training(**values)
