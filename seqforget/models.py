@@ -34,13 +34,13 @@ def _quiet_transformers() -> None:
 
 def load_model(path: Path, dtype=None):
     """(model, processor) from a local folder; the model in eval mode, float32 unless told."""
+    _quiet_transformers()
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise SeqforgetError(f"{path} is not a model folder (no config.json)")
-    _quiet_transformers()
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32)
         processor = AutoProcessor.from_pretrained(path)
@@ -111,6 +111,7 @@ def build_tiny_llava(out_dir: Path, texts: list[str], spec: TinySpec = TinySpec(
     CLIP vision config + Llama text config + word-level tokenizer + CLIPImageProcessor,
     written with save_pretrained. Returns (model, processor) as `load_model` gives them.
     """
+    _quiet_transformers()
     import torch
     from transformers import (
         CLIPImageProcessor,
@@ -121,7 +122,6 @@ def build_tiny_llava(out_dir: Path, texts: list[str], spec: TinySpec = TinySpec(
         LlavaProcessor,
     )
 
-    _quiet_transformers()
     out_dir = Path(out_dir)
     tokenizer = build_word_tokenizer(texts)
     image_processor = CLIPImageProcessor(

@@ -7,6 +7,7 @@ coordinate, which would otherwise leave the null space).
 """
 
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +48,9 @@ def train_adapter(model, method, forget_batches, retain_batches, targets, nullsp
     for p in model.parameters():
         p.requires_grad_(False)
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=list(targets), lora_dropout=0.0)
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # PEFT asks transformers a deprecated question
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(model, config)
     layers = _lora_layers(peft_model, targets)
     a_weights = {name: layer.lora_A["default"].weight for name, layer in layers.items()}  # (r, d_in)
 
