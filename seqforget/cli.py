@@ -7,7 +7,6 @@ Heavy imports (torch, transformers) happen inside the commands that need them, s
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import click
@@ -32,7 +31,22 @@ model_option = click.option(
 )
 
 
-@click.group()
+class _Commands(click.Group):
+    """Every error a command raises ends as one line on stderr and exit status 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as e:
+            if os.environ.get("SEQFORGET_DEBUG"):
+                raise
+            click.echo(_one_line(e), err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Commands)
 @click.version_option(package_name="seqforget")
 def cli():
     """Continual unlearning for vision-language models: one reversible adapter per deletion request."""
@@ -160,29 +174,15 @@ def verify(registry_path):
     click.echo(f"ok: {n} request(s), every file matches its sha256")
 
 
-def main() -> None:
-    try:
-        cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    except (SeqforgetError, RegistryError) as e:
-        _fail(e)
-    except Exception as e:  # an unexpected error still gets one line; the traceback is opt-in
-        _fail(e, f"{type(e).__name__}: ")
-
-
-def _fail(e: Exception, prefix: str = "") -> None:
-    if os.environ.get("SEQFORGET_DEBUG"):
-        raise e
+def _one_line(e: Exception) -> str:
+    known = isinstance(e, (SeqforgetError, RegistryError))
     message = " ".join(str(e).split())
-    hint = " (set SEQFORGET_DEBUG=1 for the traceback)" if prefix else ""
-    click.echo(f"seqforget: error: {prefix}{message}{hint}", err=True)
-    sys.exit(1)
+    if known:
+        return f"seqforget: error: {message}"
+    return f"seqforget: error: {type(e).__name__}: {message} (set SEQFORGET_DEBUG=1 for the traceback)"
 
+
+main = cli
 
 if __name__ == "__main__":
     main()

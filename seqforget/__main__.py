@@ -1,0 +1,3 @@
+from seqforget.cli import main
+
+main()
