@@ -1,0 +1,274 @@
+"""Null-space bases, projections and composition against float64 references on random inputs."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from seqforget.composition import Adapter, compose
+from seqforget.errors import SeqforgetError
+from seqforget.projection import NullSpace, extend_basis, project_out
+
+D = 16
+
+
+def orthonormal(gen: torch.Generator, d: int, k: int, dtype=torch.float64) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(d, k, generator=gen, dtype=torch.float64))
+    return q[:, :k].to(dtype)  # (d, k)
+
+
+def gram(gen: torch.Generator, d: int, n: int, decay: float = 0.75) -> torch.Tensor:
+    """R^T R for n inputs R (n, d) whose energy falls off across directions, so thresholds are reachable."""
+    r = torch.randn(n, d, generator=gen, dtype=torch.float64) * decay ** torch.arange(d, dtype=torch.float64)
+    r = r @ orthonormal(gen, d, d).T  # spread the energy over no particular axes
+    return r.T @ r  # (d, d)
+
+
+def projector(u: torch.Tensor) -> torch.Tensor:
+    u = u.double()
+    return torch.eye(u.shape[0], dtype=torch.float64) - u @ u.T  # I - U U^T, (d, d)
+
+
+def share(u: torch.Tensor, g: torch.Tensor) -> float:
+    """trace(U^T G U) / trace(G): the energy of G inside span(U)."""
+    return (torch.trace(u.T @ g @ u) / torch.trace(g)).item()
+
+
+# ---- project_out ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [0, 1, 5, D])
+def test_project_out_equals_a_times_the_complement_projector(k):
+    gen = torch.Generator().manual_seed(k)
+    u = orthonormal(gen, D, k)
+    a = torch.randn(4, D, generator=gen, dtype=torch.float64)  # (r, d)
+    out = project_out(a, u)
+    torch.testing.assert_close(out, a @ projector(u), rtol=0, atol=1e-12)
+    if k:
+        assert (out @ u).abs().max() < 1e-12
+    if k == 0:
+        assert torch.equal(out, a)
+
+
+# ---- extend_basis -----------------------------------------------------------------------------
+
+
+def minimum_directions(u: torch.Tensor, g: torch.Tensor, threshold: float) -> tuple[int, np.ndarray]:
+    """Fewest directions orthogonal to U that lift the captured share to `threshold` (Ky Fan),
+    and the shares the best m directions reach, for m = 0 .. d - k."""
+    p = projector(u).numpy()
+    evals = np.sort(np.linalg.eigvalsh(p @ g.numpy() @ p))[::-1][: D - u.shape[1]]
+    reach = share(u, g) + np.concatenate([[0.0], np.cumsum(np.clip(evals, 0, None))]) / np.trace(g.numpy())
+    return int(np.argmax(reach >= threshold)), reach
+
+
+@pytest.mark.parametrize("k", [0, 3, 9])
+@pytest.mark.parametrize("gap", [0.5, 0.9, 0.99])
+def test_extend_basis_adds_the_fewest_orthonormal_directions_that_reach_the_threshold(k, gap):
+    gen = torch.Generator().manual_seed(100 * k + int(gap * 100))
+    u = orthonormal(gen, D, k)
+    g = gram(gen, D, n=64)
+    before = share(u, g)
+    threshold = before + gap * (1 - before)  # above what U holds, whatever the draw
+
+    ext = extend_basis(u if k else None, g, threshold)
+    m = ext.columns.shape[1]
+    new = ext.columns  # (d, m)
+
+    assert new.shape == (D, m) and ext.energy.shape == (m,)
+    torch.testing.assert_close(new.T @ new, torch.eye(m, dtype=torch.float64), rtol=0, atol=1e-10)
+    assert (u.T @ new).norm() < 1e-10
+    assert ext.captured_before == pytest.approx(before, abs=1e-12)
+    union = torch.cat([u, new], dim=1)
+    assert ext.captured_after == pytest.approx(share(union, g), abs=1e-10)
+    assert ext.captured_after >= threshold
+    # energy says what each new column carries, and it all adds up
+    torch.testing.assert_close(ext.energy, torch.diag(new.T @ g @ new) / torch.trace(g), rtol=0, atol=1e-10)
+    assert ext.energy.sum().item() == pytest.approx(ext.captured_after - ext.captured_before, abs=1e-10)
+    assert bool((ext.energy[:-1] >= ext.energy[1:]).all())  # strongest first
+
+    fewest, reach = minimum_directions(u, g, threshold)
+    assert m == fewest
+    assert reach[m - 1] < threshold  # one fewer would not do
+    assert share(torch.cat([u, new[:, : m - 1]], dim=1), g) < threshold
+
+
+def test_extend_basis_is_orthogonal_to_a_float32_u_as_the_registry_stores_it():
+    # U read back from basis.h5 is float32, orthonormal only to ~1e-7; the new columns must
+    # still be orthogonal to that very U, not to the float64 one it was rounded from
+    gen = torch.Generator().manual_seed(14)
+    d = 64
+    for k in (5, 40):
+        u = orthonormal(gen, d, k, dtype=torch.float32)
+        g = gram(gen, d, n=200, decay=0.9)
+        ext = extend_basis(u, g, 0.99)
+        assert ext.columns.shape[1] > 0
+        assert (u.double().T @ ext.columns).abs().max() < 1e-12
+
+
+def test_extend_basis_adds_nothing_when_u_already_holds_the_threshold():
+    gen = torch.Generator().manual_seed(7)
+    g = gram(gen, D, n=64)
+    first = extend_basis(None, g, 0.9)
+    again = extend_basis(first.columns, g, 0.9)
+    assert again.columns.shape == (D, 0)
+    assert again.captured_before == pytest.approx(first.captured_after, abs=1e-10)
+    assert again.captured_after == again.captured_before
+
+
+def test_extend_basis_stops_at_the_rank_of_a_low_rank_gram():
+    gen = torch.Generator().manual_seed(8)
+    n = 5  # fewer inputs than dimensions: G has rank 5
+    r = torch.randn(n, D, generator=gen, dtype=torch.float64)
+    ext = extend_basis(None, r.T @ r, threshold=1.0)
+    assert ext.columns.shape == (D, n)
+    assert ext.captured_after == pytest.approx(1.0, abs=1e-9)
+    # the span of the inputs, exactly: every input is left untouched by nothing but U
+    assert (r @ projector(ext.columns)).abs().max() < 1e-9
+
+
+def test_extend_basis_of_a_zero_gram_adds_nothing():
+    ext = extend_basis(None, torch.zeros(D, D), 0.9)
+    assert ext.columns.shape == (D, 0)
+    assert (ext.captured_before, ext.captured_after) == (1.0, 1.0)
+
+
+def test_bases_grown_over_many_requests_stay_orthonormal():
+    gen = torch.Generator().manual_seed(9)
+    u = None
+    for _ in range(6):
+        ext = extend_basis(u, gram(gen, D, n=32, decay=0.9), 0.8)
+        u = ext.columns if u is None else torch.cat([u, ext.columns], dim=1)
+    k = u.shape[1]
+    assert 0 < k <= D
+    torch.testing.assert_close(u.T @ u, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-10)
+
+
+# ---- NullSpace ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [0, 3, D // 2, D // 2 + 1, 13, D])
+def test_null_space_projects_the_same_in_both_representations(k):
+    gen = torch.Generator().manual_seed(200 + k)
+    u = orthonormal(gen, D, k)
+    a = torch.randn(4, D, generator=gen, dtype=torch.float64)
+    ns = NullSpace(u)
+
+    assert ns.complement == (k > D // 2)
+    assert ns.basis.shape == ((D, D - k) if ns.complement else (D, k))
+    out = ns.project(a)
+    torch.testing.assert_close(out, a @ projector(u), rtol=0, atol=1e-10)
+    torch.testing.assert_close(out, project_out(a, u), rtol=0, atol=1e-10)
+    if k:
+        assert ((out @ u).norm() / a.norm()).item() < 1e-10
+
+
+@pytest.mark.parametrize("k", [5, 50])
+def test_null_space_in_float32_keeps_a_u_below_1e_6(k):
+    d = 64
+    gen = torch.Generator().manual_seed(300 + k)
+    u = orthonormal(gen, d, k, dtype=torch.float32)
+    a = torch.randn(8, d, generator=gen)
+    ns = NullSpace(u)
+    assert ns.complement == (k > d // 2)
+    out = ns.project(a)
+    assert out.dtype == torch.float32
+    assert ((out @ u).norm() / a.norm()).item() < 1e-6
+    torch.testing.assert_close(out.double(), a.double() @ projector(u), rtol=0, atol=1e-5)
+
+
+# ---- composition ----------------------------------------------------------------------------------
+
+
+class TwoLayers(nn.Module):
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.up = nn.Linear(D, 2 * D, dtype=dtype)
+        self.act = nn.ReLU()
+        self.down = nn.Linear(2 * D, D, dtype=dtype)
+
+
+def adapter(gen: torch.Generator, request_id: str, sign: int, scale: float, modules: dict[str, tuple[int, int]]):
+    """An Adapter of rank 4 with {module: (d_in, d_out)}."""
+    r = 4
+    pairs = {
+        name: (0.3 * torch.randn(r, d_in, generator=gen), 0.3 * torch.randn(d_out, r, generator=gen))  # A, B
+        for name, (d_in, d_out) in modules.items()
+    }
+    return Adapter(request_id, sign, scale, pairs)
+
+
+def reference(model: nn.Module, adapters: list[Adapter]) -> dict[str, np.ndarray]:
+    """W + sum_i s_i scale_i B_i A_i for every linear layer, in float64 numpy."""
+    out = {name: layer.weight.detach().double().numpy().copy() for name, layer in model.named_modules()
+           if isinstance(layer, nn.Linear)}
+    for ad in adapters:
+        for name, (a, b) in ad.pairs.items():
+            out[name] += ad.sign * ad.scale * (b.double().numpy() @ a.double().numpy())
+    return out
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_compose_adds_each_signed_scaled_product_and_removes_it_again(dtype, tol):
+    gen = torch.Generator().manual_seed(10)
+    model = TwoLayers(dtype)
+    adapters = [
+        adapter(gen, "r1", +1, 2.0, {"up": (D, 2 * D), "down": (2 * D, D)}),
+        adapter(gen, "r2", -1, 0.5, {"up": (D, 2 * D)}),
+    ]
+    original = weights(model)
+    expected = reference(model, adapters)
+
+    compose(model, adapters)
+    for name in ("up", "down"):
+        w = getattr(model, name).weight.detach().double().numpy()
+        np.testing.assert_allclose(w, expected[name], rtol=tol, atol=tol)
+        assert np.abs(w - original[f"{name}.weight"].double().numpy()).max() > 0.1  # a real change
+    for name in ("up.bias", "down.bias"):
+        assert torch.equal(model.state_dict()[name], original[name])
+
+    compose(model, adapters, direction=-1)
+    for name, value in weights(model).items():
+        torch.testing.assert_close(value, original[name], rtol=0, atol=1e-6)
+
+
+def test_a_negative_sign_subtracts_what_a_positive_sign_adds():
+    gen = torch.Generator().manual_seed(11)
+    plus = adapter(gen, "r1", +1, 2.0, {"up": (D, 2 * D)})
+    minus = Adapter("r1-", -1, plus.scale, plus.pairs)
+    torch.testing.assert_close(minus.delta("up"), -plus.delta("up"), rtol=0, atol=0)
+    model = TwoLayers(torch.float64)
+    original = weights(model)
+    compose(model, [plus, minus])
+    torch.testing.assert_close(model.up.weight.detach(), original["up.weight"], rtol=0, atol=1e-12)
+
+
+def test_a_projected_adapter_leaves_retained_inputs_untouched():
+    gen = torch.Generator().manual_seed(12)
+    model = TwoLayers(torch.float64)
+    u = extend_basis(None, gram(gen, D, n=64), 0.9).columns  # (d, k) retained directions of "up"
+    ad = adapter(gen, "r1", +1, 2.0, {"up": (D, 2 * D)})
+    a, b = ad.pairs["up"]
+    ad.pairs["up"] = (NullSpace(u).project(a.double()).float(), b)
+    x = torch.randn(8, u.shape[1], generator=gen, dtype=torch.float64) @ u.T  # retained inputs (n, d)
+    y = torch.randn(8, D, generator=gen, dtype=torch.float64)  # anything else
+    before_x, before_y = model.up(x).detach(), model.up(y).detach()
+
+    compose(model, [ad])
+    torch.testing.assert_close(model.up(x).detach(), before_x, rtol=0, atol=1e-6)
+    assert (model.up(y).detach() - before_y).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("target", ["act", "missing"])
+def test_compose_refuses_a_target_that_is_not_a_linear_layer(target):
+    gen = torch.Generator().manual_seed(13)
+    model = TwoLayers()
+    original = weights(model)
+    with pytest.raises(SeqforgetError, match=target):
+        compose(model, [adapter(gen, "r1", +1, 1.0, {target: (D, D)})])
+    for name, value in weights(model).items():
+        assert torch.equal(value, original[name])

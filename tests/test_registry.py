@@ -1,0 +1,555 @@
+"""The registry on disk: commit, verify, tampering, crash safety, journal, lock.
+
+Every test builds a real registry on tmp_path with real adapter and basis files.
+No torch here: the registry is numpy, JSON, safetensors and HDF5.
+"""
+
+import errno
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from registry import Registry, RegistryError, journal
+from registry import atomic, hashing
+from registry.adapters import CONFIG_FILE, WEIGHTS_FILE, read_lora, write_lora
+from registry.bases import Block, write_blocks
+from registry.store import BASIS_FILE, MANIFEST
+
+BASE = {"path": "/models/tiny", "fingerprint": "abc"}
+MODULES = ("layers.0.q_proj", "layers.0.v_proj")
+D_IN, D_OUT, R = 12, 10, 4
+COLUMNS_PER_REQUEST = {"layers.0.q_proj": 3, "layers.0.v_proj": 2}
+
+
+def make_registry(root: Path) -> Registry:
+    return Registry.create(root, base_model=BASE)
+
+
+def entry_for(request_id: str, sign: int = 1) -> dict:
+    return {"id": request_id, "state": "active", "method": "gd", "scope": "full", "sign": sign,
+            "kind": "lora", "metrics": {"forget_nll": [1.0, 3.0]}}
+
+
+def stage(writer, request_id: str, rng: np.random.Generator, columns: dict[str, np.ndarray] | None = None):
+    """A staged request folder as the engine writes it; returns (folder, pairs, blocks)."""
+    folder = writer.staging(request_id)
+    pairs = {
+        m: (rng.standard_normal((R, D_IN)).astype(np.float32), rng.standard_normal((D_OUT, R)).astype(np.float32))
+        for m in MODULES
+    }
+    config = {"r": R, "lora_alpha": 8, "peft_type": "LORA", "target_modules": list(MODULES)}
+    write_lora(folder, pairs, config)
+    if columns is None:
+        columns = {m: orthonormal(rng, D_IN, k) for m, k in COLUMNS_PER_REQUEST.items()}
+    blocks = {
+        m: Block(c, np.full(c.shape[1], 0.1, dtype=np.float32), 0.5, 0.95, 0.9) for m, c in columns.items()
+    }
+    write_blocks(folder / BASIS_FILE, blocks)
+    (folder / "request.json").write_text(json.dumps({"id": request_id}) + "\n")
+    (folder / "metrics.json").write_text(json.dumps({"steps": 8}) + "\n")
+    return folder, pairs, blocks
+
+
+def orthonormal(rng: np.random.Generator, d: int, k: int) -> np.ndarray:
+    q, _ = np.linalg.qr(rng.standard_normal((d, k)))
+    return q.astype(np.float32)  # (d, k)
+
+
+def apply(reg: Registry, request_id: str, rng: np.random.Generator, **stage_kw) -> tuple[dict, dict, dict]:
+    with reg.writer() as w:
+        w.begin(request_id)
+        staged, pairs, blocks = stage(w, request_id, rng, **stage_kw)
+        entry = w.commit(entry_for(request_id), staged)
+    return entry, pairs, blocks
+
+
+def unfinished(reg: Registry) -> list[str]:
+    """Ids whose journal 'begin' has no later commit/abort/recovered record."""
+    open_ids = []
+    for record in reg.journal():
+        if record["event"] == "begin":
+            open_ids.append(record["id"])
+        elif record["event"] in ("commit", "abort", "recovered") and record["id"] in open_ids:
+            open_ids.remove(record["id"])
+    return open_ids
+
+
+# ---- creating and opening ----------------------------------------------------------------
+
+
+def test_create_then_open_round_trips(tmp_path):
+    created = Registry.create(tmp_path / "reg", base_model=BASE, default_retain={"rows": 3})
+    opened = Registry.open(tmp_path / "reg")
+    manifest = opened.manifest()
+    assert opened.root == created.root
+    assert manifest["base_model"] == BASE
+    assert manifest["default_retain"] == {"rows": 3}
+    assert opened.requests() == []
+    assert opened.verify() == []
+    assert opened.leftovers() == []
+    assert [r["event"] for r in opened.journal()] == ["init"]
+    # the temp folder create() builds in is renamed away, not left beside the registry
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reg"]
+
+
+def test_create_into_an_empty_folder_works_and_into_a_non_empty_one_raises(tmp_path):
+    (tmp_path / "empty").mkdir()
+    make_registry(tmp_path / "empty")
+    assert Registry.open(tmp_path / "empty").requests() == []
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    with pytest.raises(RegistryError, match="already exists"):
+        make_registry(tmp_path / "full")
+    assert sorted(p.name for p in (tmp_path / "full").iterdir()) == ["notes.txt"]
+
+    with pytest.raises(RegistryError):
+        make_registry(tmp_path / "empty")  # now a registry, so not empty
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [None, "not json {", json.dumps({"format": "something-else", "version": 1}), json.dumps([1, 2])],
+    ids=["missing", "unreadable", "foreign", "not-an-object"],
+)
+def test_open_of_a_non_registry_raises(tmp_path, manifest):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    if manifest is not None:
+        (folder / MANIFEST).write_text(manifest)
+    with pytest.raises(RegistryError):
+        Registry.open(folder)
+
+
+def test_open_of_a_missing_folder_or_a_newer_format_raises(tmp_path):
+    with pytest.raises(RegistryError, match="no registry"):
+        Registry.open(tmp_path / "nowhere")
+    reg = make_registry(tmp_path / "reg")
+    manifest = reg.manifest()
+    (reg.root / MANIFEST).write_text(json.dumps({**manifest, "version": 99}))
+    with pytest.raises(RegistryError, match="version 99"):
+        Registry.open(reg.root)
+
+
+def test_the_registry_package_does_not_import_torch():
+    code = "import sys, registry, registry.store, registry.adapters, registry.bases; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# ---- committing and reading back -------------------------------------------------------
+
+
+def test_commit_makes_the_request_visible_with_every_file_hashed(tmp_path):
+    reg = make_registry(tmp_path / "reg")
+    rng = np.random.default_rng(0)
+    with reg.writer() as w:
+        w.begin("r1")
+        staged, _, _ = stage(w, "r1", rng)
+        assert reg.requests() == []  # staged is invisible
+        entry = w.commit(entry_for("r1"), staged)
+
+    assert reg.requests() == [entry]
+    assert entry["seq"] == 1
+    assert entry["dir"] == "requests/r1"
+    assert {k: entry[k] for k in entry_for("r1")} == entry_for("r1")
+    folder = reg.root / "requests" / "r1"
+    on_disk = {p.name for p in folder.iterdir()}
+    assert on_disk == {CONFIG_FILE, WEIGHTS_FILE, BASIS_FILE, "request.json", "metrics.json"}
+    assert entry["files"] == {name: hashing.sha256_file(folder / name) for name in on_disk}
+    assert not staged.exists()
+    assert reg.verify() == []
+    assert reg.leftovers() == []
+    assert [r["event"] for r in reg.journal()] == ["init", "begin", "commit"]
+    assert reg.journal()[-1]["seq"] == 1
+
+    second, _, _ = apply(reg, "r2", rng)
+    assert second["seq"] == 2
+    assert [e["id"] for e in reg.requests()] == ["r1", "r2"]
+
+
+def test_committing_the_same_id_twice_raises(tmp_path):
+    reg = make_registry(tmp_path / "reg")
+    rng = np.random.default_rng(0)
+    apply(reg, "r1", rng)
+    before = reg.manifest()
+    with pytest.raises(RegistryError, match="already"):
+        apply(reg, "r1", rng)
+    assert reg.manifest() == before
+    assert reg.verify() == []
+
+
+def test_load_lora_round_trips_factors_and_scale(tmp_path):
+    reg = make_registry(tmp_path / "reg")
+    entry, pairs, _ = apply(reg, "r1", np.random.default_rng(1))
+    loaded, scale = reg.load_lora(entry)
+    assert scale == 8 / R
+    assert set(loaded) == set(MODULES)
+    for module, (a, b) in pairs.items():
+        assert loaded[module][0].shape == (R, D_IN)
+        assert loaded[module][1].shape == (D_OUT, R)
+        np.testing.assert_array_equal(loaded[module][0], a)
+        np.testing.assert_array_equal(loaded[module][1], b)
+
+
+def test_read_lora_refuses_configs_it_would_scale_wrongly(tmp_path):
+    rng = np.random.default_rng(0)
+    pairs = {"q": (rng.standard_normal((R, D_IN)), rng.standard_normal((D_OUT, R)))}
+    write_lora(tmp_path, pairs, {"r": R, "lora_alpha": 8, "use_rslora": True})
+    with pytest.raises(ValueError, match="rslora"):
+        read_lora(tmp_path)
+
+
+def test_load_bases_concatenates_blocks_in_commit_order_with_owners(tmp_path):
+    reg = make_registry(tmp_path / "reg")
+    rng = np.random.default_rng(2)
+    # one orthonormal set per module, split across three requests (as extend_basis grows it);
+    # the ids sort neither alphabetically nor in reverse as they were committed
+    sizes = {"mid": 3, "zeta": 2, "alpha": 1}
+    full = {m: orthonormal(rng, D_IN, sum(sizes.values())) for m in MODULES}
+    start, parts = 0, {}
+    for rid, k in sizes.items():
+        parts[rid] = {m: full[m][:, start : start + k] for m in MODULES}
+        start += k
+    parts["zeta"] = {MODULES[0]: parts["zeta"][MODULES[0]]}  # zeta adds nothing to the second module
+    entries = {rid: apply(reg, rid, rng, columns=cols)[0] for rid, cols in parts.items()}
+    assert [entries[rid]["seq"] for rid in sizes] == [1, 2, 3]
+    with reg.writer() as w:
+        w.set_state("mid", "rolled_back")  # rolled-back requests keep their columns
+
+    bases = reg.load_bases()
+    q, v = bases[MODULES[0]], bases[MODULES[1]]
+    np.testing.assert_array_equal(q.columns, full[MODULES[0]])
+    assert q.owners == ["mid", "mid", "mid", "zeta", "zeta", "alpha"]
+    np.testing.assert_array_equal(v.columns, np.concatenate([full[MODULES[1]][:, :3], full[MODULES[1]][:, 5:]], axis=1))
+    assert v.owners == ["mid", "mid", "mid", "alpha"]
+    assert q.dim == D_IN
+    assert q.energy.shape == (6,)
+    np.testing.assert_allclose(q.columns.T @ q.columns, np.eye(6), atol=1e-6)
+
+    # entries given out of order are still assembled in commit order
+    subset = reg.load_bases([reg.find("alpha"), reg.find("mid")])
+    assert subset[MODULES[0]].owners == ["mid", "mid", "mid", "alpha"]
+
+
+def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    path = tmp_path / "state.json"
+    atomic.write_json(path, {"v": 1})
+    calls = []
+
+    def fail(*args):
+        calls.append(args)
+        raise OSError(errno.ENOSPC, "injected")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="injected"):
+        atomic.write_json(path, {"v": 2})
+    assert len(calls) == 1
+    assert json.loads(path.read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+# ---- tampering --------------------------------------------------------------------------
+
+
+def flip_a_byte(folder: Path) -> str:
+    path = folder / WEIGHTS_FILE
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # the last byte is tensor data, so the file still parses
+    path.write_bytes(bytes(data))
+    return f"{WEIGHTS_FILE}: sha256 mismatch"
+
+
+def delete_a_file(folder: Path) -> str:
+    (folder / WEIGHTS_FILE).unlink()
+    return f"{WEIGHTS_FILE}: missing"
+
+
+def add_a_file(folder: Path) -> str:
+    (folder / "extra.bin").write_bytes(b"\0")
+    return "extra.bin: not in the manifest"
+
+
+def remove_the_folder(folder: Path) -> str:
+    for p in folder.iterdir():
+        p.unlink()
+    folder.rmdir()
+    return "folder missing"
+
+
+@pytest.mark.parametrize("tamper", [flip_a_byte, delete_a_file, add_a_file, remove_the_folder])
+def test_tampering_is_reported_by_verify_and_refused_by_load(tmp_path, tamper):
+    reg = make_registry(tmp_path / "reg")
+    rng = np.random.default_rng(3)
+    apply(reg, "r1", rng)
+    entry, _, _ = apply(reg, "r2", rng)
+    assert reg.verify() == []
+
+    expected = tamper(reg.folder(entry))
+
+    problems = reg.verify()
+    assert len(problems) == 1
+    assert "requests/r2" in problems[0] and expected in problems[0]
+    with pytest.raises(RegistryError, match="r2 is damaged"):
+        reg.load_lora(entry)
+    with pytest.raises(RegistryError, match="r2 is damaged"):
+        reg.load_bases()
+    reg.load_lora(reg.find("r1"))  # the sound request still loads
+
+
+def test_verify_reports_a_duplicate_id_and_an_unknown_state(tmp_path):
+    reg = make_registry(tmp_path / "reg")
+    entry, _, _ = apply(reg, "r1", np.random.default_rng(0))
+    manifest = reg.manifest()
+    manifest["requests"].append({**entry, "state": "half-done"})
+    atomic.write_json(reg.root / MANIFEST, manifest)
+    problems = reg.verify()
+    assert any("listed twice" in p for p in problems)
+    assert any("unknown state 'half-done'" in p for p in problems)
+
+
+# ---- crash safety -------------------------------------------------------------------------
+
+
+class Faults:
+    """Fail the n-th call (counted across every patched function) with OSError, once.
+
+    Patches the system calls and file opens that a commit makes, and the journal append,
+    so that every step of the commit path can be made to fail in turn.
+    """
+
+    def __init__(self, patch, fail_at: int):
+        self.fail_at, self.calls, self.fired = fail_at, 0, None
+        for owner, name in [(os, "replace"), (os, "rename"), (os, "fsync"), (os, "open"), (os, "write"),
+                            (journal, "append")]:
+            patch.setattr(owner, name, self._wrap(getattr(owner, name), f"{owner.__name__}.{name}"))
+        for module in (atomic, hashing):  # builtins.open as those modules see it
+            patch.setattr(module, "open", self._wrap(open, f"{module.__name__}.open"), raising=False)
+
+    def _wrap(self, real, label):
+        def call(*args, **kwargs):
+            self.calls += 1
+            if self.calls == self.fail_at:
+                self.fired = label
+                raise OSError(errno.EIO, f"injected failure at call {self.fail_at} ({label})")
+            return real(*args, **kwargs)
+
+        return call
+
+
+def test_a_failure_at_every_step_of_a_commit_leaves_old_or_new_never_between(tmp_path, monkeypatch):
+    rng = np.random.default_rng(4)
+    fired = []
+    for n in itertools.count(1):
+        reg = make_registry(tmp_path / f"reg{n}")
+        apply(reg, "r1", rng)
+        old = reg.manifest()
+        with reg.writer() as w:
+            w.begin("r2")
+            staged, pairs, _ = stage(w, "r2", rng)
+            with monkeypatch.context() as patch:
+                faults = Faults(patch, fail_at=n)
+                try:
+                    w.commit(entry_for("r2"), staged)
+                except OSError as e:
+                    assert "injected failure" in str(e)
+        if faults.fired is None:
+            break  # the commit ran past its last patched call: every step has been failed once
+        fired.append(faults.fired)
+
+        # the crash is over: readers see the old manifest or the whole new request
+        now = reg.manifest()
+        committed = now != old
+        if committed:
+            assert now["requests"][:-1] == old["requests"]
+            new = now["requests"][-1]
+            assert new["id"] == "r2" and new["seq"] == 2
+            assert set(new["files"]) == {CONFIG_FILE, WEIGHTS_FILE, BASIS_FILE, "request.json", "metrics.json"}
+        assert reg.verify() == [], f"failure at {faults.fired} (call {n})"
+
+        # the next writer clears what the crash left and closes the journal
+        with reg.writer() as w:
+            pass
+        assert reg.leftovers() == []
+        assert reg.verify() == []
+        assert unfinished(reg) == []
+        recovered = [r for r in reg.journal() if r["event"] == "recovered"]
+        if recovered:
+            assert recovered == [{**recovered[0], "id": "r2", "outcome": "committed" if committed else "discarded"}]
+        else:
+            assert committed  # only a commit whose journal record was written needs no recovery
+
+        if not committed:
+            entry, pairs, _ = apply(reg, "r2", rng)
+            assert entry["seq"] == 2
+        assert [e["id"] for e in reg.requests()] == ["r1", "r2"]
+        loaded, _ = reg.load_lora(reg.find("r2"))
+        np.testing.assert_array_equal(loaded[MODULES[0]][0], pairs[MODULES[0]][0])
+        assert reg.verify() == [] and reg.leftovers() == []
+
+    # the injection really fired, at every kind of step the commit takes
+    assert len(fired) == n - 1 >= 15
+    kinds = {label.rsplit(".", 1)[-1] for label in fired}
+    assert {"replace", "rename", "fsync", "open", "write", "append"} <= kinds
+
+
+def test_recovery_removes_every_kind_of_leftover_and_nothing_committed(tmp_path):
+    reg = make_registry(tmp_path / "reg")
+    apply(reg, "r1", np.random.default_rng(5))
+    before = reg.manifest()
+    (reg.root / "staging" / "r2.0123abcd").mkdir()
+    (reg.root / "staging" / "r2.0123abcd" / WEIGHTS_FILE).write_bytes(b"half")
+    (reg.root / "requests" / "r3").mkdir()
+    (reg.root / f".{MANIFEST}.tmp-12345").write_text("{")
+    assert {p.name for p in reg.leftovers()} == {"r2.0123abcd", "r3", f".{MANIFEST}.tmp-12345"}
+    assert reg.verify() == []  # leftovers are invisible, not damage
+
+    with reg.writer():
+        pass
+
+    assert reg.leftovers() == []
+    assert reg.manifest() == before
+    assert (reg.root / "requests" / "r1").is_dir()
+    assert reg.verify() == []
+
+
+def test_abort_drops_staged_files_and_closes_the_attempt(tmp_path):
+    reg = make_registry(tmp_path / "reg")
+    with reg.writer() as w:
+        w.begin("r1")
+        staged, _, _ = stage(w, "r1", np.random.default_rng(6))
+        w.abort("r1", "ValueError: " + "x" * 1000)
+    assert not staged.exists()
+    assert reg.leftovers() == []
+    assert reg.requests() == []
+    last = reg.journal()[-1]
+    assert last["event"] == "abort" and last["id"] == "r1" and len(last["reason"]) == 500
+    with reg.writer():
+        pass
+    assert not any(r["event"] == "recovered" for r in reg.journal())
+
+
+# ---- journal ------------------------------------------------------------------------------
+
+
+def test_journal_records_begin_commit_and_abort(tmp_path):
+    reg = make_registry(tmp_path / "reg")
+    rng = np.random.default_rng(7)
+    apply(reg, "r1", rng)
+    with reg.writer() as w:
+        w.begin("r2", method="gd")
+        w.abort("r2", "no luck")
+    events = [(r["event"], r.get("id")) for r in reg.journal()]
+    assert events == [("init", None), ("begin", "r1"), ("commit", "r1"), ("begin", "r2"), ("abort", "r2")]
+    assert reg.journal()[3]["method"] == "gd"
+    assert all("time" in r for r in reg.journal())
+
+
+def test_a_torn_last_line_is_skipped_and_the_next_append_starts_a_fresh_line(tmp_path):
+    reg = make_registry(tmp_path / "reg")
+    path = reg.root / "journal.jsonl"
+    before = reg.journal()
+    with open(path, "ab") as f:
+        f.write(b'{"event": "begin", "id": "r')  # a crash in the middle of a line
+    assert reg.journal() == before
+
+    with reg.writer() as w:
+        w.begin("r9")
+        w.abort("r9", "test")
+
+    records = reg.journal()
+    assert [r["event"] for r in records] == ["init", "begin", "abort"]
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b""  # ends with a newline
+    assert lines[1] == b'{"event": "begin", "id": "r'  # the torn line stays alone on its line
+    assert [json.loads(line)["id"] for line in lines[2:-1]] == ["r9", "r9"]
+
+
+def test_recovery_closes_a_begin_that_has_no_outcome(tmp_path):
+    reg = make_registry(tmp_path / "reg")
+    with reg.writer() as w:
+        w.begin("r1")  # the writer dies here: no commit, no abort
+    assert unfinished(reg) == ["r1"]
+
+    with reg.writer():
+        pass
+    last = reg.journal()[-1]
+    assert (last["event"], last["id"], last["outcome"]) == ("recovered", "r1", "discarded")
+    assert unfinished(reg) == []
+
+    with reg.writer():  # recovered once, not again
+        pass
+    assert sum(r["event"] == "recovered" for r in reg.journal()) == 1
+
+
+# ---- states -------------------------------------------------------------------------------
+
+
+def test_set_state_rolls_back_once_and_back(tmp_path):
+    reg = make_registry(tmp_path / "reg")
+    rng = np.random.default_rng(8)
+    apply(reg, "r1", rng)
+    apply(reg, "r2", rng)
+    with reg.writer() as w:
+        entry = w.set_state("r1", "rolled_back")
+    assert entry["state"] == "rolled_back" and "rolled_back_at" in entry
+    assert reg.find("r1")["state"] == "rolled_back"
+    assert [e["id"] for e in reg.active()] == ["r2"]
+    assert reg.journal()[-1] == {**reg.journal()[-1], "event": "rolled_back", "id": "r1"}
+    assert reg.verify() == []  # a state change touches no request file
+
+    before = reg.manifest()
+    with reg.writer() as w:
+        with pytest.raises(RegistryError, match="already rolled back"):
+            w.set_state("r1", "rolled_back")
+        with pytest.raises(RegistryError, match="no request 'r7'"):
+            w.set_state("r7", "rolled_back")
+        with pytest.raises(RegistryError, match="unknown state"):
+            w.set_state("r2", "deleted")
+    assert reg.manifest() == before
+
+    with reg.writer() as w:
+        w.set_state("r1", "active")
+    assert [e["id"] for e in reg.active()] == ["r1", "r2"]
+    with reg.writer() as w, pytest.raises(RegistryError, match="already active"):
+        w.set_state("r1", "active")
+
+
+# ---- the writer lock ------------------------------------------------------------------------
+
+HOLD = """
+import sys, time
+from registry import Registry
+with Registry.open(sys.argv[1]).writer():
+    print("locked", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_writer_is_refused_until_the_holder_is_killed(tmp_path):
+    reg = make_registry(tmp_path / "reg")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(reg.root)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n", holder.stderr.read()
+        with pytest.raises(RegistryError, match="locked by another writer"):
+            with reg.writer(wait=False):
+                pass
+        assert holder.poll() is None  # refused while the holder was alive, not after
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=10)
+        holder.stdout.close()
+        holder.stderr.close()
+    assert holder.returncode == -signal.SIGKILL
+
+    with reg.writer(wait=False) as w:  # the kernel dropped the dead holder's lock
+        w.begin("r1")
+    assert reg.verify() == []
