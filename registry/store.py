@@ -267,12 +267,18 @@ class Writer:
         return entry
 
     def abort(self, request_id: str, reason: str) -> None:
-        """Record a failed attempt and drop its staged files; never raises."""
+        """Record a failed attempt and drop its staged files; never raises.
+
+        A failure after the commit point (the manifest already names the request) is
+        no abort: the begin stays open and recovery records it as committed.
+        """
         try:
+            if self.reg.find(request_id) is not None:
+                return
             for path in (self.root / STAGING).glob(f"{request_id}.*"):
                 shutil.rmtree(path, ignore_errors=True)
             journal.append(self.root / JOURNAL, "abort", id=request_id, reason=reason[:500])
-        except OSError:
+        except (OSError, RegistryError):
             pass  # the next writer's recovery finishes the job
 
     def set_state(self, request_id: str, state: str) -> dict:

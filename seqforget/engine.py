@@ -127,6 +127,8 @@ def apply_request(root: Path, request_path: Path, model_dir: Path | None = None,
             entry = _train_and_commit(writer, request, method, model, processor, targets, bases, show_progress)
         except BaseException as e:
             writer.abort(request.id, f"{type(e).__name__}: {e}")
+            if isinstance(e, Exception) and reg.find(request.id) is not None:
+                raise SeqforgetError(f"request {request.id} is committed, but finishing the commit failed ({e})") from e
             raise
     return entry
 
