@@ -114,7 +114,21 @@ def status(registry_path, as_json):
     """What is applied, active and rolled back."""
     reg = Registry.open(registry_path)
     manifest = reg.manifest()
-    rows = [
+    rows = status_rows(reg)
+    if as_json:
+        click.echo(json.dumps({"registry": str(reg.root), "base_model": manifest["base_model"], "requests": rows}, indent=2))
+        return
+    click.echo(f"registry {reg.root}")
+    click.echo(f"base model {manifest['base_model']['path']}")
+    active = sum(r["state"] == "active" for r in rows)
+    click.echo(f"{len(rows)} request(s), {active} active\n")
+    if rows:
+        click.echo(status_table(rows))
+
+
+def status_rows(reg: Registry) -> list[dict]:
+    """One record per request, as `status --json` prints it."""
+    return [
         {
             "id": e["id"],
             "seq": e["seq"],
@@ -127,20 +141,11 @@ def status(registry_path, as_json):
             "applied_at": e["applied_at"],
             "rolled_back_at": e.get("rolled_back_at"),
         }
-        for e in manifest["requests"]
+        for e in reg.requests()
     ]
-    if as_json:
-        click.echo(json.dumps({"registry": str(reg.root), "base_model": manifest["base_model"], "requests": rows}, indent=2))
-        return
-    click.echo(f"registry {reg.root}")
-    click.echo(f"base model {manifest['base_model']['path']}")
-    active = sum(r["state"] == "active" for r in rows)
-    click.echo(f"{len(rows)} request(s), {active} active\n")
-    if rows:
-        click.echo(_table(rows))
 
 
-def _table(rows: list[dict]) -> str:
+def status_table(rows: list[dict]) -> str:
     header = ["#", "id", "state", "method", "scope", "forget NLL", "retain NLL", "forget acc", "retain acc", "applied"]
     lines = [header]
     for r in rows:
@@ -155,6 +160,16 @@ def _table(rows: list[dict]) -> str:
     out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+@cli.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("seqforget-demo"), show_default=True,
+              help="Folder for the demo's requests and registry (a previous demo there is replaced).")
+def demo(out):
+    """Apply three requests to a tiny LLaVA that knows eight fictitious people, roll one back."""
+    from seqforget.demo import run_demo
+
+    run_demo(out)
 
 
 @cli.command()

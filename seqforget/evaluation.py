@@ -14,3 +14,22 @@ def probe(model, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         nll += (-logp / n.clamp_min(1)).sum().item()
         hits, tokens, rows = hits + h.sum().item(), tokens + n.sum().item(), rows + len(n)
     return {"nll": nll / max(rows, 1), "token_acc": hits / max(tokens, 1)}
+
+
+@torch.no_grad()
+def answer(model, processor, row, max_new_tokens: int = 8) -> str:
+    """The model's greedy answer to one row's question."""
+    from seqforget.data import load_image, prompt_text
+
+    image = load_image(row.image) if row.image else None
+    enc = processor(
+        text=[prompt_text(processor, row.question, image is not None)],
+        images=[image] if image is not None else None,
+        return_tensors="pt",
+    )
+    tokenizer = processor.tokenizer
+    out = model.generate(
+        **enc, max_new_tokens=max_new_tokens, do_sample=False,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
