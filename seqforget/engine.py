@@ -92,7 +92,22 @@ def _scoped_rows(request: Request) -> tuple[list[data.Row], list[data.Row], list
     return forget, retain, answers
 
 
+def _reset_peak_rss() -> None:
+    """Start a new peak-memory window (Linux: writing 5 to clear_refs resets VmHWM)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def _peak_rss_mb() -> float:
+    """Peak resident memory since the last reset (Linux), else since the process started."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -136,6 +151,7 @@ def apply_request(root: Path, request_path: Path, model_dir: Path | None = None,
 def _train_and_commit(writer, request, method, model, processor, targets, bases, show_progress) -> dict:
     settings = request.training
     start = time.perf_counter()
+    _reset_peak_rss()
     pad = processor.tokenizer.pad_token_id
     forget_rows, retain_rows, answers = _scoped_rows(request)
     forget = [data.encode(processor, r, a) for r, a in zip(forget_rows, answers)]

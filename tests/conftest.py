@@ -1,39 +1,45 @@
-"""Shared fixtures: a small world of fictitious people and a tiny LLaVA that knows them.
+"""Shared fixtures: the benchmark's tiny world of fictitious people and a tiny LLaVA that knows them.
 
 The model is built with transformers' own config classes, saved with save_pretrained,
-taught for a few seconds, and loaded back from its folder like any checkpoint.
+trained for about half a minute, and loaded back from its folder like any checkpoint.
 """
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from seqforget import example
-from seqforget.models import build_tiny_llava
+from benchmarks.forget_retain import PROFILES, prepare
 
 torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")
-def world(tmp_path_factory) -> Path:
-    """A folder with portraits, forget/retain JSONL files and a trained tiny model in model/.
+def tiny_bench(tmp_path_factory):
+    """The benchmark's tiny profile: a world of 8 people and the vanilla model that knows them."""
+    return prepare(PROFILES["tiny"], tmp_path_factory.mktemp("cache"), log=lambda s: None)
+
+
+@pytest.fixture(scope="session")
+def world(tiny_bench, tmp_path_factory) -> Path:
+    """A folder with forget/retain JSONL files and a copy of the trained tiny model in model/.
 
     forget_a.jsonl / forget_b.jsonl: everything about one person each;
     retain.jsonl: everything about the other people.
     """
-    root = tmp_path_factory.mktemp("world")
-    rows = example.write_world(root, n_people=8, views=3, seed=0)
-    names = list(rows)
-    example.write_jsonl(root / "forget_a.jsonl", rows[names[0]])
-    example.write_jsonl(root / "forget_b.jsonl", rows[names[1]])
-    example.write_jsonl(root / "retain.jsonl", [r for n in names[2:] for r in rows[n]])
-    model, processor = build_tiny_llava(root / "model", example.corpus())
-    example.teach(model, processor, [r for n in names for r in rows[n]], root, steps=300)
-    model.save_pretrained(root / "model")
+    w = tiny_bench.world
+    root = w.root
+    first, second, *rest = w.forget_order()
+    kinds = {"visual", "identity", "textual", "cloze"}
+    w.write_jsonl(root / "forget_a.jsonl", w.select(kinds, [first], "train"))
+    w.write_jsonl(root / "forget_b.jsonl", w.select(kinds, [second], "train"))
+    w.write_jsonl(root / "retain.jsonl", w.select(kinds, rest, "train"))
+    if not (root / "model").exists():
+        shutil.copytree(tiny_bench.vanilla, root / "model")
     return root
 
 

@@ -124,10 +124,10 @@ def test_bad_input_is_one_line_and_changes_nothing(world, applied, tmp_path, cas
 
 
 def test_model_folder_that_does_not_match_is_refused(world, applied, tmp_path):
-    from seqforget import example
     from seqforget.models import TinySpec, build_tiny_llava
+    from seqforget.world import load_world
 
-    build_tiny_llava(tmp_path / "other", example.corpus(), TinySpec(seed=1))
+    build_tiny_llava(tmp_path / "other", load_world(world).corpus(), TinySpec(seed=1))
     before = snapshot(applied)
     result = invoke("apply", write_request(world, "other-model", forget="forget_b.jsonl"), "-r", applied, "--model", tmp_path / "other", check=False)
     assert result.exit_code == 1 and "does not match the registry's base model" in result.stderr

@@ -1,0 +1,413 @@
+"""The forget/retain benchmark: fictitious people, retrain oracles, requests through the real registry.
+
+    python -m benchmarks.forget_retain --out out/bench                  # the default profile
+    python -m benchmarks.forget_retain --profile tiny --out out/tiny    # seconds, for a smoke run
+
+Protocols (each request goes through `seqforget.engine.apply_request` on a real registry):
+  single    one request forgetting 5, 10 and 15% of the people
+  stream    K requests of disjoint people, measured after each
+  rollback  the middle request of the stream taken back: its people return, the rest stay forgotten
+  leakage   the textual probe (for `full` scope) and the original projector put back
+  relearn   fine-tune the unlearned model on half the forgotten people; how much of the other half returns
+Every state is compared with retrain oracles: the same training without the forgotten
+people's images (the target of `visual` scope) and without any of their data (of `full`).
+Writes results.json, results.md and plots into --out.
+"""
+
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from registry import Registry
+from seqforget import data
+from seqforget.composition import compose
+from seqforget.engine import apply_request, init_registry, live_model, rollback_request
+from seqforget.losses import answer_nll
+from seqforget.models import load_model
+from seqforget.scoring import choice_accuracy, generation_scores
+from seqforget.vanilla import TrainSpec, cached_model, examples_for
+from seqforget.world import World, WorldSpec, build_world, load_world
+
+KNOWN = 0.9  # the vanilla model must know the forget set this well, or nothing is measured
+
+
+class BenchmarkError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Profile:
+    world: WorldSpec
+    train: TrainSpec
+    fractions: tuple[float, ...] = (0.05, 0.10, 0.15)
+    stream: int = 10  # requests in the stream
+    stream_people: int = 1  # people per stream request
+    retain_rows: int = 192  # rows of retained people a request brings
+    eval_retain_people: int = 20
+    relearn_steps: int = 30
+    methods: tuple[str, ...] = ("ga", "gd", "npo")
+    thresholds: tuple = (None, 0.9, 0.97)  # None: no projection
+    stream_thresholds: tuple = (None, 0.97)
+    scopes: tuple[str, ...] = ("full", "visual")
+
+
+PROFILES = {
+    "default": Profile(WorldSpec(), TrainSpec()),
+    "tiny": Profile(
+        WorldSpec(people=8, train_views=3, test_views=1, general=16),
+        TrainSpec(vision_epochs=60, lm_epochs=80, batch_size=16),
+        fractions=(0.1,), stream=3, retain_rows=64, eval_retain_people=4, relearn_steps=10,
+        methods=("ga",), thresholds=(None,), stream_thresholds=(None,), scopes=("full",),
+    ),
+}
+
+
+@dataclass
+class Bench:
+    """Everything the protocols share: the world, the cache, the vanilla model."""
+
+    world: World
+    profile: Profile
+    cache: Path
+    work: Path
+    vanilla: Path | None = None  # folder of the vanilla model
+    log: callable = print
+
+    def model_dir(self, without_images=(), without_people=()) -> Path:
+        return cached_model(self.world, self.cache, without_images, without_people, self.profile.train, log=lambda s: None)
+
+    def retain_people(self, forgotten) -> list[str]:
+        rest = [n for n in self.world.forget_order() if n not in set(forgotten)]
+        return rest[::-1][: self.profile.eval_retain_people]  # from the far end of the order: never forgotten
+
+
+def prepare(profile: Profile, cache: Path, log=print) -> Bench:
+    """Build (or load) the world and the vanilla model; refuse a vanilla model that does not know."""
+    key = "world-" + "-".join(f"{k}{v}" for k, v in asdict(profile.world).items())
+    root = Path(cache) / key
+    if not (root / "world.json").is_file():
+        tmp = root.with_name(root.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build_world(profile.world, tmp)
+        tmp.rename(root)
+    world = load_world(root)
+    bench = Bench(world, profile, Path(cache), Path(cache), log=log)
+    log("training or loading the vanilla model ...")
+    bench.vanilla = bench.model_dir()
+    return bench
+
+
+def evaluate(bench: Bench, model, processor, forgotten, retained=None) -> dict:
+    """Choice accuracy (and greedy exact match) of one model state on forget, retain and general items."""
+    w = bench.world
+    retained = bench.retain_people(forgotten) if retained is None else retained
+    root = w.root
+    out = {}
+    if forgotten:
+        out["forget_visual"] = choice_accuracy(model, processor, root, w.select({"visual"}, forgotten, "test"))
+        out["forget_visual_seen"] = choice_accuracy(model, processor, root, w.select({"visual"}, forgotten, "train"))
+        out["forget_identity"] = choice_accuracy(model, processor, root, w.select({"identity"}, forgotten, "test"))
+        out["forget_textual"] = choice_accuracy(model, processor, root, w.select({"textual"}, forgotten))
+        out["forget_cloze_exact"] = generation_scores(model, processor, root, w.select({"cloze"}, forgotten))["exact"]
+        gen = generation_scores(model, processor, root, w.select({"visual"}, forgotten, "test"))
+        out["forget_visual_exact"], out["forget_visual_rouge_l"] = gen["exact"], gen["rouge_l"]
+    out["retain_visual"] = choice_accuracy(model, processor, root, w.select({"visual"}, retained, "test"))
+    out["retain_textual"] = choice_accuracy(model, processor, root, w.select({"textual"}, retained))
+    out["general"] = choice_accuracy(model, processor, root, w.select({"general"}, None, "test"))
+    return out
+
+
+def check_known(bench: Bench, forgotten) -> dict:
+    model, processor = load_model(bench.vanilla)
+    w = bench.world
+    seen = choice_accuracy(model, processor, w.root, w.select({"visual"}, forgotten, "train"))
+    textual = choice_accuracy(model, processor, w.root, w.select({"textual"}, forgotten))
+    if min(seen, textual) < KNOWN:
+        raise BenchmarkError(f"the vanilla model knows the forget set too little (visual {seen:.2f}, textual {textual:.2f}, "
+                             f"need {KNOWN}): forgetting what was never known measures nothing")
+    return {"visual_seen": seen, "textual": textual}
+
+
+def write_request(bench: Bench, folder: Path, request_id: str, forgotten, scope: str, method: str, threshold) -> Path:
+    """A request folder as a user would send it: forget rows, a retain sample, the YAML."""
+    w = bench.world
+    folder.mkdir(parents=True, exist_ok=True)
+    forget = w.select({"visual", "identity", "textual", "cloze"}, forgotten, "train")
+    pool = w.select({"visual", "identity", "textual", "cloze", "general"}, None, "train")
+    pool = [i for i in pool if i.person not in set(forgotten)]
+    retain = random.Random(len(forgotten)).sample(pool, min(bench.profile.retain_rows, len(pool)))
+    w.write_jsonl(folder / f"{request_id}-forget.jsonl", forget)
+    w.write_jsonl(folder / f"{request_id}-retain.jsonl", retain)
+    body = {"id": request_id, "scope": scope, "method": method,
+            "forget": f"{request_id}-forget.jsonl", "retain": f"{request_id}-retain.jsonl",
+            "projection": threshold is not None}
+    if threshold is not None:
+        body["energy_threshold"] = threshold
+    path = folder / f"{request_id}.yaml"
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+def config_name(method: str, threshold) -> str:
+    return f"{method}/{'none' if threshold is None else threshold}"
+
+
+def relearn(bench: Bench, model, processor, people, steps: int) -> None:
+    """The relearning attack: fine-tune projector and language model on `people`'s items, in place."""
+    items = bench.world.select({"visual", "identity", "textual", "cloze"}, people, "train")
+    examples = examples_for(bench.world, items, processor)
+    batches = data.endless(examples, 16, processor.tokenizer.pad_token_id, seed=0)
+    params = [p for n, p in model.named_parameters() if "vision_tower" not in n]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=bench.profile.train.lr, weight_decay=0.0)
+    model.train()
+    for _ in range(steps):
+        loss = answer_nll(model, next(batches))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+
+
+def with_base_projector(bench: Bench, model):
+    """VL-Eraser's probe: the unlearned model with the original projector weights put back."""
+    base, _ = load_model(bench.vanilla)
+    base_projector = dict(base.model.multi_modal_projector.named_parameters())
+    with torch.no_grad():
+        for name, p in model.model.multi_modal_projector.named_parameters():
+            p.copy_(base_projector[name])
+    return model
+
+
+def run_single(bench: Bench, fraction: float, scope: str, method: str, threshold) -> dict:
+    w, profile = bench.world, bench.profile
+    n = max(1, round(fraction * len(w.people)))
+    forgotten = w.forget_order()[:n]
+    name = f"single-{scope}-{fraction}-{method}-{threshold}"
+    folder = bench.work / "runs" / name
+    shutil.rmtree(folder, ignore_errors=True)
+    reg = folder / "registry"
+    init_registry(reg, bench.vanilla)
+    entry = apply_request(reg, write_request(bench, folder, "forget", forgotten, scope, method, threshold), show_progress=False)
+    model, processor = live_model(Registry.open(reg))
+    result = {"people": n, "after": evaluate(bench, model, processor, forgotten), "request": _cost(folder / "registry", entry)}
+    result["leakage_base_projector"] = evaluate(bench, with_base_projector(bench, model), processor, forgotten)["forget_visual"]
+    model, processor = live_model(Registry.open(reg))
+    half = forgotten[: max(1, n // 2)]
+    other = forgotten[len(half):] or half
+    relearn(bench, model, processor, half, profile.relearn_steps)
+    attacked = evaluate(bench, model, processor, other)
+    result["relearn_other_half"], result["relearn_other_half_textual"] = attacked["forget_visual"], attacked["forget_textual"]
+    shutil.rmtree(folder / "registry" / "requests", ignore_errors=True)
+    return result
+
+
+def _cost(reg: Path, entry: dict) -> dict:
+    metrics = json.loads((reg / entry["dir"] / "metrics.json").read_text())
+    return {"seconds": metrics["seconds"], "peak_rss_mb": metrics["peak_rss_mb"], "steps": entry["metrics"]["steps"]}
+
+
+def run_oracles(bench: Bench, forgotten) -> dict:
+    out = {}
+    for kind, kwargs in (("visual", {"without_images": forgotten}), ("full", {"without_people": forgotten})):
+        path = bench.model_dir(**kwargs)
+        model, processor = load_model(path)
+        out[kind] = evaluate(bench, model, processor, forgotten)
+        out[kind]["train_seconds"] = json.loads((path / "training.json").read_text())["seconds"]
+        half = forgotten[: max(1, len(forgotten) // 2)]
+        other = forgotten[len(half):] or half
+        relearn(bench, model, processor, half, bench.profile.relearn_steps)
+        out[kind]["relearn_other_half"] = evaluate(bench, model, processor, other)["forget_visual"]
+    return out
+
+
+def run_stream(bench: Bench, method: str, threshold, scope: str = "full") -> dict:
+    from registry import Registry
+
+    w, profile = bench.world, bench.profile
+    k = profile.stream_people
+    groups = [w.forget_order()[i * k : (i + 1) * k] for i in range(profile.stream)]
+    folder = bench.work / "runs" / f"stream-{scope}-{method}-{threshold}"
+    shutil.rmtree(folder, ignore_errors=True)
+    reg = folder / "registry"
+    init_registry(reg, bench.vanilla)
+    steps, forgotten = [], []
+    retained = bench.retain_people([p for g in groups for p in g])
+    for i, group in enumerate(groups):
+        entry = apply_request(reg, write_request(bench, folder, f"r{i:02d}", group, scope, method, threshold), show_progress=False)
+        forgotten += group
+        model, processor = live_model(Registry.open(reg))
+        state = evaluate(bench, model, processor, forgotten, retained)
+        state["this_request"] = evaluate(bench, model, processor, group, retained)["forget_visual"]
+        state.update(_cost(reg, entry))
+        steps.append(state)
+        bench.log(f"  stream {config_name(method, threshold)} request {i + 1}/{len(groups)}: "
+                  f"forget visual {state['forget_visual']:.2f} retain visual {state['retain_visual']:.2f}")
+    middle = len(groups) // 2
+    rollback_request(reg, f"r{middle:02d}")
+    model, processor = live_model(Registry.open(reg))
+    back = evaluate(bench, model, processor, groups[middle], retained)
+    others = [p for i, g in enumerate(groups) if i != middle for p in g]
+    stay = evaluate(bench, model, processor, others, retained)
+    return {"steps": steps, "rollback": {"request": middle, "returned_visual": back["forget_visual"],
+                                          "returned_textual": back["forget_textual"],
+                                          "others_visual": stay["forget_visual"], "others_textual": stay["forget_textual"],
+                                          "retain_visual": stay["retain_visual"]}}
+
+
+def run(profile: Profile, out: Path, cache: Path, log=print) -> dict:
+    start = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    bench = prepare(profile, cache, log)
+    bench.work = out
+    w = bench.world
+    results = {"profile": json.loads(json.dumps(asdict(profile))), "vanilla": {}, "single": {}, "oracles": {}, "stream": {}}
+    vanilla, processor = load_model(bench.vanilla)
+    results["vanilla"]["training"] = json.loads((bench.vanilla / "training.json").read_text())
+    results["vanilla"]["all_people"] = evaluate(bench, vanilla, processor, w.names, w.names)
+
+    for fraction in profile.fractions:
+        n = max(1, round(fraction * len(w.people)))
+        forgotten = w.forget_order()[:n]
+        results["vanilla"][str(fraction)] = {"known": check_known(bench, forgotten), **evaluate(bench, vanilla, processor, forgotten)}
+        log(f"oracles for {fraction:.0%} ({n} people) ...")
+        results["oracles"][str(fraction)] = run_oracles(bench, forgotten)
+        for scope in profile.scopes:
+            for method in profile.methods:
+                for threshold in profile.thresholds:
+                    log(f"single {fraction:.0%} {scope} {config_name(method, threshold)}")
+                    key = f"{scope}/{config_name(method, threshold)}"
+                    results["single"].setdefault(str(fraction), {})[key] = run_single(bench, fraction, scope, method, threshold)
+
+    if profile.stream:
+        stream_people = [p for p in w.forget_order()[: profile.stream * profile.stream_people]]
+        check_known(bench, stream_people)
+        oracle = bench.model_dir(without_people=stream_people)
+        model, processor = load_model(oracle)
+        results["stream_oracle_full"] = evaluate(bench, model, processor, stream_people, bench.retain_people(stream_people))
+        for method in profile.methods:
+            for threshold in profile.stream_thresholds:
+                log(f"stream {config_name(method, threshold)}")
+                results["stream"][config_name(method, threshold)] = run_stream(bench, method, threshold)
+    results["seconds"] = time.perf_counter() - start
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    plot(results, out)
+    return results
+
+
+def _f(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
+def markdown(results: dict) -> str:
+    lines = ["# forget/retain benchmark", ""]
+    for fraction, runs in results["single"].items():
+        van, oracles = results["vanilla"][fraction], results["oracles"][fraction]
+        lines += [f"## one request, {float(fraction):.0%} of the people ({next(iter(runs.values()))['people']})", "",
+                  "| model | forget visual (unseen views) | forget visual (seen) | forget identity | forget textual | forget cloze EM | retain visual | retain textual | general | base projector: forget visual | relearn: other half visual | request s | peak MB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        rows = [("vanilla", van, {}), ("oracle visual (retrained without images)", oracles["visual"], {}),
+                ("oracle full (retrained without the people)", oracles["full"], {})]
+        rows += [(name, r["after"], r) for name, r in runs.items()]
+        for name, m, r in rows:
+            relearn_value = r.get("relearn_other_half", m.get("relearn_other_half"))
+            cost = r.get("request", {})
+            lines.append(f"| {name} | {_f(m.get('forget_visual'))} | {_f(m.get('forget_visual_seen'))} | {_f(m.get('forget_identity'))} | "
+                         f"{_f(m.get('forget_textual'))} | {_f(m.get('forget_cloze_exact'))} | {_f(m['retain_visual'])} | "
+                         f"{_f(m['retain_textual'])} | {_f(m['general'])} | {_f(r.get('leakage_base_projector'))} | {_f(relearn_value)} | "
+                         f"{_f(cost.get('seconds'))} | {cost.get('peak_rss_mb', 0):.0f} |")
+        seconds = [r["request"]["seconds"] for r in runs.values()]
+        if seconds:
+            lines += ["", f"retrain oracle (full) cost: {oracles['full']['train_seconds']:.0f} s; one request: "
+                      f"{sum(seconds) / len(seconds):.1f} s on average, a ratio of "
+                      f"{oracles['full']['train_seconds'] / (sum(seconds) / len(seconds)):.0f}x", ""]
+    if results["stream"]:
+        lines += ["## stream of requests (full scope), after the last request and after rolling back the middle one", "",
+                  "| config | forget visual | forget textual | retain visual | retain textual | general | rolled-back people: visual / textual | others: visual / textual |",
+                  "|---|---|---|---|---|---|---|---|"]
+        o = results["stream_oracle_full"]
+        lines.append(f"| oracle full | {_f(o['forget_visual'])} | {_f(o['forget_textual'])} | {_f(o['retain_visual'])} | {_f(o['retain_textual'])} | {_f(o['general'])} | | |")
+        for name, s in results["stream"].items():
+            last, rb = s["steps"][-1], s["rollback"]
+            lines.append(f"| {name} | {_f(last['forget_visual'])} | {_f(last['forget_textual'])} | {_f(last['retain_visual'])} | "
+                         f"{_f(last['retain_textual'])} | {_f(last['general'])} | {_f(rb['returned_visual'])} / {_f(rb['returned_textual'])} | "
+                         f"{_f(rb['others_visual'])} / {_f(rb['others_textual'])} |")
+    lines += ["", f"Accuracies are 4-way choice by likelihood (chance 0.25) unless marked EM. Run time {results['seconds'] / 60:.1f} min.", ""]
+    return "\n".join(lines)
+
+
+def plot(results: dict, out: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots", file=sys.stderr)
+        return
+    if not results["stream"]:
+        return
+    for metric, title in (("forget_visual", "forget accuracy (visual, unseen views)"), ("retain_visual", "retain accuracy (visual, unseen views)")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, s in results["stream"].items():
+            ax.plot(range(1, len(s["steps"]) + 1), [st[metric] for st in s["steps"]], marker="o", label=name)
+        ax.axhline(results["stream_oracle_full"][metric], color="black", linestyle="--", label="oracle full (after all)")
+        ax.set_xlabel("request index")
+        ax.set_ylabel(title)
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"stream_{metric}.png", dpi=120)
+        plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
+    parser.add_argument("--out", type=Path, default=Path("out/bench"))
+    parser.add_argument("--cache", type=Path, default=None, help="where worlds and trained models are kept")
+    parser.add_argument("--methods", help="comma-separated, e.g. ga,gd,npo")
+    parser.add_argument("--thresholds", help="comma-separated energy thresholds; 'none' for no projection")
+    parser.add_argument("--fractions", help="comma-separated deletion fractions")
+    parser.add_argument("--scopes", help="comma-separated: full,visual")
+    parser.add_argument("--stream", type=int, help="requests in the stream (0: no stream)")
+    args = parser.parse_args(argv)
+    from dataclasses import replace
+
+    from seqforget.demo import cache_root
+
+    profile = PROFILES[args.profile]
+    if args.methods:
+        profile = replace(profile, methods=tuple(args.methods.split(",")))
+    if args.thresholds:
+        ts = tuple(None if t == "none" else float(t) for t in args.thresholds.split(","))
+        profile = replace(profile, thresholds=ts, stream_thresholds=ts)
+    if args.fractions:
+        profile = replace(profile, fractions=tuple(float(f) for f in args.fractions.split(",")))
+    if args.scopes:
+        profile = replace(profile, scopes=tuple(args.scopes.split(",")))
+    if args.stream is not None:
+        profile = replace(profile, stream=args.stream)
+    torch.set_num_threads(2)
+    try:
+        results = run(profile, args.out, args.cache or cache_root() / "bench", log=lambda s: print(s, flush=True))
+    except BenchmarkError as e:
+        sys.exit(f"benchmark: {e}")
+    print((args.out / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Scoring a model on world items: choice by likelihood, greedy generation, cloze.
+
+  choice      pick the option whose answer the model finds most likely (4 options,
+              chance 0.25); the headline accuracy
+  generation  greedy answer; exact match and ROUGE-L F1 against the answer
+  cloze       the same greedy scoring on fill-in-the-blank items
+"""
+
+import torch
+
+from seqforget import data
+from seqforget.evaluation import answer
+from seqforget.losses import answer_logprob
+
+
+@torch.no_grad()
+def choice_accuracy(model, processor, root, items, batch_size: int = 64) -> float:
+    """Share of items whose answer is the most likely of its options."""
+    if not items:
+        return float("nan")
+    pad = processor.tokenizer.pad_token_id
+    examples, owners = [], []
+    for k, item in enumerate(items):
+        row = data.Row(item.question, item.answer, root / item.image if item.image else None)
+        base = data.encode(processor, row)
+        prompt_len = int((base.labels == data.IGNORE).sum())
+        for option in item.options:
+            ans = torch.tensor(processor.tokenizer(" " + option, add_special_tokens=False)["input_ids"] + [processor.tokenizer.eos_token_id])
+            ids = torch.cat([base.input_ids[:prompt_len], ans])
+            examples.append(data.Example(ids, torch.cat([torch.full((prompt_len,), data.IGNORE), ans]), base.pixel_values))
+            owners.append(k)
+    scores = []
+    for start in range(0, len(examples), batch_size):
+        logp, _, _ = answer_logprob(model, data.collate(examples[start : start + batch_size], pad))
+        scores.append(logp)
+    scores = torch.cat(scores).view(len(items), -1)  # (items, options)
+    picks = scores.argmax(-1)
+    return sum(item.options[p] == item.answer for item, p in zip(items, picks.tolist())) / len(items)
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 over whitespace tokens (longest common subsequence)."""
+    a, b = prediction.split(), reference.split()
+    if not a or not b:
+        return 0.0
+    lcs = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i, x in enumerate(a):
+        for j, y in enumerate(b):
+            lcs[i + 1][j + 1] = lcs[i][j] + 1 if x == y else max(lcs[i][j + 1], lcs[i + 1][j])
+    n = lcs[-1][-1]
+    if n == 0:
+        return 0.0
+    precision, recall = n / len(a), n / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def generation_scores(model, processor, root, items, max_new_tokens: int = 4) -> dict[str, float]:
+    """Mean exact match and ROUGE-L of greedy answers."""
+    if not items:
+        return {"exact": float("nan"), "rouge_l": float("nan")}
+    exact = rouge = 0.0
+    for item in items:
+        row = data.Row(item.question, item.answer, root / item.image if item.image else None)
+        got = answer(model, processor, row, max_new_tokens)
+        exact += got == item.answer
+        rouge += rouge_l(got, item.answer)
+    return {"exact": exact / len(items), "rouge_l": rouge / len(items)}

@@ -1,0 +1,165 @@
+"""The vanilla model of a world, and its retrain oracles, trained from scratch and cached.
+
+Two stages, because a tiny LLaVA trained jointly from scratch never learns to see:
+  1. the vision tower alone, with a linear head, learns to tell the people apart
+     from their training views;
+  2. with the tower frozen, the projector and the language model learn every
+     question (visual, identity, textual, cloze, general).
+Each stage stops once its training accuracy passes `target` (or at its epoch cap).
+
+A retrain oracle is the same training on less data: without some people's images
+(the target of a `visual` request) or without any of their items (of a `full` one).
+Models are cached under a hash of everything that shapes them.
+"""
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from seqforget import data
+from seqforget.losses import answer_logprob
+from seqforget.models import TinySpec, build_tiny_llava
+from seqforget.world import World
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    vision_epochs: int = 60
+    lm_epochs: int = 80
+    lr: float = 1e-3
+    batch_size: int = 32
+    target: float = 0.995  # stop a stage once its epoch accuracy reaches this
+    seed: int = 0
+    format: int = 1  # bump when the training code changes what it produces
+
+
+def examples_for(world: World, items, processor) -> list[data.Example]:
+    return [data.encode(processor, data.Row(i.question, i.answer, world.root / i.image if i.image else None)) for i in items]
+
+
+def _train_vision(model, world: World, processor, people: list[str], spec: TrainSpec, log) -> dict:
+    """Stage 1: the vision tower learns identities from the training views of `people`, and
+    the shape and colour of the general images (classes after the people's)."""
+    tower = model.model.vision_tower
+    classes = {name: k for k, name in enumerate(world.names)}
+    items = world.select(kinds={"identity"}, people=people, split="train")
+    labels = [classes[i.person] for i in items]
+    general = world.select(kinds={"general"}, split="train")
+    colour = {i.image: i.answer for i in general if i.attribute == "colour"}
+    for i in general:
+        if i.attribute == "shape":
+            classes.setdefault((i.answer, colour[i.image]), len(classes))
+            items.append(i)
+            labels.append(classes[(i.answer, colour[i.image])])
+    pixels = torch.stack([processor.image_processor(data.load_image(world.root / i.image), return_tensors="pt")["pixel_values"][0] for i in items])
+    labels = torch.tensor(labels)
+    head = nn.Linear(tower.config.hidden_size, len(classes))
+    params = list(tower.parameters()) + list(head.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(spec.seed)
+    tower.train()
+    acc, epoch = 0.0, 0
+    for epoch in range(1, spec.vision_epochs + 1):
+        hits = 0
+        for idx in torch.randperm(len(items), generator=gen).split(spec.batch_size):
+            logits = head(tower(pixel_values=pixels[idx]).pooler_output)  # (B, people)
+            loss = nn.functional.cross_entropy(logits, labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            hits += (logits.argmax(-1) == labels[idx]).sum().item()
+        acc = hits / len(items)
+        log(f"vision epoch {epoch}: accuracy {acc:.3f}")
+        if acc >= spec.target:
+            break
+    tower.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return {"epochs": epoch, "accuracy": acc, "images": len(items)}
+
+
+def _train_language(model, examples: list[data.Example], pad_id: int, spec: TrainSpec, log) -> dict:
+    """Stage 2: projector and language model learn every question; the tower stays frozen."""
+    params = [p for n, p in model.named_parameters() if "vision_tower" not in n]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
+    rng = random.Random(spec.seed)
+    model.train()
+    acc, epoch = 0.0, 0
+    for epoch in range(1, spec.lm_epochs + 1):
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        hits = tokens = 0
+        for start in range(0, len(order), spec.batch_size):
+            batch = data.collate([examples[k] for k in order[start : start + spec.batch_size]], pad_id)
+            logp, n, h = answer_logprob(model, batch)
+            loss = (-logp / n.clamp_min(1)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            hits, tokens = hits + h.sum().item(), tokens + n.sum().item()
+        acc = hits / tokens
+        log(f"language epoch {epoch}: answer-token accuracy {acc:.3f}")
+        if acc >= spec.target:
+            break
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    return {"epochs": epoch, "accuracy": acc, "rows": len(examples)}
+
+
+def train_model(world: World, out_dir: Path, without_images=(), without_people=(), spec: TrainSpec = TrainSpec(),
+                tiny: TinySpec = TinySpec(), log=print) -> dict:
+    """Train a tiny LLaVA on `world` minus the images of `without_images` and every item of
+    `without_people`; save it to out_dir; return what the training did."""
+    start = time.perf_counter()
+    torch.manual_seed(spec.seed)
+    gone_images, gone = set(without_images) | set(without_people), set(without_people)
+    model, processor = build_tiny_llava(out_dir, world.corpus(), tiny)
+    seeing = [n for n in world.names if n not in gone_images]
+    vision = _train_vision(model, world, processor, seeing, spec, log)
+    items = [
+        i for i in world.select(split="train")
+        if i.person not in gone and not (i.person in gone_images and i.image is not None)
+    ]
+    language = _train_language(model, examples_for(world, items, processor), processor.tokenizer.pad_token_id, spec, log)
+    model.save_pretrained(out_dir)
+    record = {"vision": vision, "language": language, "seconds": time.perf_counter() - start,
+              "without_images": sorted(without_images), "without_people": sorted(without_people)}
+    (Path(out_dir) / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def cached_model(world: World, cache: Path, without_images=(), without_people=(), spec: TrainSpec = TrainSpec(),
+                 tiny: TinySpec = TinySpec(), log=print) -> Path:
+    """The folder of the model trained as `train_model` would, building it on first use."""
+    key = hashlib.sha256(json.dumps({
+        "world": asdict(world.spec), "train": asdict(spec), "tiny": asdict(tiny),
+        "without_images": sorted(without_images), "without_people": sorted(without_people),
+    }, sort_keys=True).encode()).hexdigest()[:16]
+    final = Path(cache) / f"model-{key}"
+    if (final / "training.json").is_file():
+        return final
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}")
+    try:
+        train_model(world, tmp, without_images, without_people, spec, tiny, log)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "training.json").is_file():  # another process may have finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final

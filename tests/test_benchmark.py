@@ -1,0 +1,62 @@
+"""The benchmark's tiny profile: its assertions hold, so the benchmark measures something."""
+
+import pytest
+
+from benchmarks.forget_retain import BenchmarkError, check_known, evaluate, markdown, run_single
+from seqforget.models import load_model
+
+
+@pytest.fixture(scope="module")
+def forgotten(tiny_bench):
+    return tiny_bench.world.forget_order()[:2]
+
+
+def _visual(m):  # seen and unseen views, weighted by their item counts (3 seen views, 1 unseen)
+    return (3 * m["forget_visual_seen"] + m["forget_visual"]) / 4
+
+
+def test_the_vanilla_model_knows_every_person(tiny_bench, forgotten):
+    model, processor = load_model(tiny_bench.vanilla)
+    everyone = tiny_bench.world.names
+    m = evaluate(tiny_bench, model, processor, everyone, everyone)
+    assert m["forget_visual_seen"] >= 0.95 and m["forget_textual"] >= 0.95 and m["forget_identity"] >= 0.9, m
+    assert check_known(tiny_bench, forgotten)["textual"] >= 0.9
+
+
+def test_the_benchmark_refuses_a_model_that_does_not_know(tiny_bench, forgotten, monkeypatch):
+    import benchmarks.forget_retain as fr
+
+    monkeypatch.setattr(fr, "KNOWN", 1.01)  # no model can know this well
+    with pytest.raises(BenchmarkError, match="never known"):
+        check_known(tiny_bench, forgotten)
+
+
+def test_the_visual_oracle_does_not_recognise_the_forgotten(tiny_bench, forgotten):
+    model, processor = load_model(tiny_bench.model_dir(without_images=forgotten))
+    m = evaluate(tiny_bench, model, processor, forgotten)
+    assert _visual(m) <= 0.6, m  # 4 options: chance is 0.25, attribute priors lift it a little
+    assert m["forget_textual"] >= 0.9, m  # what it read about them, it still knows
+    assert m["retain_visual"] >= 0.8, m
+
+
+def test_gradient_ascent_lowers_forget_accuracy(tiny_bench, forgotten):
+    model, processor = load_model(tiny_bench.vanilla)
+    before = evaluate(tiny_bench, model, processor, forgotten)
+    result = run_single(tiny_bench, 0.25, "full", "ga", None)
+    after = result["after"]
+    assert result["people"] == 2
+    assert after["forget_textual"] < before["forget_textual"] - 0.2, (before, after)
+    assert _visual(after) < _visual(before) - 0.2, (before, after)
+    assert result["request"]["seconds"] > 0 and result["request"]["peak_rss_mb"] > 0
+
+
+def test_markdown_reports_every_row():
+    m = {"forget_visual": 0.5, "forget_visual_seen": 0.5, "forget_identity": 0.5, "forget_textual": 0.5,
+         "forget_cloze_exact": 0.5, "retain_visual": 0.9, "retain_textual": 0.9, "general": 0.4}
+    run = {"people": 3, "after": m, "request": {"seconds": 2.0, "peak_rss_mb": 900.0},
+           "leakage_base_projector": 0.7, "relearn_other_half": 0.6}
+    results = {"single": {"0.05": {"full/ga/none": run}}, "vanilla": {"0.05": m},
+               "oracles": {"0.05": {"visual": {**m, "train_seconds": 100.0}, "full": {**m, "train_seconds": 200.0}}},
+               "stream": {}, "seconds": 60.0}
+    text = markdown(results)
+    assert "| full/ga/none | 0.50 |" in text and "oracle visual" in text and "a ratio of 100x" in text
