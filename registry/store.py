@@ -28,7 +28,7 @@ from registry.adapters import read_lora
 from registry.atomic import fsync_dir, fsync_tree, write_json
 from registry.bases import Basis, assemble, read_blocks
 from registry.errors import RegistryError
-from registry.hashing import hash_tree, sha256_file
+from registry.hashing import hash_tree
 from registry.lock import writer_lock
 
 FORMAT = "seqforget-registry"

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from registry import Registry, RegistryError
 from registry.adapters import write_lora
+from registry.atomic import fsync_tree
 from registry.bases import Block, write_blocks
 from registry.hashing import sha256_file
 from registry.store import BASIS_FILE
@@ -125,21 +126,22 @@ def apply_request(root: Path, request_path: Path, model_dir: Path | None = None,
         if existing is not None:
             state = existing["state"].replace("_", " ")
             raise SeqforgetError(f"request {request.id} is already in the registry ({state}); nothing to do")
-        path = _model_dir(reg, model_dir)
-        adapters = [stored_adapter(reg, e) for e in reg.active()]
         bases = reg.load_bases()
-        model, processor = load_model(path)
-        compose(model, adapters)
-        targets = match_targets(model, request.target_modules) if request.target_modules else method.targets(model, request.scope)
-        if not targets:
-            raise SeqforgetError(f"request {request.id}: no linear layer of the model matches {request.target_modules}")
+        model, processor = live_model(reg, model_dir)
+        targets = _targets(request, method, model)
         for name in targets:
             if name in bases and bases[name].dim != dict(model.named_modules())[name].in_features:
                 raise SeqforgetError(f"stored basis of {name} does not fit the model's layer")
+        forget_rows, retain_rows, answers = _scoped_rows(request)
+        try:
+            forget = [data.encode(processor, r, a) for r, a in zip(forget_rows, answers)]
+            retain = [data.encode(processor, r) for r in retain_rows]
+        except (ValueError, OSError) as e:
+            raise SeqforgetError(f"request {request.id}: the model's processor cannot encode its rows ({e})") from e
 
         writer.begin(request.id, method=request.method, scope=request.scope)
         try:
-            entry = _train_and_commit(writer, request, method, model, processor, targets, bases, show_progress)
+            entry = _train_and_commit(writer, request, method, model, processor, targets, bases, forget, retain, show_progress)
         except BaseException as e:
             writer.abort(request.id, f"{type(e).__name__}: {e}")
             if isinstance(e, Exception) and reg.find(request.id) is not None:
@@ -148,14 +150,21 @@ def apply_request(root: Path, request_path: Path, model_dir: Path | None = None,
     return entry
 
 
-def _train_and_commit(writer, request, method, model, processor, targets, bases, show_progress) -> dict:
+def _targets(request: Request, method, model) -> list[str]:
+    """The layers this request trains; every pattern it names must match at least one."""
+    if not request.target_modules:
+        return method.targets(model, request.scope)
+    unmatched = [p for p in request.target_modules if not match_targets(model, [p])]
+    if unmatched:
+        raise SeqforgetError(f"request {request.id}: no linear layer of the model matches {', '.join(unmatched)}")
+    return match_targets(model, request.target_modules)
+
+
+def _train_and_commit(writer, request, method, model, processor, targets, bases, forget, retain, show_progress) -> dict:
     settings = request.training
     start = time.perf_counter()
     _reset_peak_rss()
     pad = processor.tokenizer.pad_token_id
-    forget_rows, retain_rows, answers = _scoped_rows(request)
-    forget = [data.encode(processor, r, a) for r, a in zip(forget_rows, answers)]
-    retain = [data.encode(processor, r) for r in retain_rows]
     forget_eval, retain_eval = data.batches(forget, EVAL_BATCH, pad), data.batches(retain, EVAL_BATCH, pad)
 
     # Null-space bases: extend each target layer's basis with this request's retained inputs.
@@ -168,6 +177,9 @@ def _train_and_commit(writer, request, method, model, processor, targets, bases,
         u = ext.columns.float() if old is None else torch.cat([old, ext.columns.float()], dim=1)  # (d, k)
         if settings.projection and u.shape[1]:
             nullspaces[name] = NullSpace(u)
+    if nullspaces and all(ns.rank >= ns.dim for ns in nullspaces.values()) and len(nullspaces) == len(targets):
+        raise SeqforgetError(f"request {request.id}: retained inputs fill every target layer's input space, so "
+                             f"nothing can move; lower energy_threshold (now {settings.energy_threshold})")
 
     before = {"forget": probe(model, forget_eval), "retain": probe(model, retain_eval)}
     bar = tqdm(total=settings.steps, desc=f"apply {request.id}", unit="step", disable=not show_progress, leave=False)
@@ -185,6 +197,8 @@ def _train_and_commit(writer, request, method, model, processor, targets, bases,
         )
     finally:
         bar.close()
+    if not all(torch.isfinite(t).all() for pair in trained.pairs.values() for t in pair):
+        raise SeqforgetError(f"request {request.id}: training diverged (non-finite adapter weights); lower lr")
     adapter = Adapter(request.id, method.sign, trained.scale, trained.pairs)
     compose(model, [adapter])
     after = {"forget": probe(model, forget_eval), "retain": probe(model, retain_eval)}
@@ -256,6 +270,7 @@ def export_model(root: Path, out_dir: Path, model_dir: Path | None = None) -> Pa
             "active_requests": [e["id"] for e in reg.active()],
         }
         (tmp / "seqforget.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        fsync_tree(tmp)
         if out_dir.exists():
             out_dir.rmdir()
         os.rename(tmp, out_dir)

@@ -139,6 +139,9 @@ def load_request(path: Path, default_retain: str | None = None) -> Request:
     retain = read_rows(retain_path, problems, "retain") if retain_path else []
     if scope == "visual" and forget and not any(r.image for r in forget):
         problems.append("forget: a visual request needs rows with an image")
+    shared = set(forget) & set(retain)
+    if shared:
+        problems.append(f"forget and retain share {len(shared)} row(s): the basis would protect what is to be forgotten")
 
     if problems:
         shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else [])
@@ -173,12 +176,12 @@ def _training(raw: dict, problems: list[str]) -> Training:
         if name not in raw:
             continue
         value = raw[name]
-        if isinstance(value, str) and f.type in (float, "float"):
+        if isinstance(value, str) and f.type is float:
             try:  # YAML 1.1 reads 1e-3 (no dot) as a string
                 value = float(value)
             except ValueError:
                 pass
-        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool}[f.type]
+        kind = f.type
         if kind is bool:
             ok = isinstance(value, bool)
         elif kind is int:
@@ -196,6 +199,7 @@ def _training(raw: dict, problems: list[str]) -> Training:
         "alpha": (1e-6, 1e6),
         "batch_size": (1, 4096),
         "energy_threshold": (0.0, 1.0),
+        "seed": (0, 2**32 - 1),
     }
     for name, (lo, hi) in bounds.items():
         if name in values and not lo <= values[name] <= hi:

@@ -14,7 +14,6 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from seqforget.losses import answer_logprob
-from seqforget.projection import NullSpace
 
 
 @dataclass

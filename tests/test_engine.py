@@ -65,14 +65,25 @@ def test_bases_are_orthonormal_and_grow_only_as_needed(two_requests):
 
 
 def test_live_model_is_base_plus_explicit_products(world, two_requests):
+    """Expected weights from the raw files: W + sign * (lora_alpha / r) * B @ A, in float64."""
+    import json
+
+    from safetensors.numpy import load_file
+
     reg = two_requests
     live, _ = live_model(reg)
     _, base = _base_weights(world)
-    adapters = [stored_adapter(reg, e) for e in reg.active()]
     expected = {n: w.double().clone() for n, w in base.items()}
-    for adapter in adapters:
-        for module in adapter.pairs:
-            expected[module + ".weight"] += adapter.delta(module)
+    for entry in reg.active():
+        folder = reg.folder(entry)
+        config = json.loads((folder / "adapter_config.json").read_text())
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        for key, a in tensors.items():
+            if key.endswith(".lora_A.weight"):
+                module = key[len("base_model.model."):-len(".lora_A.weight")]
+                b = tensors[key.replace("lora_A", "lora_B")]
+                delta = entry["sign"] * config["lora_alpha"] / config["r"] * (b.astype(np.float64) @ a.astype(np.float64))
+                expected[module + ".weight"] += torch.from_numpy(delta)
     touched = 0
     for name, p in live.named_parameters():
         assert torch.allclose(p.double(), expected[name], atol=1e-6, rtol=0), name

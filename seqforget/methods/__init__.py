@@ -8,10 +8,12 @@ A method is a small object with:
   loss(model, forget, retain, reference) its loss on a forget and a retain batch;
                  `reference(batch)` gives answer log-probs under the model as it
                  was before this request (no gradient)
-Its hyper-parameters are dataclass fields, set from the request's `method_args`.
+Its hyper-parameters are dataclass fields, set from the request's `method_args`; a field's
+metadata "range" (low, high) bounds it (default: any finite number >= 0).
 """
 
 import dataclasses
+import math
 from typing import Callable, Protocol
 
 import torch
@@ -51,8 +53,12 @@ def method_problems(name: str, scope: str, args: dict) -> list[str]:
     for key, value in args.items():
         if key not in fields:
             problems.append(f"method_args: {name} has no argument {key!r} (it has {', '.join(fields) or 'none'})")
-        elif not isinstance(value, (int, float)) or isinstance(value, bool):
-            problems.append(f"method_args.{key}: expected a number, got {value!r}")
+        elif not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            problems.append(f"method_args.{key}: expected a finite number, got {value!r}")
+        else:
+            low, high = fields[key].metadata.get("range", (0.0, math.inf))
+            if not low <= value <= high:
+                problems.append(f"method_args.{key}: {value} is outside [{low}, {high}]")
     return problems
 
 

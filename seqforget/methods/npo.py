@@ -1,4 +1,4 @@
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch.nn.functional as F
 
@@ -17,7 +17,7 @@ class NPO:
     saturates once the answer is unlikely, which slows the collapse.
     """
 
-    beta: float = 0.1
+    beta: float = field(default=0.1, metadata={"range": (1e-6, 1e3)})
     retain_weight: float = 1.0
     name = "npo"
     sign = +1
