@@ -166,7 +166,7 @@ def status_table(rows: list[dict]) -> str:
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("seqforget-demo"), show_default=True,
               help="Folder for the demo's requests and registry (a previous demo there is replaced).")
 def demo(out):
-    """Apply three requests to a tiny LLaVA that knows eight fictitious people, roll one back."""
+    """Apply three requests to a tiny LLaVA that knows 60 fictitious people, roll one back."""
     from seqforget.demo import run_demo
 
     run_demo(out)

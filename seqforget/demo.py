@@ -27,18 +27,9 @@ def cache_root() -> Path:
 def default_world():
     """(world, vanilla model folder) of the benchmark's default profile, built once and cached."""
     from seqforget.vanilla import TrainSpec, cached_model
-    from seqforget.world import WorldSpec, build_world, load_world
+    from seqforget.world import WorldSpec, cached_world
 
-    spec = WorldSpec()
-    root = cache_root() / "bench" / ("world-" + "-".join(f"{k}{v}" for k, v in spec.__dict__.items()))
-    if not (root / "world.json").is_file():
-        tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-        build_world(spec, tmp)
-        try:
-            tmp.rename(root)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-    world = load_world(root)
+    world = cached_world(WorldSpec(), cache_root() / "bench")
     model = cached_model(world, cache_root() / "bench", spec=TrainSpec(), log=lambda s: None)
     return world, model
 
@@ -47,7 +38,6 @@ def run_demo(out: Path) -> None:
     import yaml
 
     from registry import Registry
-    from seqforget.data import Row
     from seqforget.engine import apply_request, init_registry, live_model, rollback_request
     from seqforget.evaluation import answer
     from seqforget.models import load_model
@@ -89,7 +79,7 @@ def run_demo(out: Path) -> None:
     bystander = world.forget_order()[-1]
     for person in people + [bystander]:
         for item in world.select({"visual"}, [person], "test")[:1] + world.select({"textual"}, [person])[:1]:
-            row = Row(item.question, item.answer, world.root / item.image if item.image else None)
+            row = item.example(world.root)
             question = (f"[photo of {person}] " if item.image else "") + item.question
             click.echo(f"  {question:52s} base: {answer(base, processor, row):9s} live: {answer(live, processor, row)}")
     click.echo("")

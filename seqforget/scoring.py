@@ -15,20 +15,21 @@ from seqforget.losses import answer_logprob
 
 @torch.no_grad()
 def choice_accuracy(model, processor, root, items, batch_size: int = 64) -> float:
-    """Share of items whose answer is the most likely of its options."""
+    """Share of items whose answer is the most likely of its options (summed answer log-probability;
+    the world's options are single words, so no length normalisation is needed)."""
     if not items:
         return float("nan")
     pad = processor.tokenizer.pad_token_id
-    examples, owners = [], []
-    for k, item in enumerate(items):
-        row = data.Row(item.question, item.answer, root / item.image if item.image else None)
-        base = data.encode(processor, row)
+    if len({len(i.options) for i in items}) != 1:
+        raise ValueError("every item must have the same number of options")
+    examples = []
+    for item in items:
+        base = data.encode(processor, item.example(root))
         prompt_len = int((base.labels == data.IGNORE).sum())
         for option in item.options:
             ans = torch.tensor(processor.tokenizer(" " + option, add_special_tokens=False)["input_ids"] + [processor.tokenizer.eos_token_id])
             ids = torch.cat([base.input_ids[:prompt_len], ans])
             examples.append(data.Example(ids, torch.cat([torch.full((prompt_len,), data.IGNORE), ans]), base.pixel_values))
-            owners.append(k)
     scores = []
     for start in range(0, len(examples), batch_size):
         logp, _, _ = answer_logprob(model, data.collate(examples[start : start + batch_size], pad))
@@ -60,8 +61,7 @@ def generation_scores(model, processor, root, items, max_new_tokens: int = 4) ->
         return {"exact": float("nan"), "rouge_l": float("nan")}
     exact = rouge = 0.0
     for item in items:
-        row = data.Row(item.question, item.answer, root / item.image if item.image else None)
-        got = answer(model, processor, row, max_new_tokens)
+        got = answer(model, processor, item.example(root), max_new_tokens)
         exact += got == item.answer
         rouge += rouge_l(got, item.answer)
     return {"exact": exact / len(items), "rouge_l": rouge / len(items)}

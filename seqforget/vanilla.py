@@ -43,7 +43,7 @@ class TrainSpec:
 
 
 def examples_for(world: World, items, processor) -> list[data.Example]:
-    return [data.encode(processor, data.Row(i.question, i.answer, world.root / i.image if i.image else None)) for i in items]
+    return [data.encode(processor, i.example(world.root)) for i in items]
 
 
 def _train_vision(model, world: World, processor, people: list[str], spec: TrainSpec, log) -> dict:

@@ -83,6 +83,12 @@ class Item:
     image: str | None = None  # relative to the world folder
     split: str = "train"  # train | test (held-out views and general images)
 
+    def example(self, root: Path):
+        """This item as the engine's data row, its image resolved against the world folder."""
+        from seqforget.data import Row
+
+        return Row(self.question, self.answer, Path(root) / self.image if self.image else None)
+
     def row(self) -> dict:
         """The JSONL row a request file points at."""
         return {"question": self.question, "answer": self.answer, **({"image": self.image} if self.image else {})}
@@ -238,6 +244,26 @@ def build_world(spec: WorldSpec, root: Path) -> World:
     (root / "world.json").write_text(json.dumps({
         "spec": asdict(spec), "people": [asdict(p) for p in people], "items": [asdict(i) for i in items]}) + "\n")
     return world
+
+
+def cached_world(spec: WorldSpec, cache: Path) -> World:
+    """The world of `spec` under `cache`, drawn on first use (in a temp folder, then renamed)."""
+    import os
+    import shutil
+    import uuid
+
+    root = Path(cache) / ("world-" + "-".join(f"{k}{v}" for k, v in asdict(spec).items()))
+    if not (root / "world.json").is_file():
+        tmp = root.with_name(f".{root.name}.{uuid.uuid4().hex[:8]}")
+        try:
+            build_world(spec, tmp)
+            os.rename(tmp, root)
+        except OSError:
+            if not (root / "world.json").is_file():  # another process may have drawn it first
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return load_world(root)
 
 
 def load_world(root: Path) -> World:
