@@ -340,11 +340,12 @@ def markdown(results: dict) -> str:
         rows += [(name, r["after"], r) for name, r in runs.items()]
         for name, m, r in rows:
             relearn_value = r.get("relearn_other_half", m.get("relearn_other_half"))
-            cost = r.get("request", {})
+            cost = r.get("request")
+            cost_cells = f"{_f(cost['seconds'])} | {cost['peak_rss_mb']:.0f}" if cost else "- | -"
             lines.append(f"| {name} | {_f(m.get('forget_visual'))} | {_f(m.get('forget_visual_seen'))} | {_f(m.get('forget_identity'))} | "
                          f"{_f(m.get('forget_textual'))} | {_f(m.get('forget_cloze_exact'))} | {_f(m['retain_visual'])} | "
                          f"{_f(m['retain_textual'])} | {_f(m['general'])} | {_f(r.get('leakage_base_projector'))} | {_f(relearn_value)} | "
-                         f"{_f(cost.get('seconds'))} | {cost.get('peak_rss_mb', 0):.0f} |")
+                         f"{cost_cells} |")
         seconds = [r["request"]["seconds"] for r in runs.values()]
         if seconds:
             lines += ["", f"retrain oracle (full) cost: {oracles['full']['train_seconds']:.0f} s; one request: "

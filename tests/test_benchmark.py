@@ -59,4 +59,9 @@ def test_markdown_reports_every_row():
                "oracles": {"0.05": {"visual": {**m, "train_seconds": 100.0}, "full": {**m, "train_seconds": 200.0}}},
                "stream": {}, "seconds": 60.0}
     text = markdown(results)
-    assert "| full/ga/none | 0.50 |" in text and "oracle visual" in text and "a ratio of 100x" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| model")]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| vanilla", "| oracle visual (retrained without images)", "| oracle full (retrained without the people)", "| full/ga/none"]
+    assert "| full/ga/none | 0.50 |" in text and "| 0.70 | 0.60 | 2.00 | 900 |" in text
+    assert rows[0].endswith("| - | - | - | - |")
+    assert "a ratio of 100x" in text
