@@ -13,10 +13,12 @@ from pathlib import Path
 
 import click
 
-REQUESTS = [  # id suffix, scope, method
-    ("visual", "visual", "ga"),
-    ("full", "full", "npo"),
-    ("refuse", "refuse", "refusal"),
+# id suffix, scope, method, settings. The engine's defaults (lr 1e-3, 30 steps) protect retained
+# knowledge but forget little on this world (benchmarks/results); the demo asks for more.
+REQUESTS = [
+    ("visual", "visual", "ga", {"lr": 3e-3, "steps": 40}),
+    ("full", "full", "npo", {"lr": 3e-3, "steps": 40}),
+    ("refuse", "refuse", "refusal", {"lr": 1e-2, "steps": 40}),
 ]
 
 
@@ -58,12 +60,12 @@ def run_demo(out: Path) -> None:
     reg_dir = out / "registry"
     init_registry(reg_dir, model_dir, default_retain=out / "retain.jsonl")
     ids = []
-    for person, (suffix, scope, method) in zip(people, REQUESTS):
+    for person, (suffix, scope, method, settings) in zip(people, REQUESTS):
         request_id = f"{person}-{suffix}"
         ids.append(request_id)
         world.write_jsonl(out / f"{person}.jsonl", world.select({"visual", "identity", "textual", "cloze"}, [person], "train"))
         path = out / f"{request_id}.yaml"
-        path.write_text(yaml.safe_dump({"id": request_id, "scope": scope, "method": method, "forget": f"{person}.jsonl"}, sort_keys=False))
+        path.write_text(yaml.safe_dump({"id": request_id, "scope": scope, "method": method, "forget": f"{person}.jsonl", **settings}, sort_keys=False))
         click.echo(f"$ seqforget apply {path.name}")
         entry = apply_request(reg_dir, path, show_progress=False)
         m = entry["metrics"]
@@ -86,4 +88,5 @@ def run_demo(out: Path) -> None:
     from seqforget.cli import status_rows, status_table
 
     click.echo(status_table(status_rows(reg)))
-    click.echo(f"\n{ids[1]} was rolled back: its person is known again. Registry: {reg_dir}")
+    click.echo(f"\n{ids[1]} was rolled back: its adapter is out of the live model, whose answers for its person "
+               f"are now what the other active requests leave them. Registry: {reg_dir}")
