@@ -34,7 +34,7 @@ from seqforget.engine import apply_request, init_registry, live_model, rollback_
 from seqforget.losses import answer_nll
 from seqforget.models import load_model
 from seqforget.scoring import choice_accuracy, generation_scores
-from seqforget.vanilla import TrainSpec, cached_model, examples_for
+from seqforget.vanilla import TrainSpec, cached_model, examples_for, language_side, trainable
 from seqforget.world import World, WorldSpec, cached_world
 
 KNOWN = 0.9  # the vanilla model must know the forget set this well, or nothing is measured
@@ -165,19 +165,12 @@ def relearn(bench: Bench, model, processor, people, steps: int) -> None:
     items = bench.world.select({"visual", "identity", "textual", "cloze"}, people, "train")
     examples = examples_for(bench.world, items, processor)
     batches = data.endless(examples, 16, processor.tokenizer.pad_token_id, seed=0)
-    params = [p for n, p in model.named_parameters() if "vision_tower" not in n]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=bench.profile.train.lr, weight_decay=0.0)
-    model.train()
-    for _ in range(steps):
-        loss = answer_nll(model, next(batches))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-    for p in params:
-        p.requires_grad_(False)
+    with trainable(model, language_side(model), bench.profile.train.lr) as opt:
+        for _ in range(steps):
+            loss = answer_nll(model, next(batches))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
 
 
 def relearn_other_half(bench: Bench, model, processor, forgotten) -> float:

@@ -19,6 +19,7 @@ import random
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -42,6 +43,25 @@ class TrainSpec:
     format: int = 1  # bump when the training code changes what it produces
 
 
+@contextmanager
+def trainable(module: nn.Module, params: list[nn.Parameter], lr: float):
+    """AdamW over `params`, which stay trainable, and `module` in train mode, until the block ends."""
+    for p in params:
+        p.requires_grad_(True)
+    module.train()
+    try:
+        yield torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    finally:
+        module.eval()
+        for p in params:
+            p.requires_grad_(False)
+
+
+def language_side(model) -> list[nn.Parameter]:
+    """Every weight but the vision tower's: projector, embeddings, language model, head."""
+    return [p for n, p in model.named_parameters() if "vision_tower" not in n]
+
+
 def examples_for(world: World, items, processor) -> list[data.Example]:
     return [data.encode(processor, i.example(world.root)) for i in items]
 
@@ -63,60 +83,46 @@ def _train_vision(model, world: World, processor, people: list[str], spec: Train
     pixels = torch.stack([processor.image_processor(data.load_image(world.root / i.image), return_tensors="pt")["pixel_values"][0] for i in items])
     labels = torch.tensor(labels)
     head = nn.Linear(tower.config.hidden_size, len(classes))
-    params = list(tower.parameters()) + list(head.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(spec.seed)
-    tower.train()
     acc, epoch = 0.0, 0
-    for epoch in range(1, spec.vision_epochs + 1):
-        hits = 0
-        for idx in torch.randperm(len(items), generator=gen).split(spec.batch_size):
-            logits = head(tower(pixel_values=pixels[idx]).pooler_output)  # (B, people)
-            loss = nn.functional.cross_entropy(logits, labels[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            hits += (logits.argmax(-1) == labels[idx]).sum().item()
-        acc = hits / len(items)
-        log(f"vision epoch {epoch}: accuracy {acc:.3f}")
-        if acc >= spec.target:
-            break
-    tower.eval()
-    for p in params:
-        p.requires_grad_(False)
+    with trainable(tower, list(tower.parameters()) + list(head.parameters()), spec.lr) as opt:
+        for epoch in range(1, spec.vision_epochs + 1):
+            hits = 0
+            for idx in torch.randperm(len(items), generator=gen).split(spec.batch_size):
+                logits = head(tower(pixel_values=pixels[idx]).pooler_output)  # (B, classes)
+                loss = nn.functional.cross_entropy(logits, labels[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                hits += (logits.argmax(-1) == labels[idx]).sum().item()
+            acc = hits / len(items)
+            log(f"vision epoch {epoch}: accuracy {acc:.3f}")
+            if acc >= spec.target:
+                break
     return {"epochs": epoch, "accuracy": acc, "images": len(items)}
 
 
 def _train_language(model, examples: list[data.Example], pad_id: int, spec: TrainSpec, log) -> dict:
     """Stage 2: projector and language model learn every question; the tower stays frozen."""
-    params = [p for n, p in model.named_parameters() if "vision_tower" not in n]
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
     rng = random.Random(spec.seed)
-    model.train()
     acc, epoch = 0.0, 0
-    for epoch in range(1, spec.lm_epochs + 1):
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        hits = tokens = 0
-        for start in range(0, len(order), spec.batch_size):
-            batch = data.collate([examples[k] for k in order[start : start + spec.batch_size]], pad_id)
-            logp, n, h = answer_logprob(model, batch)
-            loss = (-logp / n.clamp_min(1)).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            hits, tokens = hits + h.sum().item(), tokens + n.sum().item()
-        acc = hits / tokens
-        log(f"language epoch {epoch}: answer-token accuracy {acc:.3f}")
-        if acc >= spec.target:
-            break
-    model.eval()
-    for p in params:
-        p.requires_grad_(False)
+    with trainable(model, language_side(model), spec.lr) as opt:
+        for epoch in range(1, spec.lm_epochs + 1):
+            order = list(range(len(examples)))
+            rng.shuffle(order)
+            hits = tokens = 0
+            for start in range(0, len(order), spec.batch_size):
+                batch = data.collate([examples[k] for k in order[start : start + spec.batch_size]], pad_id)
+                logp, n, h = answer_logprob(model, batch)
+                loss = (-logp / n.clamp_min(1)).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                hits, tokens = hits + h.sum().item(), tokens + n.sum().item()
+            acc = hits / tokens
+            log(f"language epoch {epoch}: answer-token accuracy {acc:.3f}")
+            if acc >= spec.target:
+                break
     return {"epochs": epoch, "accuracy": acc, "rows": len(examples)}
 
 
