@@ -33,9 +33,10 @@ from seqforget import data
 from seqforget.engine import apply_request, init_registry, live_model, rollback_request
 from seqforget.losses import answer_nll
 from seqforget.models import load_model
-from seqforget.scoring import choice_accuracy, generation_scores
-from seqforget.vanilla import TrainSpec, cached_model, examples_for, language_side, trainable
-from seqforget.world import World, WorldSpec, cached_world
+from seqforget.bench import cache_root
+from seqforget.bench.scoring import choice_accuracy, generation_scores
+from seqforget.bench.vanilla import TrainSpec, cached_model, examples_for, language_side, trainable
+from seqforget.bench.world import World, WorldSpec, cached_world
 
 KNOWN = 0.9  # the vanilla model must know the forget set this well, or nothing is measured
 
@@ -202,10 +203,10 @@ def run_single(bench: Bench, fraction: float, scope: str, method: str, threshold
     reg = folder / "registry"
     init_registry(reg, bench.vanilla)
     entry = apply_request(reg, write_request(bench, folder, "forget", forgotten, scope, method, threshold), show_progress=False)
-    model, processor = live_model(Registry.open(reg))
+    model, processor = live_model(Registry.open(reg).snapshot())
     result = {"people": n, "after": evaluate(bench, model, processor, forgotten), "request": _cost(folder / "registry", entry)}
     result["leakage_base_projector"] = evaluate(bench, with_base_projector(bench, model), processor, forgotten)["forget_visual"]
-    model, processor = live_model(Registry.open(reg))
+    model, processor = live_model(Registry.open(reg).snapshot())
     result["relearn_other_half"] = relearn_other_half(bench, model, processor, forgotten)
     shutil.rmtree(folder / "registry" / "requests", ignore_errors=True)
     return result
@@ -228,8 +229,6 @@ def run_oracles(bench: Bench, forgotten) -> dict:
 
 
 def run_stream(bench: Bench, method: str, threshold, scope: str = "full") -> dict:
-    from registry import Registry
-
     w, profile = bench.world, bench.profile
     k = profile.stream_people
     groups = [w.forget_order()[i * k : (i + 1) * k] for i in range(profile.stream)]
@@ -244,7 +243,7 @@ def run_stream(bench: Bench, method: str, threshold, scope: str = "full") -> dic
         request = write_request(bench, folder, f"r{i:02d}", group, scope, method, threshold, excluded=everyone)
         entry = apply_request(reg, request, show_progress=False)
         forgotten += group
-        model, processor = live_model(Registry.open(reg))
+        model, processor = live_model(Registry.open(reg).snapshot())
         state = evaluate(bench, model, processor, forgotten, retained)
         state["this_request"] = evaluate(bench, model, processor, group, retained)["forget_visual"]
         state.update(_cost(reg, entry))
@@ -253,7 +252,7 @@ def run_stream(bench: Bench, method: str, threshold, scope: str = "full") -> dic
                   f"forget visual {state['forget_visual']:.2f} retain visual {state['retain_visual']:.2f}")
     middle = len(groups) // 2
     rollback_request(reg, f"r{middle:02d}")
-    model, processor = live_model(Registry.open(reg))
+    model, processor = live_model(Registry.open(reg).snapshot())
     back = evaluate(bench, model, processor, groups[middle], retained)
     others = [p for i, g in enumerate(groups) if i != middle for p in g]
     stay = evaluate(bench, model, processor, others, retained)
@@ -279,7 +278,7 @@ def run(profile: Profile, out: Path, cache: Path, log=print) -> dict:
 
     total = len(profile.fractions) * (1 + len(profile.scopes) * len(profile.methods) * len(profile.thresholds))
     total += bool(profile.stream) * (1 + len(profile.methods) * len(profile.stream_thresholds))
-    bar = tqdm(total=total, desc="benchmark", unit="run")
+    bar = tqdm(total=total, desc="benchmark", unit="run", disable=None)  # no bar in a log
     for fraction in profile.fractions:
         n = max(1, round(fraction * len(w.people)))
         forgotten = w.forget_order()[:n]
@@ -396,8 +395,6 @@ def main(argv=None) -> None:
     parser.add_argument("--stream", type=int, help="requests in the stream (0: no stream)")
     args = parser.parse_args(argv)
     from dataclasses import replace
-
-    from seqforget.demo import cache_root
 
     profile = PROFILES[args.profile]
     if args.methods:

@@ -3,9 +3,21 @@
 No training code lives here, and no torch: arrays are numpy, files are JSON,
 safetensors and HDF5. Every file a request commits is hashed into the manifest,
 and the manifest (replaced atomically) is the one commit point.
+
+Code outside this package imports only what is listed here.
 """
 
-from registry.errors import RegistryError
-from registry.store import FORMAT, FORMAT_VERSION, Registry, Writer
+from registry.adapters import KINDS as ADAPTER_KINDS
+from registry.adapters import Adapter
+from registry.atomic import new_folder
+from registry.bases import Basis
+from registry.crash import pause_point
+from registry.errors import RegistryBusy, RegistryDamaged, RegistryError
+from registry.hashing import sha256_file
+from registry.store import FORMAT, FORMAT_VERSION, Registry, Snapshot, Transaction, Writer
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Registry", "RegistryError", "Writer"]
+__all__ = [
+    "ADAPTER_KINDS", "Adapter", "Basis", "FORMAT", "FORMAT_VERSION", "Registry", "RegistryBusy",
+    "RegistryDamaged", "RegistryError", "Snapshot", "Transaction", "Writer", "new_folder",
+    "pause_point", "sha256_file",
+]

@@ -1,46 +1,88 @@
-"""Adapter files in PEFT's layout: adapter_config.json + adapter_model.safetensors.
+"""A request's weight update: one type from training to disk, and the file format of each kind.
 
-`peft.PeftModel.from_pretrained(base_model, adapter_dir)` loads what `write_lora`
-writes. Tensor keys follow PEFT's saved form:
-`base_model.model.<module>.lora_A.weight` (r, d_in) and `...lora_B.weight` (d_out, r).
+    kind "lora"   weights[module] = {"A": (r, d_in), "B": (d_out, r)}; config is PEFT's
+                  adapter_config (r, lora_alpha, target_modules, ...); the update of the
+                  module's weight is (lora_alpha / r) * B @ A. Stored in PEFT's layout:
+                  adapter_config.json + adapter_model.safetensors, which
+                  `peft.PeftModel.from_pretrained(base_model, folder)` loads.
+
+An adapter means what it stores: a method that subtracts what it learned (distil-then-
+delete) stores a negated factor, so plain PEFT and seqforget apply the same update.
+A new kind is one entry in KINDS: how its files are written and read.
 """
 
-import json
-from pathlib import Path
+from __future__ import annotations
 
-import numpy as np
-from safetensors.numpy import load_file, save_file
+import json
+from dataclasses import dataclass
+from pathlib import Path
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 
 
+@dataclass
+class Adapter:
+    kind: str
+    weights: dict[str, dict[str, np.ndarray]]  # {module: {part: numpy array}}
+    config: dict
+
+    @property
+    def modules(self) -> list[str]:
+        return sorted(self.weights)
+
+    @property
+    def scale(self) -> float:
+        """lora_alpha / r, as PEFT merges a plain LoRA."""
+        return self.config["lora_alpha"] / self.config["r"]
+
+
 def lora_key(module: str, part: str) -> str:
     return f"{_PREFIX}{module}.lora_{part}.weight"
 
 
-def write_lora(folder: Path, pairs: dict[str, tuple[np.ndarray, np.ndarray]], config: dict) -> None:
-    """Write LoRA factors {module: (A (r, d_in), B (d_out, r))} and their PEFT config."""
+# numpy and safetensors are imported where used, so that `seqforget status` starts at once
+
+
+def _write_lora(folder: Path, adapter: Adapter) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
     tensors = {}
-    for module, (a, b) in pairs.items():
-        tensors[lora_key(module, "A")] = np.ascontiguousarray(a, dtype=np.float32)
-        tensors[lora_key(module, "B")] = np.ascontiguousarray(b, dtype=np.float32)
-    folder = Path(folder)
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for module, parts in adapter.weights.items():
+        tensors[lora_key(module, "A")] = np.ascontiguousarray(parts["A"], dtype=np.float32)
+        tensors[lora_key(module, "B")] = np.ascontiguousarray(parts["B"], dtype=np.float32)
+    (folder / CONFIG_FILE).write_text(json.dumps(adapter.config, indent=2, sort_keys=True) + "\n")
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
-def read_lora(folder: Path) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float]:
-    """Return ({module: (A, B)}, scale) with scale = lora_alpha / r, as PEFT merges it."""
-    folder = Path(folder)
+def _read_lora(folder: Path) -> Adapter:
+    from safetensors.numpy import load_file
+
     config = json.loads((folder / CONFIG_FILE).read_text())
+    if config.get("use_rslora") or config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError(f"{folder}: only plain LoRA (no rslora, no per-module ranks) is supported")
     tensors = load_file(str(folder / WEIGHTS_FILE))
-    pairs = {}
+    weights = {}
     for key in tensors:
         if key.startswith(_PREFIX) and key.endswith(".lora_A.weight"):
             module = key[len(_PREFIX) : -len(".lora_A.weight")]
-            pairs[module] = (tensors[key], tensors[lora_key(module, "B")])
-    if config.get("use_rslora") or config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise ValueError(f"{folder}: only plain LoRA (no rslora, no per-module ranks) is supported")
-    return pairs, config["lora_alpha"] / config["r"]
+            weights[module] = {"A": tensors[key], "B": tensors[lora_key(module, "B")]}
+    return Adapter("lora", weights, config)
+
+
+# kind -> (write into a folder, read from a folder)
+KINDS = {"lora": (_write_lora, _read_lora)}
+
+
+def write_adapter(folder: Path, adapter: Adapter) -> None:
+    if adapter.kind not in KINDS:
+        raise ValueError(f"unknown adapter kind {adapter.kind!r} (known: {', '.join(KINDS)})")
+    KINDS[adapter.kind][0](Path(folder), adapter)
+
+
+def read_adapter(folder: Path, kind: str) -> Adapter:
+    if kind not in KINDS:
+        raise ValueError(f"unknown adapter kind {kind!r} (known: {', '.join(KINDS)})")
+    return KINDS[kind][1](Path(folder))

@@ -1,7 +1,15 @@
-"""Durable writes: temp file in the same folder, fsync, rename, fsync the folder."""
+"""Durable writes: temp file (or folder) beside the target, fsync, rename, fsync the parent.
+
+Readers see the old file or the new one, never a mix. `new_folder` is the one helper for
+"build a folder in a temporary place, then publish it all at once", used by the registry
+itself, by `seqforget export` and by the benchmark's caches.
+"""
 
 import json
 import os
+import shutil
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -44,3 +52,34 @@ def fsync_tree(root: Path) -> None:
         for name in filenames:
             fsync_file(Path(dirpath) / name)
         fsync_dir(Path(dirpath))
+
+
+def publish_folder(tmp: Path, final: Path) -> None:
+    """Make the finished folder `tmp` appear as `final` in one rename (an empty `final` is replaced)."""
+    fsync_tree(tmp)
+    if final.is_dir() and not any(final.iterdir()):
+        final.rmdir()
+    os.rename(tmp, final)
+    fsync_dir(final.parent)
+
+
+@contextmanager
+def new_folder(final: Path, keep_existing: bool = False):
+    """Yield an empty temporary folder beside `final`; when the block ends, publish it as `final`.
+
+    `final` must not exist or be an empty folder. With keep_existing, a `final` that another
+    process published meanwhile wins and ours is dropped (for caches of deterministic results).
+    On an error nothing is published and the temporary folder is removed.
+    """
+    final = Path(final).absolute()
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        try:
+            publish_folder(tmp, final)
+        except OSError:
+            if not (keep_existing and final.is_dir() and any(final.iterdir())):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,2 +1,10 @@
 class RegistryError(Exception):
     """A registry that is missing, damaged, locked or asked for something it cannot do."""
+
+
+class RegistryBusy(RegistryError):
+    """Another process holds the writer lock."""
+
+
+class RegistryDamaged(RegistryError):
+    """A committed file is missing, altered, or unaccounted for."""

@@ -1,30 +1,30 @@
 """The writer lock: one process at a time may change a registry.
 
-An advisory flock on a file that exists from `init` on; the kernel drops it when
-the holder dies, so a killed writer never leaves the registry locked. Taking the
-lock writes nothing.
+filelock's flock on a file that exists from `init` on: the kernel drops the lock when
+the holder dies, so a killed writer never leaves the registry locked, and taking the
+lock writes nothing into the file.
 """
 
-import fcntl
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from registry.errors import RegistryBusy
+
 
 @contextmanager
 def writer_lock(path: Path, wait: bool = True):
-    fd = os.open(path, os.O_RDWR)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if not wait:
-                from registry.errors import RegistryError
+    from filelock import FileLock, Timeout  # here, so that read-only commands start at once
 
-                raise RegistryError(f"registry is locked by another writer ({path})") from None
-            print(f"waiting for the registry lock ({path}) ...", file=sys.stderr)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if not wait:
+            raise RegistryBusy(f"registry is busy: another process holds its lock ({path})") from None
+        print(f"waiting for the registry lock ({path}) ...", file=sys.stderr)
+        lock.acquire()
+    try:
         yield
     finally:
-        os.close(fd)  # closing the descriptor releases the lock
+        lock.release()

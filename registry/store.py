@@ -1,38 +1,42 @@
-"""The registry folder and its one commit point, the manifest.
+"""The registry folder, its one write path and its one read path.
 
     REG/
-      manifest.json      format, base model fingerprint, every request and the sha256
-                         of each of its files; replaced atomically (the commit point)
+      manifest.json      format, base model, every request and the sha256 of each of its
+                         files; replaced atomically: the one commit point
       journal.jsonl      append-only record of what was attempted
-      lock               the writer lock (flock); never written
-      requests/<id>/     one immutable folder per committed request:
-                         adapter_config.json, adapter_model.safetensors (PEFT layout),
+      lock               the writer lock; never written
+      requests/<id>/     one immutable folder per committed request: the adapter's files,
                          basis.h5, request.json, metrics.json
       staging/           folders being written; never read, emptied on recovery
 
-A request's folder is written under staging/, fsynced, renamed into requests/,
-and becomes visible only when the manifest that names it replaces the old one.
-A crash before that leaves an unreferenced folder, which the next writer removes.
+Write path: `with reg.writer() as w:` (the lock, after recovering from any crash), then
+`with w.begin(request_id) as txn:` put the adapter, the bases and the records, and
+`txn.commit(entry)`. The folder is staged, fsynced, renamed into requests/, and becomes
+visible only when the manifest that names it replaces the old one.
+
+Read path: `reg.snapshot()` reads the manifest once. Committed folders are never changed
+or removed, so everything a snapshot names can be read from it, consistently, without
+the lock, whatever writers do meanwhile.
 """
 
 import json
-import os
 import shutil
 import time
 import uuid
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from registry import journal
-from registry.adapters import read_lora
-from registry.atomic import fsync_dir, fsync_tree, write_json
-from registry.bases import Basis, assemble, read_blocks
-from registry.errors import RegistryError
+from registry.adapters import Adapter, read_adapter, write_adapter
+from registry.atomic import fsync_dir, new_folder, publish_folder, write_json
+from registry.bases import Basis, accumulate, read_bases, write_bases
+from registry.crash import pause_point
+from registry.errors import RegistryDamaged, RegistryError
 from registry.hashing import hash_tree
 from registry.lock import writer_lock
 
 FORMAT = "seqforget-registry"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 JOURNAL = "journal.jsonl"
 LOCK = "lock"
@@ -46,77 +50,49 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-class Registry:
-    def __init__(self, root: Path):
-        self.root = Path(root)
+def _read_manifest(root: Path) -> dict:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise RegistryError(f"no registry at {root} (run `seqforget init` first)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RegistryError(f"unreadable manifest {path}: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise RegistryError(f"{path} is not a seqforget registry manifest")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise RegistryError(
+            f"registry format version {manifest.get('version')} is not supported "
+            f"(this seqforget reads version {FORMAT_VERSION}; re-create the registry with `seqforget init`)"
+        )
+    return manifest
 
-    # ---- creating and opening -------------------------------------------------------
 
-    @classmethod
-    def create(cls, root: Path, base_model: dict, default_retain: dict | None = None) -> "Registry":
-        """Make a new registry at `root` (which must not exist or be empty), all at once."""
-        root = Path(root).absolute()
-        if root.exists() and (not root.is_dir() or any(root.iterdir())):
-            raise RegistryError(f"{root} already exists and is not an empty folder")
-        tmp = root.with_name(f".{root.name}.init-{uuid.uuid4().hex[:8]}")
-        tmp.mkdir(parents=True)
-        try:
-            (tmp / REQUESTS).mkdir()
-            (tmp / STAGING).mkdir()
-            (tmp / LOCK).touch()
-            manifest = {
-                "format": FORMAT,
-                "version": FORMAT_VERSION,
-                "created": _now(),
-                "base_model": base_model,
-                "default_retain": default_retain,
-                "requests": [],
-            }
-            write_json(tmp / MANIFEST, manifest)
-            journal.append(tmp / JOURNAL, "init", base_model=base_model.get("fingerprint"))
-            fsync_tree(tmp)
-            if root.exists():
-                root.rmdir()
-            os.rename(tmp, root)
-            fsync_dir(root.parent)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return cls(root)
+@dataclass(frozen=True)
+class Snapshot:
+    """The registry as one manifest describes it: what is committed, in commit order."""
 
-    @classmethod
-    def open(cls, root: Path) -> "Registry":
-        reg = cls(Path(root).absolute())
-        reg.manifest()  # raises if missing or not ours
-        return reg
+    root: Path
+    manifest: dict
 
-    # ---- reading ----------------------------------------------------------------------
-
-    def manifest(self) -> dict:
-        path = self.root / MANIFEST
-        if not path.is_file():
-            raise RegistryError(f"no registry at {self.root} (run `seqforget init` first)")
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise RegistryError(f"unreadable manifest {path}: {e}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise RegistryError(f"{path} is not a seqforget registry manifest")
-        if manifest.get("version") != FORMAT_VERSION:
-            raise RegistryError(
-                f"registry format version {manifest.get('version')} is not supported "
-                f"(this seqforget reads version {FORMAT_VERSION})"
-            )
-        return manifest
-
+    @property
     def requests(self) -> list[dict]:
-        return self.manifest()["requests"]
+        return self.manifest["requests"]
+
+    @property
+    def active(self) -> list[dict]:
+        return [e for e in self.requests if e["state"] == "active"]
+
+    @property
+    def base_model(self) -> dict:
+        return self.manifest["base_model"]
+
+    @property
+    def default_retain(self) -> dict | None:
+        return self.manifest["default_retain"]
 
     def find(self, request_id: str) -> dict | None:
-        return next((e for e in self.requests() if e["id"] == request_id), None)
-
-    def active(self) -> list[dict]:
-        return [e for e in self.requests() if e["state"] == "active"]
+        return next((e for e in self.requests if e["id"] == request_id), None)
 
     def folder(self, entry: dict) -> Path:
         return self.root / entry["dir"]
@@ -137,84 +113,131 @@ class Registry:
             problems.append(f"{entry['dir']}/{name}: not in the manifest")
         return problems
 
-    def checked_folder(self, entry: dict) -> Path:
-        """The folder of `entry`, after checking every file against its recorded sha256."""
+    def _checked(self, entry: dict) -> Path:
         problems = self.damage(entry)
         if problems:
-            raise RegistryError(f"request {entry['id']} is damaged: " + "; ".join(problems))
+            raise RegistryDamaged(f"request {entry['id']} is damaged: " + "; ".join(problems))
         return self.folder(entry)
 
-    def load_lora(self, entry: dict):
-        """({module: (A, B)}, scale) of a committed request, hash-checked."""
-        return read_lora(self.checked_folder(entry))
+    def adapter(self, entry: dict) -> Adapter:
+        """A committed request's adapter, after checking its files against their sha256."""
+        return read_adapter(self._checked(entry), entry["kind"])
 
-    def load_bases(self, entries: list[dict] | None = None) -> dict[str, Basis]:
-        """Accumulated bases over `entries` (default: every committed request), in commit order.
+    def record(self, entry: dict, name: str) -> dict:
+        """A committed request's JSON record (request.json, metrics.json), hash-checked."""
+        return json.loads((self._checked(entry) / name).read_text())
 
-        Rolled-back requests keep their columns: the knowledge they retained is still
-        retained knowledge.
+    def bases(self) -> dict[str, Basis]:
+        """Every module's accumulated basis over every committed request, in commit order.
+
+        Rolled-back requests keep their columns: what they retained is still retained knowledge.
         """
-        entries = self.requests() if entries is None else entries
-        blocks = []
-        for entry in sorted(entries, key=lambda e: e["seq"]):
-            if BASIS_FILE in entry["files"]:
-                blocks.append((entry["id"], read_blocks(self.checked_folder(entry) / BASIS_FILE)))
-        return assemble(blocks)
+        parts = [read_bases(self._checked(e) / BASIS_FILE, e["id"]) for e in self.requests if BASIS_FILE in e["files"]]
+        return accumulate(parts)
+
+
+class Registry:
+    def __init__(self, root: Path):
+        self.root = Path(root).absolute()
+
+    @classmethod
+    def create(cls, root: Path, base_model: dict, default_retain: dict | None = None) -> "Registry":
+        """Make a new registry at `root` (which must not exist or be empty), all at once."""
+        root = Path(root).absolute()
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise RegistryError(f"{root} already exists and is not an empty folder")
+        with new_folder(root) as tmp:
+            (tmp / REQUESTS).mkdir()
+            (tmp / STAGING).mkdir()
+            (tmp / LOCK).touch()
+            manifest = {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "created": _now(),
+                "base_model": base_model,
+                "default_retain": default_retain,
+                "requests": [],
+            }
+            write_json(tmp / MANIFEST, manifest)
+            journal.append(tmp / JOURNAL, "init", base_model=base_model.get("sha256"))
+        return cls(root)
+
+    @classmethod
+    def open(cls, root: Path) -> "Registry":
+        reg = cls(root)
+        reg.snapshot()  # raises if missing or not ours
+        return reg
+
+    # ---- the read path ----------------------------------------------------------------
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(self.root, _read_manifest(self.root))
 
     def journal(self) -> list[dict]:
         return journal.read(self.root / JOURNAL)
 
     def leftovers(self) -> list[Path]:
         """Uncommitted remains of interrupted writes: invisible, removed by the next writer."""
-        known = {e["dir"] for e in self.requests()}
+        known = {e["dir"] for e in self.snapshot().requests}
         out = sorted((self.root / STAGING).glob("*"))
         out += [p for p in sorted((self.root / REQUESTS).glob("*")) if f"{REQUESTS}/{p.name}" not in known]
         out += sorted(self.root.glob(f".{MANIFEST}.tmp-*"))
         return out
 
-    def verify(self) -> list[str]:
-        """Re-hash every committed file; return every problem found (empty when sound)."""
-        problems = []
-        manifest = self.manifest()
-        seen = set()
-        for entry in manifest["requests"]:
+    def verify(self, snap: Snapshot | None = None) -> list[str]:
+        """Re-hash every committed file (of `snap`, default: now); return every problem found."""
+        snap = snap or self.snapshot()
+        problems, seen = [], set()
+        for entry in snap.requests:
             if entry["id"] in seen:
                 problems.append(f"request {entry['id']}: listed twice in the manifest")
             seen.add(entry["id"])
             if entry.get("state") not in STATES:
                 problems.append(f"request {entry['id']}: unknown state {entry.get('state')!r}")
-            problems += self.damage(entry)
+            problems += snap.damage(entry)
         if not (self.root / LOCK).is_file():
             problems.append("lock file missing")
         return problems
 
-    # ---- writing -----------------------------------------------------------------------
+    # ---- the write path ---------------------------------------------------------------
 
-    @contextmanager
-    def writer(self, wait: bool = True):
-        """Hold the writer lock; clear what an interrupted writer left behind first."""
-        self.manifest()
-        with writer_lock(self.root / LOCK, wait=wait):
-            w = Writer(self)
-            w.recover()
-            yield w
+    def writer(self, wait: bool = True) -> "Writer":
+        """`with reg.writer() as w:` holds the lock, after clearing what a crashed writer left."""
+        self.snapshot()
+        return Writer(self, wait)
 
 
 class Writer:
-    """What a holder of the writer lock may do. Obtain one from `Registry.writer()`."""
+    """What a holder of the writer lock may do. Obtain one with `with reg.writer() as w:`."""
 
-    def __init__(self, registry: Registry):
-        self.reg = registry
-        self.root = registry.root
+    def __init__(self, registry: Registry, wait: bool):
+        self.reg, self.root, self._wait, self._lock = registry, registry.root, wait, None
 
-    def recover(self) -> None:
+    def __enter__(self) -> "Writer":
+        self._lock = writer_lock(self.root / LOCK, wait=self._wait)
+        self._lock.__enter__()
+        try:
+            self._recover()
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.__exit__(*exc)
+
+    def snapshot(self) -> Snapshot:
+        """The committed state; while the lock is held, nobody else can change it."""
+        return self.reg.snapshot()
+
+    def _recover(self) -> None:
         leftovers = self.reg.leftovers()
         for path in leftovers:
             if path.is_dir():
                 shutil.rmtree(path)
             else:
                 path.unlink()
-        committed = {e["id"] for e in self.reg.requests()}
+        committed = {e["id"] for e in self.snapshot().requests}
         for request_id in self._unfinished():
             outcome = "committed" if request_id in committed else "discarded"
             journal.append(self.root / JOURNAL, "recovered", id=request_id, outcome=outcome)
@@ -231,60 +254,19 @@ class Writer:
                 open_ids.pop(record.get("id"), None)
         return list(open_ids)
 
-    def begin(self, request_id: str, **info) -> None:
-        journal.append(self.root / JOURNAL, "begin", id=request_id, **info)
-
-    def staging(self, request_id: str) -> Path:
-        path = self.root / STAGING / f"{request_id}.{uuid.uuid4().hex[:8]}"
-        path.mkdir()
-        return path
-
-    def commit(self, entry: dict, staged: Path) -> dict:
-        """Make `staged` the committed folder of a new request described by `entry`.
-
-        `entry` needs `id`, `state`; the registry adds `seq`, `dir`, `files`, `applied_at`.
-        """
-        manifest = self.reg.manifest()
-        request_id = entry["id"]
-        if any(e["id"] == request_id for e in manifest["requests"]):
+    def begin(self, request_id: str, **info) -> "Transaction":
+        """Journal the attempt and open a staging folder for the request's files."""
+        if self.snapshot().find(request_id) is not None:
             raise RegistryError(f"request {request_id} is already in the registry")
-        files = hash_tree(staged)
-        fsync_tree(staged)
-        final = self.root / REQUESTS / request_id
-        os.rename(staged, final)
-        fsync_dir(self.root / REQUESTS)
-        fsync_dir(self.root / STAGING)
-        entry = {
-            **entry,
-            "seq": max((e["seq"] for e in manifest["requests"]), default=0) + 1,
-            "dir": f"{REQUESTS}/{request_id}",
-            "files": files,
-            "applied_at": _now(),
-        }
-        manifest["requests"].append(entry)
-        write_json(self.root / MANIFEST, manifest)  # the commit point
-        journal.append(self.root / JOURNAL, "commit", id=request_id, seq=entry["seq"])
-        return entry
-
-    def abort(self, request_id: str, reason: str) -> None:
-        """Record a failed attempt and drop its staged files; never raises.
-
-        A failure after the commit point (the manifest already names the request) is
-        no abort: the begin stays open and recovery records it as committed.
-        """
-        try:
-            if self.reg.find(request_id) is not None:
-                return
-            for path in (self.root / STAGING).glob(f"{request_id}.*"):
-                shutil.rmtree(path, ignore_errors=True)
-            journal.append(self.root / JOURNAL, "abort", id=request_id, reason=reason[:500])
-        except (OSError, RegistryError):
-            pass  # the next writer's recovery finishes the job
+        journal.append(self.root / JOURNAL, "begin", id=request_id, **info)
+        staged = self.root / STAGING / f"{request_id}.{uuid.uuid4().hex[:8]}"
+        staged.mkdir()
+        return Transaction(self, request_id, staged)
 
     def set_state(self, request_id: str, state: str) -> dict:
         if state not in STATES:
             raise RegistryError(f"unknown state {state!r}")
-        manifest = self.reg.manifest()
+        manifest = self.snapshot().manifest
         entry = next((e for e in manifest["requests"] if e["id"] == request_id), None)
         if entry is None:
             raise RegistryError(f"no request {request_id!r} in the registry")
@@ -295,3 +277,79 @@ class Writer:
         write_json(self.root / MANIFEST, manifest)
         journal.append(self.root / JOURNAL, state, id=request_id)
         return entry
+
+
+class Transaction:
+    """One request being written: put its files, then commit. Obtain one from `Writer.begin`.
+
+    As a context manager, an error before the commit aborts it (the staged files go, the
+    journal says so); an error after the commit point re-raises saying the request stands.
+    """
+
+    def __init__(self, writer: Writer, request_id: str, staged: Path):
+        self.writer, self.id, self.staged = writer, request_id, staged
+        self.kind: str | None = None
+        self.committed: dict | None = None
+
+    def put_adapter(self, adapter: Adapter) -> None:
+        write_adapter(self.staged, adapter)
+        self.kind = adapter.kind
+
+    def put_bases(self, bases: dict[str, Basis]) -> None:
+        write_bases(self.staged / BASIS_FILE, bases)
+
+    def put_record(self, name: str, record: dict) -> None:
+        (self.staged / name).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+    def commit(self, entry: dict) -> dict:
+        """Make the staged folder the committed request described by `entry` (which needs
+        `state`; the registry adds `id`, `kind`, `seq`, `dir`, `files`, `applied_at`)."""
+        if self.kind is None:
+            raise RegistryError(f"request {self.id} has no adapter to commit")
+        root = self.writer.root
+        manifest = self.writer.snapshot().manifest
+        files = hash_tree(self.staged)
+        pause_point("staged")
+        publish_folder(self.staged, root / REQUESTS / self.id)
+        fsync_dir(root / STAGING)
+        pause_point("renamed")
+        entry = {
+            **entry,
+            "id": self.id,
+            "kind": self.kind,
+            "seq": max((e["seq"] for e in manifest["requests"]), default=0) + 1,
+            "dir": f"{REQUESTS}/{self.id}",
+            "files": files,
+            "applied_at": _now(),
+        }
+        manifest["requests"].append(entry)
+        write_json(root / MANIFEST, manifest)  # the commit point
+        self.committed = entry
+        pause_point("manifest")
+        journal.append(root / JOURNAL, "commit", id=self.id, seq=entry["seq"])
+        pause_point("journaled")
+        return entry
+
+    def abort(self, reason: str) -> None:
+        """Record a failed attempt and drop its staged files; never raises.
+
+        After the commit point (the manifest names the request) there is nothing to abort:
+        the begin stays open and the next writer's recovery records it as committed.
+        """
+        try:
+            if self.writer.snapshot().find(self.id) is not None:
+                return
+            shutil.rmtree(self.staged, ignore_errors=True)
+            journal.append(self.writer.root / JOURNAL, "abort", id=self.id, reason=reason[:500])
+        except (OSError, RegistryError):
+            pass  # the next writer's recovery finishes the job
+
+    def __enter__(self) -> "Transaction":
+        return self
+
+    def __exit__(self, kind, error, _tb) -> None:
+        if error is None:
+            return
+        self.abort(f"{kind.__name__}: {error}")
+        if isinstance(error, Exception) and self.writer.snapshot().find(self.id) is not None:
+            raise RegistryError(f"request {self.id} is committed, but finishing the commit failed ({error})") from error

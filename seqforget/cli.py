@@ -1,18 +1,38 @@
 """The `seqforget` command.
 
-Known errors print as one line and exit 1; set SEQFORGET_DEBUG=1 for the traceback.
-Heavy imports (torch, transformers) happen inside the commands that need them, so
-`--help`, `status` and `verify` start at once.
+Known errors print as one line; set SEQFORGET_DEBUG=1 for the traceback. Heavy imports
+(torch, transformers) happen inside the commands that need them, so `--help`, `status`
+and `verify` start at once. Installed packages may add commands through the
+`seqforget.commands` entry-point group (the benchmark's `demo` is one).
+
+Exit status:
+  0   done
+  1   bad input or a problem seqforget found (nothing changed)
+  2   command-line usage mistake (reported by click)
+  3   the request is already applied, with the same content (nothing changed)
+  4   the registry is busy: another process holds its lock (with --no-wait)
+  5   integrity failure: a committed file or the base model is damaged
+  70  an unexpected failure (the message names it); the registry holds what it held
+      before, or the request fully committed
 """
 
 import json
 import os
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import click
 
-from registry import Registry, RegistryError
-from seqforget.errors import SeqforgetError
+from registry import Registry, RegistryBusy, RegistryDamaged, RegistryError
+from seqforget.errors import AlreadyApplied, SeqforgetError
+
+EXIT_BAD_INPUT, EXIT_ALREADY_APPLIED, EXIT_BUSY, EXIT_DAMAGED, EXIT_UNEXPECTED = 1, 3, 4, 5, 70
+EXIT_CODES = [  # most specific first
+    (AlreadyApplied, EXIT_ALREADY_APPLIED),
+    (RegistryBusy, EXIT_BUSY),
+    (RegistryDamaged, EXIT_DAMAGED),
+    ((SeqforgetError, RegistryError), EXIT_BAD_INPUT),
+]
 
 registry_option = click.option(
     "--registry",
@@ -27,12 +47,18 @@ model_option = click.option(
     "--model",
     "model_dir",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Base model folder, if it moved since `init` (its fingerprint must match).",
+    help="Base model folder, if it moved since `init` (it must be the same model).",
+)
+wait_option = click.option(
+    "--wait/--no-wait",
+    default=True,
+    show_default=True,
+    help="If another process holds the registry, wait for it, or exit at once with status 4.",
 )
 
 
 class _Commands(click.Group):
-    """Every error a command raises ends as one line on stderr and exit status 1."""
+    """Every error a command raises ends as one line on stderr and its exit status."""
 
     def invoke(self, ctx):
         try:
@@ -43,7 +69,20 @@ class _Commands(click.Group):
             if os.environ.get("SEQFORGET_DEBUG"):
                 raise
             click.echo(_one_line(e), err=True)
-            ctx.exit(1)
+            ctx.exit(next((code for kind, code in EXIT_CODES if isinstance(e, kind)), EXIT_UNEXPECTED))
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(_plugins()))
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is None and name in _plugins():
+            command = _plugins()[name].load()
+        return command
+
+
+def _plugins() -> dict:
+    return {ep.name: ep for ep in entry_points(group="seqforget.commands")}
 
 
 @click.group(cls=_Commands)
@@ -59,7 +98,7 @@ def cli():
               help="Default retain set (JSONL) for requests that name none.")
 @registry_option
 def init(model_dir, retain, registry_path):
-    """Bind a new registry to a local base model."""
+    """Bind a new registry to a local base model (its files are hashed once, here)."""
     from seqforget.engine import init_registry
 
     reg = init_registry(registry_path, model_dir, retain)
@@ -70,12 +109,13 @@ def init(model_dir, retain, registry_path):
 @click.argument("request", type=click.Path(path_type=Path))
 @registry_option
 @model_option
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def apply(request, registry_path, model_dir, quiet):
+@wait_option
+@click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+def apply(request, registry_path, model_dir, wait, quiet):
     """Apply one deletion request (YAML or JSON file)."""
     from seqforget.engine import apply_request
 
-    entry = apply_request(registry_path, request, model_dir, show_progress=not quiet)
+    entry = apply_request(registry_path, request, model_dir, show_progress=not quiet, wait=wait)
     m = entry["metrics"]
     click.echo(
         f"applied {entry['id']} ({entry['method']}, {entry['scope']}): "
@@ -87,11 +127,12 @@ def apply(request, registry_path, model_dir, quiet):
 @cli.command()
 @click.argument("request_id")
 @registry_option
-def rollback(request_id, registry_path):
+@wait_option
+def rollback(request_id, registry_path, wait):
     """Take one applied request back, exactly."""
     from seqforget.engine import rollback_request
 
-    rollback_request(registry_path, request_id)
+    rollback_request(registry_path, request_id, wait=wait)
     click.echo(f"rolled back {request_id}")
 
 
@@ -112,81 +153,38 @@ def export(out_dir, registry_path, model_dir):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(registry_path, as_json):
     """What is applied, active and rolled back."""
-    reg = Registry.open(registry_path)
-    manifest = reg.manifest()
-    rows = status_rows(reg)
+    from seqforget.status import status_rows, status_table
+
+    state = Registry.open(registry_path).snapshot()
+    rows = status_rows(state)
     if as_json:
-        click.echo(json.dumps({"registry": str(reg.root), "base_model": manifest["base_model"], "requests": rows}, indent=2))
+        click.echo(json.dumps({"registry": str(state.root), "base_model": state.base_model, "requests": rows}, indent=2))
         return
-    click.echo(f"registry {reg.root}")
-    click.echo(f"base model {manifest['base_model']['path']}")
+    click.echo(f"registry {state.root}")
+    click.echo(f"base model {state.base_model['path']}")
     active = sum(r["state"] == "active" for r in rows)
     click.echo(f"{len(rows)} request(s), {active} active\n")
     if rows:
         click.echo(status_table(rows))
 
 
-def status_rows(reg: Registry) -> list[dict]:
-    """One record per request, as `status --json` prints it."""
-    return [
-        {
-            "id": e["id"],
-            "seq": e["seq"],
-            "state": e["state"],
-            "method": e["method"],
-            "scope": e["scope"],
-            "sign": e["sign"],
-            "metrics": e["metrics"],
-            "adapter_dir": str(reg.folder(e)),
-            "applied_at": e["applied_at"],
-            "rolled_back_at": e.get("rolled_back_at"),
-        }
-        for e in reg.requests()
-    ]
-
-
-def status_table(rows: list[dict]) -> str:
-    header = ["#", "id", "state", "method", "scope", "forget NLL", "retain NLL", "forget acc", "retain acc", "applied"]
-    lines = [header]
-    for r in rows:
-        m = r["metrics"]
-        lines.append([
-            str(r["seq"]), r["id"], r["state"].replace("_", " "), r["method"], r["scope"],
-            "{:.2f} -> {:.2f}".format(*m["forget_nll"]), "{:.2f} -> {:.2f}".format(*m["retain_nll"]),
-            "{:.2f} -> {:.2f}".format(*m["forget_acc"]), "{:.2f} -> {:.2f}".format(*m["retain_acc"]),
-            r["applied_at"],
-        ])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
-
-
-@cli.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("seqforget-demo"), show_default=True,
-              help="Folder for the demo's requests and registry (a previous demo there is replaced).")
-def demo(out):
-    """Apply three requests to a tiny LLaVA that knows 60 fictitious people, roll one back."""
-    from seqforget.demo import run_demo
-
-    run_demo(out)
-
-
 @cli.command()
 @registry_option
 def verify(registry_path):
-    """Re-hash every committed file and report damage (exit 1 if any)."""
+    """Re-hash every committed file and the base model; report damage (exit 5 if any)."""
+    from seqforget.models import base_model_problems
+
     reg = Registry.open(registry_path)
-    problems = reg.verify()
-    leftovers = reg.leftovers()
-    for path in leftovers:
-        click.echo(f"note: uncommitted leftover {path.relative_to(reg.root)} (removed by the next writer)")
+    state = reg.snapshot()
+    problems = reg.verify(state) + base_model_problems(state.base_model)
+    for leftover in reg.leftovers():
+        click.echo(f"note: uncommitted leftover {leftover.relative_to(reg.root)} (removed by the next writer)")
     if problems:
         for p in problems:
             click.echo(f"damaged: {p}")
-        raise SeqforgetError(f"registry {reg.root} has {len(problems)} problem(s)")
-    n = len(reg.requests())
-    click.echo(f"ok: {n} request(s), every file matches its sha256")
+        raise RegistryDamaged(f"registry {reg.root} has {len(problems)} problem(s)")
+    n = len(state.requests)
+    click.echo(f"ok: {n} request(s) and the base model, every file matches its sha256")
 
 
 def _one_line(e: Exception) -> str:

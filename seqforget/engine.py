@@ -1,49 +1,44 @@
-"""What the commands do: init, apply, rollback, export, the live model.
+"""What the commands do: init, apply, rollback, export, and the live model they share.
 
-apply follows one path:
+`apply_request` is the recipe of one deletion:
 
-    request -> validate -> lock registry -> check model and stored files -> journal "begin"
-      -> base model + active adapters (explicit products)
-      -> retained activations of the target layers -> extend the null-space bases
-      -> train this request's adapter (method loss, projected updates)
-      -> probe forget/retain -> stage adapter, basis block, metrics -> commit -> unlock
+    load and validate the request -> lock the registry -> refuse an id already used
+      -> check the base model -> live model (base + active adapters, explicit products)
+      -> begin -> extend the null-space bases with the retained inputs
+      -> train this request's adapter -> probe forget/retain before and after
+      -> put adapter, bases and records -> commit (the one commit point) -> unlock
 """
 
 import json
-import os
 import resource
-import shutil
 import time
-import uuid
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from registry import Registry, RegistryError
-from registry.adapters import write_lora
-from registry.atomic import fsync_tree
-from registry.bases import Block, write_blocks
-from registry.hashing import sha256_file
-from registry.store import BASIS_FILE
+from registry import Basis, Registry, Snapshot, new_folder, sha256_file
 from seqforget import data
 from seqforget.activations import input_grams
-from seqforget.composition import Adapter, compose
-from seqforget.errors import SeqforgetError
+from seqforget.composition import compose
+from seqforget.errors import AlreadyApplied, SeqforgetError
 from seqforget.evaluation import probe
 from seqforget.methods import make_method
-from seqforget.models import fingerprint, load_model
+from seqforget.models import load_model, model_sha256, model_signature
+from seqforget.progress import Progress
 from seqforget.projection import NullSpace, extend_basis
 from seqforget.requests import Request, load_request
-from seqforget.targets import match_targets
+from seqforget.scopes import SCOPES, match_layers, scope_layers
 from seqforget.training import train_adapter
 
 EVAL_BATCH = 16
 
 
 def init_registry(root: Path, model_dir: Path, default_retain: Path | None = None) -> Registry:
+    """A new registry bound to the model in `model_dir`, fingerprinted once, here."""
     model_dir = Path(model_dir).absolute()
-    base = {"path": str(model_dir), "fingerprint": fingerprint(model_dir)}
+    base = {"path": str(model_dir), "sha256": model_sha256(model_dir), "signature": model_signature(model_dir)}
     retain = None
     if default_retain is not None:
         problems: list[str] = []
@@ -54,43 +49,206 @@ def init_registry(root: Path, model_dir: Path, default_retain: Path | None = Non
     return Registry.create(root, base_model=base, default_retain=retain)
 
 
-def _model_dir(reg: Registry, model_dir: Path | None) -> Path:
-    base = reg.manifest()["base_model"]
-    path = Path(model_dir).absolute() if model_dir else Path(base["path"])
-    if fingerprint(path) != base["fingerprint"]:
-        raise SeqforgetError(f"model folder {path} does not match the registry's base model (fingerprint differs)")
+def base_model_dir(state: Snapshot, model_dir: Path | None = None) -> Path:
+    """The base model's folder, after checking its signature against the one taken at `init`."""
+    path = Path(model_dir).absolute() if model_dir else Path(state.base_model["path"])
+    if not path.is_dir():
+        raise SeqforgetError(f"the registry's base model folder {path} is missing (pass --model if it moved)")
+    if model_signature(path) != state.base_model["signature"]:
+        raise SeqforgetError(f"model folder {path} does not match the registry's base model (signature differs)")
     return path
 
 
-def stored_adapter(reg: Registry, entry: dict) -> Adapter:
-    """A committed request's adapter as torch tensors, after checking its files' hashes."""
-    pairs, scale = reg.load_lora(entry)
-    tensors = {m: (torch.from_numpy(a), torch.from_numpy(b)) for m, (a, b) in pairs.items()}
-    return Adapter(entry["id"], entry["sign"], scale, tensors)
-
-
-def live_model(reg: Registry, model_dir: Path | None = None):
-    """(model, processor): the base model with every active request composed in, in commit order."""
-    path = _model_dir(reg, model_dir)
-    adapters = [stored_adapter(reg, e) for e in reg.active()]
+def live_model(state: Snapshot, model_dir: Path | None = None):
+    """(model, processor): the base model with every request active in `state` composed in."""
+    path = base_model_dir(state, model_dir)
+    adapters = [state.adapter(e) for e in state.active]
     model, processor = load_model(path)
     compose(model, adapters)
     return model, processor
 
 
-def _scoped_rows(request: Request) -> tuple[list[data.Row], list[data.Row], list[str | None]]:
-    """Forget rows, retain rows and each forget row's training answer, as the scope means them.
+def apply_request(root: Path, request_path: Path, model_dir: Path | None = None, show_progress: bool = True,
+                  wait: bool = True) -> dict:
+    """Apply one deletion request and commit it; return its manifest entry."""
+    reg = Registry.open(root)
+    request = _load(reg.snapshot(), request_path)
+    method = make_method(request.method, request.method_args)
+    with reg.writer(wait=wait) as writer:
+        state = writer.snapshot()
+        _refuse_if_present(state, request)
+        model, processor = live_model(state, model_dir)
+        targets = _targets(request, model)
+        forget, retain = _encode(request, processor)
+        bases = state.bases()
+        with writer.begin(request.id, method=request.method, scope=request.scope) as txn:
+            adapter, added, metrics = _unlearn(model, method, request, forget, retain, targets, bases, show_progress)
+            txn.put_adapter(adapter)
+            txn.put_bases(added)
+            txn.put_record("request.json", request.describe())
+            txn.put_record("metrics.json", metrics)
+            return txn.commit({"state": "active", "method": request.method, "scope": request.scope, "sign": method.sign,
+                               "sha256": request.sha256(), "metrics": _summary(metrics, request)})
 
-    visual: only image rows are forgotten; text-only forget rows hold knowledge that
-            stays, so they join the retain set.
-    refuse: forget rows are trained towards the refusal instead of away from their answer.
-    """
+
+def rollback_request(root: Path, request_id: str, wait: bool = True) -> dict:
+    """Mark a request rolled back: the live model is the base plus the requests still active.
+    Unknown ids and requests already rolled back are refused by the registry."""
+    with Registry.open(root).writer(wait=wait) as writer:
+        return writer.set_state(request_id, "rolled_back")
+
+
+def export_model(root: Path, out_dir: Path, model_dir: Path | None = None) -> Path:
+    """Write the live model (base + active requests) as a transformers model folder, all at once."""
+    state = Registry.open(root).snapshot()
+    out_dir = Path(out_dir).absolute()
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise SeqforgetError(f"{out_dir} already exists and is not an empty folder")
+    model, processor = live_model(state, model_dir)
+    with new_folder(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        provenance = {"registry": str(state.root), "base_model": state.base_model,
+                      "active_requests": [e["id"] for e in state.active]}
+        (tmp / "seqforget.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    return out_dir
+
+
+# ---- the steps of apply ---------------------------------------------------------------------
+
+
+@dataclass
+class _Rows:
+    """Encoded rows of one side (forget or retain), and fixed batches of them for probing."""
+
+    examples: list[data.Example]
+    pad_id: int
+
+    @cached_property
+    def fixed(self) -> list[dict]:
+        return data.batches(self.examples, EVAL_BATCH, self.pad_id)
+
+    def endless(self, settings, offset: int):
+        return data.endless(self.examples, settings.batch_size, self.pad_id, settings.seed + offset)
+
+
+def _load(state: Snapshot, request_path: Path) -> Request:
+    default = state.default_retain
+    request = load_request(request_path, default_retain=default["path"] if default else None)
+    if default and request.retain_path == Path(default["path"]) and request.data_sha256["retain"] != default["sha256"]:
+        raise SeqforgetError(f"the default retain set {request.retain_path} changed since `seqforget init`")
+    return request
+
+
+def _refuse_if_present(state: Snapshot, request: Request) -> None:
+    existing = state.find(request.id)
+    if existing is None:
+        return
+    if existing.get("sha256") == request.sha256():
+        raise AlreadyApplied(f"request {request.id} is already in the registry ({existing['state'].replace('_', ' ')}); nothing to do")
+    raise SeqforgetError(f"request id {request.id} is already used by a different request; choose a new id")
+
+
+def _targets(request: Request, model) -> list[str]:
+    """The layers this request trains; every pattern it names must match at least one."""
+    if not request.target_modules:
+        return scope_layers(model, request.scope)
+    unmatched = [p for p in request.target_modules if not match_layers(model, [p])]
+    if unmatched:
+        raise SeqforgetError(f"request {request.id}: no linear layer of the model matches {', '.join(unmatched)}")
+    return match_layers(model, request.target_modules)
+
+
+def _encode(request: Request, processor) -> tuple[_Rows, _Rows]:
+    """Forget and retain rows as the scope means them: a `visual` request keeps text-only
+    knowledge (those forget rows join the retain set); a `refuse` request trains its forget
+    rows towards the refusal."""
+    scope = SCOPES[request.scope]
     forget, retain = list(request.forget), list(request.retain)
-    if request.scope == "visual":
+    if not scope.forgets_text_rows:
         retain += [r for r in forget if r.image is None]
         forget = [r for r in forget if r.image is not None]
-    answers = [request.refusal if request.scope == "refuse" else None for _ in forget]
-    return forget, retain, answers
+    answer = request.refusal if scope.answers_refusal else None
+    pad = processor.tokenizer.pad_token_id
+    try:
+        return (_Rows([data.encode(processor, r, answer) for r in forget], pad),
+                _Rows([data.encode(processor, r) for r in retain], pad))
+    except (ValueError, OSError) as e:
+        raise SeqforgetError(f"request {request.id}: the model's processor cannot encode its rows ({e})") from e
+
+
+def _unlearn(model, method, request: Request, forget: _Rows, retain: _Rows, targets: list[str],
+             bases: dict[str, Basis], show_progress: bool):
+    """Grow the bases, train the adapter under them, probe before and after.
+
+    Returns (adapter, the basis columns this request adds, metrics); `model` ends with the
+    adapter composed in."""
+    start = time.perf_counter()
+    _reset_peak_rss()
+    settings = request.training
+    added, growth = _grow_bases(model, retain, targets, bases, request)
+    nullspaces = _nullspaces(request, targets, bases, added)
+    before = _probes(model, forget, retain)
+    with Progress(settings.steps, f"apply {request.id}", show_progress) as progress:
+        trained = train_adapter(model, method, forget.endless(settings, 0), retain.endless(settings, 1),
+                                targets, nullspaces, settings, progress)
+    _refuse_if_diverged(request, trained.adapter)
+    compose(model, [trained.adapter])
+    after = _probes(model, forget, retain)
+    metrics = {"before": before, "after": after, "rows": {"forget": len(forget.examples), "retain": len(retain.examples)},
+               "targets": len(targets), "basis": growth, "projection": settings.projection,
+               "trajectory": trained.trajectory, "train_seconds": trained.seconds,
+               "seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()}
+    return trained.adapter, added, metrics
+
+
+def _grow_bases(model, retain: _Rows, targets: list[str], bases: dict[str, Basis], request: Request):
+    """The basis columns this request adds per target layer, and how much they capture."""
+    layers = dict(model.named_modules())
+    for name in targets:
+        if name in bases and bases[name].dim != layers[name].in_features:
+            raise SeqforgetError(f"stored basis of {name} does not fit the model's layer")
+    grams = input_grams(model, retain.fixed, targets)
+    threshold = request.training.energy_threshold
+    added, growth = {}, {}
+    for name in targets:
+        added[name], before, after = extend_basis(bases.get(name), grams[name], threshold, request.id)
+        growth[name] = {"columns_before": bases[name].rank if name in bases else 0, "columns_added": added[name].rank,
+                        "captured_before": before, "captured_after": after}
+    return added, growth
+
+
+def _nullspaces(request: Request, targets: list[str], bases: dict[str, Basis], added: dict[str, Basis]) -> dict[str, NullSpace]:
+    if not request.training.projection:
+        return {}
+    full = {name: bases[name].join(added[name]) if name in bases else added[name] for name in targets}
+    nullspaces = {name: NullSpace(b) for name, b in full.items() if b.rank}
+    if len(nullspaces) == len(targets) and all(ns.rank >= ns.dim for ns in nullspaces.values()):
+        raise SeqforgetError(f"request {request.id}: retained inputs fill every target layer's input space, so nothing "
+                             f"can move; lower energy_threshold (now {request.training.energy_threshold})")
+    return nullspaces
+
+
+def _probes(model, forget: _Rows, retain: _Rows) -> dict:
+    return {"forget": probe(model, forget.fixed), "retain": probe(model, retain.fixed)}
+
+
+def _refuse_if_diverged(request: Request, adapter) -> None:
+    if not all(torch.isfinite(torch.from_numpy(w)).all() for parts in adapter.weights.values() for w in parts.values()):
+        raise SeqforgetError(f"request {request.id}: training diverged (non-finite adapter weights); lower lr")
+
+
+def _summary(metrics: dict, request: Request) -> dict:
+    """The figures the manifest keeps for `status`: before -> after of each probe."""
+    before, after = metrics["before"], metrics["after"]
+    return {
+        "forget_nll": [before["forget"]["nll"], after["forget"]["nll"]],
+        "retain_nll": [before["retain"]["nll"], after["retain"]["nll"]],
+        "forget_acc": [before["forget"]["token_acc"], after["forget"]["token_acc"]],
+        "retain_acc": [before["retain"]["token_acc"], after["retain"]["token_acc"]],
+        "steps": request.training.steps,
+        "seconds": round(metrics["seconds"], 2),
+    }
 
 
 def _reset_peak_rss() -> None:
@@ -110,170 +268,3 @@ def _peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def apply_request(root: Path, request_path: Path, model_dir: Path | None = None, show_progress: bool = True) -> dict:
-    """Apply one deletion request and commit it; return its manifest entry."""
-    reg = Registry.open(root)
-    default = reg.manifest()["default_retain"]
-    request = load_request(request_path, default_retain=default["path"] if default else None)
-    if default and request.retain_path == Path(default["path"]) and sha256_file(request.retain_path) != default["sha256"]:
-        raise SeqforgetError(f"the default retain set {request.retain_path} changed since `seqforget init`")
-    method = make_method(request.method, request.method_args)
-
-    with reg.writer() as writer:
-        existing = reg.find(request.id)
-        if existing is not None:
-            state = existing["state"].replace("_", " ")
-            raise SeqforgetError(f"request {request.id} is already in the registry ({state}); nothing to do")
-        bases = reg.load_bases()
-        model, processor = live_model(reg, model_dir)
-        targets = _targets(request, method, model)
-        for name in targets:
-            if name in bases and bases[name].dim != dict(model.named_modules())[name].in_features:
-                raise SeqforgetError(f"stored basis of {name} does not fit the model's layer")
-        forget_rows, retain_rows, answers = _scoped_rows(request)
-        try:
-            forget = [data.encode(processor, r, a) for r, a in zip(forget_rows, answers)]
-            retain = [data.encode(processor, r) for r in retain_rows]
-        except (ValueError, OSError) as e:
-            raise SeqforgetError(f"request {request.id}: the model's processor cannot encode its rows ({e})") from e
-
-        writer.begin(request.id, method=request.method, scope=request.scope)
-        try:
-            entry = _train_and_commit(writer, request, method, model, processor, targets, bases, forget, retain, show_progress)
-        except BaseException as e:
-            writer.abort(request.id, f"{type(e).__name__}: {e}")
-            if isinstance(e, Exception) and reg.find(request.id) is not None:
-                raise SeqforgetError(f"request {request.id} is committed, but finishing the commit failed ({e})") from e
-            raise
-    return entry
-
-
-def _targets(request: Request, method, model) -> list[str]:
-    """The layers this request trains; every pattern it names must match at least one."""
-    if not request.target_modules:
-        return method.targets(model, request.scope)
-    unmatched = [p for p in request.target_modules if not match_targets(model, [p])]
-    if unmatched:
-        raise SeqforgetError(f"request {request.id}: no linear layer of the model matches {', '.join(unmatched)}")
-    return match_targets(model, request.target_modules)
-
-
-def _train_and_commit(writer, request, method, model, processor, targets, bases, forget, retain, show_progress) -> dict:
-    settings = request.training
-    start = time.perf_counter()
-    _reset_peak_rss()
-    pad = processor.tokenizer.pad_token_id
-    forget_eval, retain_eval = data.batches(forget, EVAL_BATCH, pad), data.batches(retain, EVAL_BATCH, pad)
-
-    # Null-space bases: extend each target layer's basis with this request's retained inputs.
-    grams = input_grams(model, retain_eval, targets)
-    blocks, nullspaces = {}, {}
-    for name in targets:
-        old = torch.from_numpy(bases[name].columns) if name in bases else None
-        ext = extend_basis(old, grams[name], settings.energy_threshold)
-        blocks[name] = Block(ext.columns.numpy(), ext.energy.numpy(), ext.captured_before, ext.captured_after, settings.energy_threshold)
-        u = ext.columns.float() if old is None else torch.cat([old, ext.columns.float()], dim=1)  # (d, k)
-        if settings.projection and u.shape[1]:
-            nullspaces[name] = NullSpace(u)
-    if nullspaces and all(ns.rank >= ns.dim for ns in nullspaces.values()) and len(nullspaces) == len(targets):
-        raise SeqforgetError(f"request {request.id}: retained inputs fill every target layer's input space, so "
-                             f"nothing can move; lower energy_threshold (now {settings.energy_threshold})")
-
-    before = {"forget": probe(model, forget_eval), "retain": probe(model, retain_eval)}
-    bar = tqdm(total=settings.steps, desc=f"apply {request.id}", unit="step", disable=not show_progress, leave=False)
-
-    def progress(step, loss):
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
-
-    try:
-        trained = train_adapter(
-            model, method,
-            data.endless(forget, settings.batch_size, pad, settings.seed),
-            data.endless(retain, settings.batch_size, pad, settings.seed + 1),
-            targets, nullspaces, settings, progress,
-        )
-    finally:
-        bar.close()
-    if not all(torch.isfinite(t).all() for pair in trained.pairs.values() for t in pair):
-        raise SeqforgetError(f"request {request.id}: training diverged (non-finite adapter weights); lower lr")
-    adapter = Adapter(request.id, method.sign, trained.scale, trained.pairs)
-    compose(model, [adapter])
-    after = {"forget": probe(model, forget_eval), "retain": probe(model, retain_eval)}
-
-    metrics = {
-        "before": before,
-        "after": after,
-        "rows": {"forget": len(forget), "retain": len(retain)},
-        "targets": len(targets),
-        "basis": {
-            name: {
-                "columns_before": int(bases[name].columns.shape[1]) if name in bases else 0,
-                "columns_added": int(b.columns.shape[1]),
-                "captured_before": b.captured_before,
-                "captured_after": b.captured_after,
-            }
-            for name, b in blocks.items()
-        },
-        "projection": settings.projection,
-        "trajectory": trained.trajectory,
-        "train_seconds": trained.seconds,
-        "seconds": time.perf_counter() - start,
-        "peak_rss_mb": _peak_rss_mb(),
-    }
-    staged = writer.staging(request.id)
-    write_lora(staged, {m: (a.numpy(), b.numpy()) for m, (a, b) in trained.pairs.items()}, trained.lora_config)
-    write_blocks(staged / BASIS_FILE, blocks)
-    (staged / "request.json").write_text(json.dumps({**request.describe(), "data_sha256": {
-        "forget": sha256_file(request.forget_path), "retain": sha256_file(request.retain_path)}}, indent=2) + "\n")
-    (staged / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    summary = {
-        "forget_nll": [before["forget"]["nll"], after["forget"]["nll"]],
-        "retain_nll": [before["retain"]["nll"], after["retain"]["nll"]],
-        "forget_acc": [before["forget"]["token_acc"], after["forget"]["token_acc"]],
-        "retain_acc": [before["retain"]["token_acc"], after["retain"]["token_acc"]],
-        "steps": settings.steps,
-        "seconds": round(metrics["seconds"], 2),
-    }
-    entry = {"id": request.id, "state": "active", "method": request.method, "scope": request.scope,
-             "sign": method.sign, "kind": "lora", "metrics": summary}
-    return writer.commit(entry, staged)
-
-
-def rollback_request(root: Path, request_id: str) -> dict:
-    """Mark a request rolled back; the live model is rebuilt without it. Unknown ids and
-    requests already rolled back are refused by the registry."""
-    with Registry.open(root).writer() as writer:
-        return writer.set_state(request_id, "rolled_back")
-
-
-def export_model(root: Path, out_dir: Path, model_dir: Path | None = None) -> Path:
-    """Write the live model (base + active requests) as a transformers model folder, all at once."""
-    reg = Registry.open(root)
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise SeqforgetError(f"{out_dir} already exists and is not an empty folder")
-    model, processor = live_model(reg, model_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.export-{uuid.uuid4().hex[:8]}")
-    try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        provenance = {
-            "registry": str(reg.root),
-            "base_model": reg.manifest()["base_model"],
-            "active_requests": [e["id"] for e in reg.active()],
-        }
-        (tmp / "seqforget.json").write_text(json.dumps(provenance, indent=2) + "\n")
-        fsync_tree(tmp)
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
-__all__ = ["init_registry", "apply_request", "rollback_request", "export_model", "live_model", "RegistryError"]

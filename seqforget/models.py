@@ -50,21 +50,61 @@ def load_model(path: Path, dtype=None):
     return model, processor
 
 
-def fingerprint(path: Path) -> str:
-    """sha256 over the names and contents of the model folder's files (weights, config, tokenizer).
-
-    Every byte of the weights is read: two checkpoints of one architecture differ only there.
-    """
-    from registry.hashing import sha256_file
-
+def _model_files(path: Path) -> list[Path]:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise SeqforgetError(f"{path} is not a model folder (no config.json)")
-    files = sorted(
+    return sorted(
         p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".") and not p.name.upper().startswith("README")
     )
-    listing = [(p.relative_to(path).as_posix(), sha256_file(p)) for p in files]
+
+
+def model_sha256(path: Path) -> str:
+    """sha256 over the names and contents of the model folder's files (weights, config, tokenizer).
+
+    Every byte is read (about 20-30 s for a 7B checkpoint): computed once at `init`, and
+    again only by `verify`.
+    """
+    from registry import sha256_file
+
+    listing = [(p.relative_to(path).as_posix(), sha256_file(p)) for p in _model_files(path)]
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+def base_model_problems(base: dict) -> list[str]:
+    """The registry's base model (as `init` recorded it) against its files now, every byte read."""
+    path = Path(base["path"])
+    if not path.is_dir():
+        return [f"base model folder {path} is missing"]
+    if model_sha256(path) != base["sha256"]:
+        return [f"base model folder {path}: sha256 differs from the one taken at init"]
+    return []
+
+
+SMALL_FILE = 1 << 20  # read whole
+SAMPLES, SAMPLE_BYTES = 16, 4096  # of a larger file, beyond its header
+
+
+def model_signature(path: Path) -> str:
+    """A cheap fingerprint, checked by every command: the whole of every small file (config,
+    tokenizer), and of each weight file its size, its header (a safetensors header lists every
+    tensor's name, dtype, shape and offsets) and 16 samples of 4 KiB spread over its data.
+    A different architecture, size or checkpoint changes it; `verify` does the full hash."""
+    h = hashlib.sha256()
+    for p in _model_files(path):
+        size = p.stat().st_size
+        h.update(f"{p.relative_to(path).as_posix()}\0{size}\0".encode())
+        with open(p, "rb") as f:
+            if size <= SMALL_FILE:
+                h.update(f.read())
+                continue
+            head = f.read(8)
+            header = int.from_bytes(head, "little") if p.suffix == ".safetensors" else 0
+            h.update(head + f.read(min(header, size - 8) if header else 65536))
+            for k in range(SAMPLES):
+                f.seek(size * k // SAMPLES)
+                h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()
 
 
 @dataclass

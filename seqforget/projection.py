@@ -12,9 +12,10 @@ P G P with P = I - U U^T; its top eigenvectors are added until the captured shar
 of trace(G) reaches the threshold.
 """
 
-from dataclasses import dataclass
-
+import numpy as np
 import torch
+
+from registry import Basis
 
 
 def project_out(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -22,22 +23,19 @@ def project_out(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return a - (a @ u) @ u.T
 
 
-@dataclass
-class Extension:
-    columns: torch.Tensor  # (d, m) new orthonormal directions, orthogonal to U
-    energy: torch.Tensor  # (m,) share of trace(G) each new direction carries
-    captured_before: float  # share of trace(G) inside span(U)
-    captured_after: float  # share inside span([U, columns])
+def extend_basis(basis: Basis | None, gram: torch.Tensor, threshold: float, owner: str) -> tuple[Basis, float, float]:
+    """The columns to add to `basis` (d, k) so that it captures `threshold` of the energy of `gram` (d, d).
 
-
-def extend_basis(u: torch.Tensor | None, gram: torch.Tensor, threshold: float) -> Extension:
-    """Add directions to U until they capture `threshold` of the energy of `gram` (d, d)."""
+    Returns (added, captured_before, captured_after): `added` holds new orthonormal columns,
+    orthogonal to `basis`, with the share of trace(gram) each carries, owned by `owner`;
+    the captured shares are those of span(basis) and of span(basis + added).
+    """
     gram = gram.double()
     d = gram.shape[0]
-    u = torch.zeros(d, 0, dtype=torch.float64) if u is None else u.double()
+    u = torch.zeros(d, 0, dtype=torch.float64) if basis is None else torch.from_numpy(basis.columns).double()
     total = torch.trace(gram).item()
     if total <= 0.0:
-        return Extension(torch.zeros(d, 0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64), 1.0, 1.0)
+        return Basis(np.zeros((d, 0)), np.zeros(0), []), 1.0, 1.0
     before = torch.trace(u.T @ gram @ u).item() / total
     p = torch.eye(d, dtype=torch.float64) - u @ u.T
     residual = p @ gram @ p
@@ -45,14 +43,15 @@ def extend_basis(u: torch.Tensor | None, gram: torch.Tensor, threshold: float) -
     evals, evecs = evals.flip(0).clamp_min(0.0), evecs.flip(1)
     share = evals / total
     captured, m = before, 0
-    while captured < threshold and m < min(d - u.shape[1], d) and share[m] > 1e-12:
+    while captured < threshold and m < d - u.shape[1] and share[m] > 1e-12:
         captured += share[m].item()
         m += 1
     new = evecs[:, :m]
     if m:  # one more pass against U keeps the union orthonormal to rounding
         new = new - u @ (u.T @ new)
         new, _ = torch.linalg.qr(new)
-    return Extension(new, share[:m], before, captured)
+    added = Basis(new.numpy(), share[:m].numpy(), [owner] * m)  # float64; the registry stores float32
+    return added, before, captured
 
 
 class NullSpace:
@@ -63,7 +62,8 @@ class NullSpace:
     (the DualGPM trick).
     """
 
-    def __init__(self, u: torch.Tensor):
+    def __init__(self, basis: Basis):
+        u = torch.from_numpy(basis.columns)  # (d, k)
         d, k = u.shape
         self.dim, self.rank = d, k
         self.complement = k > d // 2

@@ -4,7 +4,7 @@ A request is YAML or JSON:
 
     id: forget-person-07          # letters, digits, . _ - (a folder name in the registry)
     scope: full                   # visual | full | refuse
-    method: gd                    # see `seqforget.methods.METHODS`
+    method: gd                    # optional: the scope's default (seqforget.scopes.SCOPES)
     forget: forget.jsonl          # rows to forget
     retain: retain.jsonl          # rows to keep (optional if the registry has a default)
     # optional: any field of `Training`, plus
@@ -17,6 +17,7 @@ problem it finds in one error.
 """
 
 import dataclasses
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -24,10 +25,10 @@ from pathlib import Path
 
 import yaml
 
+from registry import sha256_file
 from seqforget.data import Row, read_rows
 from seqforget.errors import SeqforgetError
-
-SCOPES = ("visual", "full", "refuse")
+from seqforget.scopes import SCOPES
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_LISTED = 12
 
@@ -60,9 +61,10 @@ class Request:
     method_args: dict = field(default_factory=dict)
     target_modules: list[str] | None = None
     refusal: str = "I cannot help with that."
+    data_sha256: dict = field(default_factory=dict)  # {"forget": ..., "retain": ...} of the JSONL files
 
-    def describe(self) -> dict:
-        """A JSON-able record of the request, as stored beside its adapter."""
+    def content(self) -> dict:
+        """What the request asks for, independent of where its files lie."""
         return {
             "id": self.id,
             "scope": self.scope,
@@ -70,7 +72,19 @@ class Request:
             "method_args": self.method_args,
             "training": dataclasses.asdict(self.training),
             "target_modules": self.target_modules,
-            "refusal": self.refusal if self.scope == "refuse" else None,
+            "refusal": self.refusal if SCOPES[self.scope].answers_refusal else None,
+            "data_sha256": self.data_sha256,
+        }
+
+    def sha256(self) -> str:
+        """Identity of the request's content: a re-sent request has the same, an edited one not."""
+        return hashlib.sha256(json.dumps(self.content(), sort_keys=True).encode()).hexdigest()
+
+    def describe(self) -> dict:
+        """A JSON-able record of the request, as stored beside its adapter."""
+        return {
+            **self.content(),
+            "sha256": self.sha256(),
             "source": str(self.source),
             "forget": {"path": str(self.forget_path), "rows": len(self.forget)},
             "retain": {"path": str(self.retain_path), "rows": len(self.retain)},
@@ -110,15 +124,16 @@ def load_request(path: Path, default_retain: str | None = None) -> Request:
     if not isinstance(request_id, str) or not ID_PATTERN.match(request_id):
         problems.append("id: required, 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
     scope = raw.get("scope")
-    if scope not in SCOPES:
+    if not isinstance(scope, str) or scope not in SCOPES:
         problems.append(f"scope: expected one of {', '.join(SCOPES)}, got {scope!r}")
-    method = raw.get("method")
+        scope = None
+    method = raw.get("method", SCOPES[scope].methods[0] if scope else None)
     method_args = raw.get("method_args") or {}
     if not isinstance(method_args, dict):
         problems.append("method_args: expected a mapping")
         method_args = {}
     if not isinstance(method, str):
-        problems.append("method: required")
+        problems.append("method: expected a method name" if "method" in raw else "method: required when the scope is not known")
     else:
         problems += method_problems(method, scope, method_args)
 
@@ -137,7 +152,7 @@ def load_request(path: Path, default_retain: str | None = None) -> Request:
     retain_path = _data_path(retain_value, path, "retain", problems) if retain_value is not None else None
     forget = read_rows(forget_path, problems, "forget") if forget_path else []
     retain = read_rows(retain_path, problems, "retain") if retain_path else []
-    if scope == "visual" and forget and not any(r.image for r in forget):
+    if scope and not SCOPES[scope].forgets_text_rows and forget and not any(r.image for r in forget):
         problems.append("forget: a visual request needs rows with an image")
     shared = set(forget) & set(retain)
     if shared:
@@ -159,6 +174,7 @@ def load_request(path: Path, default_retain: str | None = None) -> Request:
         method_args=method_args,
         target_modules=targets,
         refusal=refusal.strip(),
+        data_sha256={"forget": sha256_file(forget_path), "retain": sha256_file(retain_path)},
     )
 
 

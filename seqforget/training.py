@@ -13,34 +13,36 @@ from dataclasses import dataclass
 import torch
 from peft import LoraConfig, get_peft_model
 
+from registry import Adapter, pause_point
 from seqforget.losses import answer_logprob
+from seqforget.projection import NullSpace
+
+_PREFIX = "base_model.model."
 
 
 @dataclass
-class TrainedAdapter:
-    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]  # {module: (A (r, d_in), B (d_out, r))}
-    lora_config: dict  # PEFT adapter_config.json contents
-    scale: float  # lora_alpha / r
-    trajectory: list[dict]  # one record per step
+class Trained:
+    adapter: Adapter  # what the model gains: the method's sign is already in its weights
+    trajectory: list[dict]  # one record per optimiser step
     seconds: float
 
 
 def _lora_layers(peft_model, targets: list[str]) -> dict[str, torch.nn.Module]:
-    prefix = "base_model.model."
     layers = {}
     for name, module in peft_model.named_modules():
-        short = name[len(prefix) :] if name.startswith(prefix) else name
+        short = name[len(_PREFIX) :] if name.startswith(_PREFIX) else name
         if short in targets and hasattr(module, "lora_A"):
             layers[short] = module
     return layers
 
 
-def train_adapter(model, method, forget_batches, retain_batches, targets, nullspaces, settings, progress=None) -> TrainedAdapter:
-    """Train a LoRA adapter on `model` (left unchanged on return) and give back its factors.
+def train_adapter(model, method, forget_batches, retain_batches, targets: list[str],
+                  nullspaces: dict[str, NullSpace], settings, progress=None) -> Trained:
+    """Train a LoRA adapter on `model` (left unchanged on return) and give it back.
 
     forget_batches, retain_batches: endless iterators of batches.
     nullspaces: {module: NullSpace} for the projected layers, or {} for none.
-    settings: seqforget.requests.Training.
+    settings: seqforget.requests.Training. progress: a seqforget.progress.Progress, or None.
     """
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
@@ -79,21 +81,28 @@ def train_adapter(model, method, forget_batches, retain_batches, targets, nullsp
             project_all()
             trajectory.append({"step": step, "loss": loss.item(), **logs})
             if progress is not None:
-                progress(step, loss.item())
+                progress.update(loss=loss.item())
+            pause_point("training")
     finally:
         for h in hooks:
             h.remove()
         peft_model.eval()
-    pairs = {
-        name: (layer.lora_A["default"].weight.detach().clone(), layer.lora_B["default"].weight.detach().clone())
+    weights = {
+        name: {"A": layer.lora_A["default"].weight.detach().numpy().copy(),
+               "B": method.sign * layer.lora_B["default"].weight.detach().numpy().copy()}
         for name, layer in layers.items()
     }
-    lora_config = config.to_dict()
-    lora_config["target_modules"] = sorted(lora_config["target_modules"])
-    lora_config["base_model_name_or_path"] = None
-    lora_config["inference_mode"] = True
     peft_model.unload()  # removes the LoRA layers, restoring the model's own modules
-    return TrainedAdapter(pairs, _jsonable(lora_config), settings.alpha / settings.rank, trajectory, time.perf_counter() - start)
+    return Trained(Adapter("lora", weights, _peft_config(config)), trajectory, time.perf_counter() - start)
+
+
+def _peft_config(config: LoraConfig) -> dict:
+    """The adapter_config.json PEFT writes for `config`, with no base model path."""
+    out = _jsonable(config.to_dict())
+    out["target_modules"] = sorted(out["target_modules"])
+    out["base_model_name_or_path"] = None
+    out["inference_mode"] = True
+    return out
 
 
 def _jsonable(obj):

@@ -43,11 +43,11 @@ def world(tiny_bench, tmp_path_factory) -> Path:
     return root
 
 
-def write_request(folder: Path, request_id: str, **fields) -> Path:
-    """A request YAML in `folder`, pointing at the world's data unless told otherwise."""
+def write_request(folder: Path, request_id: str, filename: str | None = None, **fields) -> Path:
+    """A request YAML in `folder` (named after its id unless told), pointing at the world's data unless told otherwise."""
     body = {"id": request_id, "scope": "full", "method": "gd", "forget": "forget_a.jsonl", "retain": "retain.jsonl", "steps": 8}
     body.update(fields)
-    path = Path(folder) / f"{request_id}.yaml"
+    path = Path(folder) / (filename or f"{request_id}.yaml")
     path.write_text(yaml.safe_dump(body))
     return path
 
@@ -65,8 +65,10 @@ def fixed_batch(world: Path, processor) -> dict:
     """Image and text rows of every person, as one batch: the logits probe of the tests."""
     from seqforget import data
 
-    rows = [json.loads(line) for line in (world / "retain.jsonl").read_text().splitlines()[:6]]
-    rows += [json.loads(line) for line in (world / "forget_a.jsonl").read_text().splitlines()[:6]]
+    rows = []
+    for name in ("retain.jsonl", "forget_a.jsonl"):
+        lines = [json.loads(line) for line in (world / name).read_text().splitlines()]
+        rows += [r for r in lines if "image" not in r][:3] + [r for r in lines if "image" in r][:3]
     examples = [
         data.encode(processor, data.Row(r["question"], r["answer"], world / r["image"] if "image" in r else None))
         for r in rows

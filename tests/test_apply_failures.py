@@ -1,12 +1,12 @@
 """Failures inside a real apply: before the commit point nothing shows; after it, the request stands."""
 
+import os
+
 import pytest
 
-import registry.store
 from conftest import write_request
-from registry import Registry, journal
+from registry import Registry, RegistryError
 from seqforget.engine import apply_request, init_registry
-from seqforget.errors import SeqforgetError
 
 
 @pytest.fixture
@@ -16,43 +16,47 @@ def reg_dir(world, tmp_path):
     return path
 
 
+def _request(world, tmp_path, request_id="r"):
+    return write_request(tmp_path, request_id, steps=2, forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl"))
+
+
 def test_failure_at_the_manifest_write_leaves_the_registry_as_it_was(world, reg_dir, tmp_path, monkeypatch):
     manifest = (reg_dir / "manifest.json").read_bytes()
+    real_replace = os.replace
 
-    def broken(path, obj):
-        raise OSError("disk full")
+    def replace(src, dst, *args, **kwargs):
+        if str(dst).endswith("manifest.json"):
+            raise OSError("disk full")
+        return real_replace(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(registry.store, "write_json", broken)
+    monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(OSError, match="disk full"):
-        apply_request(reg_dir, write_request(tmp_path, "r", steps=2, forget=str(world / "forget_a.jsonl"),
-                                             retain=str(world / "retain.jsonl")), show_progress=False)
+        apply_request(reg_dir, _request(world, tmp_path), show_progress=False)
     monkeypatch.undo()
     reg = Registry.open(reg_dir)
     assert (reg_dir / "manifest.json").read_bytes() == manifest
-    assert reg.verify() == [] and reg.requests() == []
+    assert reg.verify() == [] and reg.snapshot().requests == []
     assert [r["event"] for r in reg.journal()][-2:] == ["begin", "abort"]
     # the staged folder that was renamed in is invisible, and the next writer removes it
     assert reg.leftovers() != []
-    apply_request(reg_dir, write_request(tmp_path, "r", steps=2, forget=str(world / "forget_a.jsonl"),
-                                         retain=str(world / "retain.jsonl")), show_progress=False)
-    assert reg.leftovers() == [] and reg.find("r")["state"] == "active"
+    apply_request(reg_dir, _request(world, tmp_path), show_progress=False)
+    assert reg.leftovers() == [] and reg.snapshot().find("r")["state"] == "active"
 
 
 def test_failure_after_the_commit_point_reports_the_request_as_committed(world, reg_dir, tmp_path, monkeypatch):
-    real_append = journal.append
+    real_write = os.write
 
-    def append(path, event, **fields):
-        if event == "commit":
+    def write(fd, data):
+        if b'"event": "commit"' in data:
             raise OSError("journal device gone")
-        real_append(path, event, **fields)
+        return real_write(fd, data)
 
-    monkeypatch.setattr(journal, "append", append)
-    with pytest.raises(SeqforgetError, match="r is committed"):
-        apply_request(reg_dir, write_request(tmp_path, "r", steps=2, forget=str(world / "forget_a.jsonl"),
-                                             retain=str(world / "retain.jsonl")), show_progress=False)
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(RegistryError, match="r is committed"):
+        apply_request(reg_dir, _request(world, tmp_path), show_progress=False)
     monkeypatch.undo()
     reg = Registry.open(reg_dir)
-    assert reg.find("r")["state"] == "active" and reg.verify() == []
+    assert reg.snapshot().find("r")["state"] == "active" and reg.verify() == []
     events = [(r["event"], r.get("id")) for r in reg.journal()]
     assert ("abort", "r") not in events  # the journal must not contradict the manifest
     with reg.writer():  # the next writer closes the open begin as committed

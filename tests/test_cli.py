@@ -6,8 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -50,14 +48,17 @@ def test_end_to_end(world, tmp_path):
     metrics = json.loads((folder / "metrics.json").read_text())
     assert len(metrics["trajectory"]) == 8 and metrics["after"]["forget"]["nll"] > metrics["before"]["forget"]["nll"]
 
-    run("apply", write_request(tmp_path, "req-b", forget=str(world / "forget_b.jsonl"), retain=str(world / "retain.jsonl"), method="npo"), "-r", reg, "-q")
+    as_json = tmp_path / "req-b.json"  # a request may be JSON as well as YAML
+    as_json.write_text(json.dumps({"id": "req-b", "scope": "full", "method": "npo", "steps": 8,
+                                   "forget": str(world / "forget_b.jsonl"), "retain": str(world / "retain.jsonl")}))
+    run("apply", as_json, "-r", reg, "-q")
     table = run("status", "-r", reg).stdout
     assert "req-a" in table and "req-b" in table and "2 request(s), 2 active" in table
 
     run("rollback", "req-a", "-r", reg)
     status = json.loads(run("status", "-r", reg, "--json").stdout)
-    assert [(r["id"], r["state"], r["method"], r["scope"]) for r in status["requests"]] == [
-        ("req-a", "rolled_back", "gd", "full"), ("req-b", "active", "npo", "full")]
+    assert [(r["id"], r["state"], r["method"], r["scope"], r["kind"]) for r in status["requests"]] == [
+        ("req-a", "rolled_back", "gd", "full", "lora"), ("req-b", "active", "npo", "full", "lora")]
     for r in status["requests"]:
         assert Path(r["adapter_dir"]).is_dir() and set(r["metrics"]) >= {"forget_nll", "retain_nll"}
 
@@ -65,7 +66,7 @@ def test_end_to_end(world, tmp_path):
     assert (tmp_path / "live" / "config.json").is_file() and (tmp_path / "live" / "model.safetensors").is_file()
     assert json.loads((tmp_path / "live" / "seqforget.json").read_text())["active_requests"] == ["req-b"]
 
-    assert run("verify", "-r", reg).stdout.startswith("ok: 2 request(s)")
+    assert run("verify", "-r", reg).stdout.startswith("ok: 2 request(s) and the base model")
     events = [(r["event"], r.get("id")) for r in Registry.open(reg).journal()]
     assert events == [("init", None), ("begin", "req-a"), ("commit", "req-a"), ("begin", "req-b"),
                       ("commit", "req-b"), ("rolled_back", "req-a")]
@@ -73,55 +74,97 @@ def test_end_to_end(world, tmp_path):
 
 @pytest.fixture(scope="module")
 def applied(world, tmp_path_factory):
-    """A registry holding one applied request, `done`, and a folder to write bad inputs into."""
+    """A registry holding `done` (active) and `gone` (rolled back)."""
     tmp = tmp_path_factory.mktemp("bad")
     reg = tmp / "reg"
     invoke("init", "--model", world / "model", "-r", reg)
-    invoke("apply", write_request(world, "done"), "-r", reg, "-q")
+    invoke("apply", write_request(world, "done", steps=2), "-r", reg, "-q")
+    invoke("apply", write_request(world, "gone", steps=2, forget="forget_b.jsonl"), "-r", reg, "-q")
+    invoke("rollback", "gone", "-r", reg)
     return reg
 
 
-def _bad_inputs(world: Path, tmp: Path, reg: Path) -> dict:
-    """name -> (argv, text the error must contain)."""
+def _bad_inputs(world: Path, tmp: Path) -> dict:
+    """name -> (argv, text the error must contain, exit status)."""
     (tmp / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
     (tmp / "bad_image.jsonl").write_text(json.dumps({"question": "who ?", "answer": "x", "image": "broken.png"}) + "\n")
+    (tmp / "missing_image.jsonl").write_text(json.dumps({"question": "who ?", "answer": "x", "image": "nowhere.png"}) + "\n")
     (tmp / "bad.jsonl").write_text('{"question": "who ?", "answer": "x"}\n{not json\n')
+    (tmp / "empty.jsonl").write_text("\n")
+    (tmp / "text_only.jsonl").write_text(json.dumps({"question": "what is the job of x ?", "answer": "baker"}) + "\n")
     (tmp / "bad.yaml").write_text("id: [unclosed\nscope: full\n")
-    for name in ("forget_a.jsonl", "retain.jsonl"):
+    (tmp / "bad.json").write_text('{"id": "j", "scope": "full",')
+    for name in ("forget_a.jsonl", "forget_b.jsonl", "retain.jsonl"):
         shutil.copy(world / name, tmp / name)
     shutil.copytree(world / "images", tmp / "images", dirs_exist_ok=True)
     req = lambda rid, **f: write_request(tmp, rid, **f)  # noqa: E731
     return {
-        "missing request": (["apply", tmp / "nope.yaml"], "not found"),
-        "malformed yaml": (["apply", tmp / "bad.yaml"], "not valid YAML"),
-        "malformed jsonl": (["apply", req("r1", forget="bad.jsonl")], "line 2: not valid JSON"),
-        "unknown method": (["apply", req("r2", method="telepathy")], "unknown 'telepathy'"),
-        "unknown scope": (["apply", req("r3", scope="everything")], "scope: expected one of"),
-        "image does not decode": (["apply", req("r4", forget="bad_image.jsonl")], "image does not decode"),
-        "missing data file": (["apply", req("r5", forget="missing.jsonl")], "file not found"),
+        "missing request file": (["apply", tmp / "nope.yaml"], "not found", 1),
+        "malformed yaml": (["apply", tmp / "bad.yaml"], "not valid YAML", 1),
+        "malformed json": (["apply", tmp / "bad.json"], "not valid JSON", 1),
+        "unknown field": (["apply", req("r0", colour="blue")], "unknown field 'colour'", 1),
+        "malformed id": (["apply", req("no spaces allowed")], "id: required, 1-128 letters", 1),
+        "unknown method": (["apply", req("r2", method="telepathy")], "unknown 'telepathy'", 1),
+        "method not valid for the scope": (["apply", req("r2b", scope="refuse", method="ga")], "ga does not serve scope 'refuse'", 1),
+        "unknown scope": (["apply", req("r3", scope="everything")], "scope: expected one of", 1),
+        "unknown method argument": (["apply", req("r3b", method="ga", method_args={"beta": 0.1})], "ga has no argument 'beta'", 1),
+        "empty data file": (["apply", req("r3c", forget="empty.jsonl")], "empty.jsonl has no rows", 1),
+        "malformed jsonl line": (["apply", req("r1", forget="bad.jsonl")], "line 2: not valid JSON", 1),
+        "visual request without images": (["apply", req("r3d", scope="visual", forget="text_only.jsonl")], "needs rows with an image", 1),
+        "image does not decode": (["apply", req("r4", forget="bad_image.jsonl")], "image does not decode", 1),
+        "missing image file": (["apply", req("r4b", forget="missing_image.jsonl")], "image not found", 1),
+        "missing data file": (["apply", req("r5", forget="missing.jsonl")], "file not found", 1),
         "every problem at once": (["apply", req("r6", scope="nowhere", method="telepathy", forget="missing.jsonl", steps="many")],
-                                  "scope: expected"),
-        "non-finite method argument": (["apply", req("r7", method_args={"retain_weight": float("nan")})], "expected a finite number"),
-        "method argument out of range": (["apply", req("r8", method="npo", method_args={"beta": 0})], "beta: 0 is outside"),
-        "seed out of range": (["apply", req("r9", seed=2**64)], "seed: "),
-        "forget rows also in retain": (["apply", req("r10", retain="forget_a.jsonl")], "forget and retain share"),
-        "unknown target layer": (["apply", req("r11", target_modules=["mlp.fc1", "no_such_layer"])], "matches no_such_layer"),
-        "id already applied": (["apply", req("done")], "already in the registry"),
-        "unknown rollback": (["rollback", "never-applied"], "no request"),
-        "export into a full folder": (["export", world], "not an empty folder"),
+                                  "scope: expected", 1),
+        "non-finite method argument": (["apply", req("r7", method_args={"retain_weight": float("nan")})], "expected a finite number", 1),
+        "method argument out of range": (["apply", req("r8", method="npo", method_args={"beta": 0})], "beta: 0 is outside", 1),
+        "seed out of range": (["apply", req("r9", seed=2**64)], "seed: ", 1),
+        "forget rows also in retain": (["apply", req("r10", retain="forget_a.jsonl")], "forget and retain share", 1),
+        "unknown target layer": (["apply", req("r11", target_modules=["mlp.fc1", "no_such_layer"])], "matches no_such_layer", 1),
+        "id used by a different request": (["apply", req("done", steps=3, filename="done-edited.yaml")], "already used by a different request", 1),
+        "the same request again": (["apply", req("done", steps=2)], "already in the registry (active); nothing to do", 3),
+        "unknown rollback": (["rollback", "never-applied"], "no request 'never-applied'", 1),
+        "rollback of a rolled-back request": (["rollback", "gone"], "already rolled back", 1),
+        "export into a full folder": (["export", world], "not an empty folder", 1),
     }
 
 
-@pytest.mark.parametrize("case", [
-    "missing request", "malformed yaml", "malformed jsonl", "unknown method", "unknown scope", "image does not decode",
-    "missing data file", "every problem at once", "non-finite method argument", "method argument out of range",
-    "seed out of range", "forget rows also in retain", "unknown target layer", "id already applied", "unknown rollback",
-    "export into a full folder"])
+CASES = [
+    "missing request file",
+    "malformed yaml",
+    "malformed json",
+    "unknown field",
+    "malformed id",
+    "unknown method",
+    "method not valid for the scope",
+    "unknown scope",
+    "unknown method argument",
+    "empty data file",
+    "malformed jsonl line",
+    "visual request without images",
+    "image does not decode",
+    "missing image file",
+    "missing data file",
+    "every problem at once",
+    "non-finite method argument",
+    "method argument out of range",
+    "seed out of range",
+    "forget rows also in retain",
+    "unknown target layer",
+    "id used by a different request",
+    "the same request again",
+    "unknown rollback",
+    "rollback of a rolled-back request",
+    "export into a full folder",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_line_and_changes_nothing(world, applied, tmp_path, case):
-    argv, expected = _bad_inputs(world, tmp_path, applied)[case]
+    argv, expected, status = _bad_inputs(world, tmp_path)[case]
     before = snapshot(applied)
     result = invoke(*argv, "-r", applied, check=False)
-    assert result.exit_code == 1
+    assert result.exit_code == status, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("seqforget: error:"), result.stderr
     assert expected in lines[0]
@@ -131,9 +174,15 @@ def test_bad_input_is_one_line_and_changes_nothing(world, applied, tmp_path, cas
     assert snapshot(applied) == before
 
 
+def test_apply_to_a_folder_that_is_no_registry_is_refused_and_creates_nothing(world, tmp_path):
+    result = invoke("apply", write_request(world, "x"), "-r", tmp_path / "nowhere", check=False)
+    assert result.exit_code == 1 and "no registry at" in result.stderr and "seqforget init" in result.stderr
+    assert not (tmp_path / "nowhere").exists()
+
+
 def test_model_folder_that_does_not_match_is_refused(world, applied, tmp_path):
+    from seqforget.bench.world import load_world
     from seqforget.models import TinySpec, build_tiny_llava
-    from seqforget.world import load_world
 
     build_tiny_llava(tmp_path / "other", load_world(world).corpus(), TinySpec(seed=1))
     before = snapshot(applied)
@@ -152,35 +201,73 @@ def test_tampered_adapter_is_detected_and_refused(world, applied, tmp_path):
     weights.write_bytes(bytes(data))
     before = snapshot(reg)
     result = invoke("apply", write_request(world, "after-tamper", forget="forget_b.jsonl"), "-r", reg, check=False)
-    assert result.exit_code == 1 and "sha256 mismatch" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert result.exit_code == 5 and "sha256 mismatch" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert snapshot(reg) == before
     result = invoke("verify", "-r", reg, check=False)
-    assert result.exit_code == 1 and "adapter_model.safetensors: sha256 mismatch" in result.stdout
-    assert invoke("export", tmp_path / "out", "-r", reg, check=False).exit_code == 1
+    assert result.exit_code == 5 and "adapter_model.safetensors: sha256 mismatch" in result.stdout
+    assert invoke("export", tmp_path / "out", "-r", reg, check=False).exit_code == 5
     assert snapshot(reg) == before and not (tmp_path / "out").exists()
 
 
-def test_kill_during_training_leaves_the_registry_as_it_was(world, applied, tmp_path):
+def test_verify_hashes_the_whole_base_model_that_other_commands_check_cheaply(world, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(world / "model", model)
+    reg = tmp_path / "reg"
+    invoke("init", "--model", model, "-r", reg)
+    assert invoke("verify", "-r", reg).exit_code == 0
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    data[header + 4096 + 8] ^= 0x01  # one bit of one weight, outside the sampled blocks
+    weights.write_bytes(bytes(data))
+    result = invoke("verify", "-r", reg, check=False)
+    assert result.exit_code == 5 and "base model folder" in result.stdout and "sha256 differs" in result.stdout
+
+
+def test_a_busy_registry_is_refused_at_once_with_no_wait(world, applied, tmp_path):
+    reg = tmp_path / "reg"
+    shutil.copytree(applied, reg)
+    hold = "import sys, time\nfrom registry import Registry\nwith Registry.open(sys.argv[1]).writer():\n    print('locked', flush=True)\n    time.sleep(60)\n"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(reg)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        before = snapshot(reg)
+        for argv in (["apply", write_request(world, "busy", forget="forget_b.jsonl"), "--no-wait"], ["rollback", "done", "--no-wait"]):
+            result = invoke(*argv, "-r", reg, check=False)
+            assert result.exit_code == 4 and "registry is busy" in result.stderr, result.stderr
+        assert snapshot(reg) == before
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
+@pytest.mark.parametrize("point", ["training", "staged", "renamed", "manifest", "journaled"])
+def test_kill_at_each_step_of_apply_leaves_the_request_whole_or_absent(world, applied, tmp_path, point):
     reg = tmp_path / "reg"
     shutil.copytree(applied, reg)
     manifest = (reg / "manifest.json").read_bytes()
-    request = write_request(world, "killed", forget="forget_b.jsonl", steps=100000)
-    env = {k: v for k, v in os.environ.items() if k != "SEQFORGET_DEBUG"}
-    proc = subprocess.Popen([sys.executable, "-m", "seqforget", "apply", request, "-r", reg], env=env,
+    request = write_request(world, f"killed-{point}", forget="forget_b.jsonl", steps=3)
+    env = {k: v for k, v in os.environ.items() if k != "SEQFORGET_DEBUG"} | {"SEQFORGET_PAUSE_AT": point}
+    proc = subprocess.Popen([sys.executable, "-m", "seqforget", "apply", request, "-r", reg, "-q"], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    stderr = bytearray()
-    reader = threading.Thread(target=lambda: [stderr.extend(c) for c in iter(lambda: proc.stderr.read(1), b"")], daemon=True)
-    reader.start()
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and b"step/s, loss=" not in stderr:
-        time.sleep(0.1)  # the progress bar shows a loss once optimiser steps are running
-    assert proc.poll() is None, f"apply ended before it could be killed: {stderr.decode(errors='replace')}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert (reg / "manifest.json").read_bytes() == manifest
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)  # returns when the process stops itself at `point`
+    stopped = os.WIFSTOPPED(status)
+    proc.kill()  # SIGKILL: no handler, no cleanup
+    proc.wait() if stopped else None
+    assert stopped, f"apply ended before reaching {point}: {proc.stderr.read().decode(errors='replace')}"
+    proc.stderr.close()
+
+    committed = point in ("manifest", "journaled")
+    assert ((reg / "manifest.json").read_bytes() != manifest) == committed
     assert invoke("verify", "-r", reg).exit_code == 0
-    assert [r["id"] for r in json.loads(invoke("status", "--json", "-r", reg).stdout)["requests"]] == ["done"]
-    # the next writer clears the remains and the same request applies cleanly
-    invoke("apply", write_request(world, "killed", forget="forget_b.jsonl", steps=2), "-r", reg, "-q")
-    assert Registry.open(reg).find("killed")["state"] == "active"
-    assert ("recovered", "killed", "discarded") in [(r["event"], r.get("id"), r.get("outcome")) for r in Registry.open(reg).journal()]
+    ids = [r["id"] for r in json.loads(invoke("status", "--json", "-r", reg).stdout)["requests"]]
+    assert ids == ["done", "gone"] + ([f"killed-{point}"] if committed else [])
+    # the next writer clears the remains: the same request applies, or is known as applied
+    result = invoke("apply", request, "-r", reg, "-q", check=False)
+    assert result.exit_code == (3 if committed else 0), result.stderr
+    state = Registry.open(reg).snapshot()
+    assert state.find(f"killed-{point}")["state"] == "active" and Registry.open(reg).leftovers() == []
+    if point != "journaled":
+        outcome = "committed" if committed else "discarded"
+        assert ("recovered", f"killed-{point}", outcome) in [(r["event"], r.get("id"), r.get("outcome")) for r in Registry.open(reg).journal()]

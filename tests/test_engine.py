@@ -1,5 +1,8 @@
 """The engine on a real tiny LLaVA: projection, composition, rollback, PEFT and export parity."""
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -8,9 +11,12 @@ from transformers import AutoModelForImageTextToText
 
 from conftest import fixed_batch, logits, write_request
 from registry import Registry
-from seqforget.composition import compose
-from seqforget.engine import apply_request, export_model, init_registry, live_model, rollback_request, stored_adapter
+from seqforget import data
+from seqforget.activations import input_grams
+from seqforget.composition import compose, delta
+from seqforget.engine import apply_request, export_model, init_registry, live_model, rollback_request
 from seqforget.models import load_model
+from seqforget.scopes import SCOPES
 
 
 @pytest.fixture(scope="module")
@@ -28,19 +34,27 @@ def _base_weights(world):
     return model, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def peft_merged(world, folders):
+    """The base model with each adapter folder merged in by PEFT itself: seqforget's code is not used."""
+    model = AutoModelForImageTextToText.from_pretrained(world / "model", dtype=torch.float32)
+    for folder in folders:
+        model = PeftModel.from_pretrained(model, folder).merge_and_unload()
+    return model.eval()
+
+
 def test_adapters_lie_in_the_null_space_of_their_bases(two_requests):
-    reg = two_requests
-    bases = reg.load_bases()
+    state = two_requests.snapshot()
+    bases = state.bases()
+    seq_of = {e["id"]: e["seq"] for e in state.requests}
     checked = 0
-    for entry in reg.requests():
-        adapter = stored_adapter(reg, entry)
-        for module, (a, b) in adapter.pairs.items():
+    for entry in state.requests:
+        adapter = state.adapter(entry)
+        for module in adapter.modules:
             basis = bases[module]
             # the columns that existed when this request trained: its own and earlier ones
-            seq_of = {e["id"]: e["seq"] for e in reg.requests()}
             keep = [i for i, owner in enumerate(basis.owners) if seq_of[owner] <= entry["seq"]]
             u = torch.from_numpy(basis.columns[:, keep]).double()  # (d, k)
-            dw = adapter.delta(module)  # (d_out, d)
+            dw = delta(adapter, module)  # (d_out, d)
             assert dw.norm() > 0, f"{module} of {entry['id']} did not train"
             assert (dw @ u).norm() / dw.norm() < 1e-5, (entry["id"], module)
             checked += 1
@@ -48,42 +62,37 @@ def test_adapters_lie_in_the_null_space_of_their_bases(two_requests):
 
 
 def test_bases_are_orthonormal_and_grow_only_as_needed(two_requests):
-    import json
-
-    reg = two_requests
-    bases = reg.load_bases()
-    for module, basis in bases.items():
+    state = two_requests.snapshot()
+    for module, basis in state.bases().items():
         u = basis.columns.astype(np.float64)
         np.testing.assert_allclose(u.T @ u, np.eye(u.shape[1]), atol=1e-5)
         assert set(basis.owners) <= {"req-a", "req-b"} and basis.owners[0] == "req-a"
     # req-b retains the same people as req-a: directions are added only where the basis
     # holds less than the threshold of their energy
-    metrics = json.loads((reg.folder(reg.find("req-b")) / "metrics.json").read_text())
+    metrics = state.record(state.find("req-b"), "metrics.json")
     for module, info in metrics["basis"].items():
         assert (info["columns_added"] > 0) == (info["captured_before"] < 0.97), module
         assert info["captured_after"] >= 0.97 - 1e-9
 
 
 def test_live_model_is_base_plus_explicit_products(world, two_requests):
-    """Expected weights from the raw files: W + sign * (lora_alpha / r) * B @ A, in float64."""
-    import json
-
+    """Expected weights from the raw files: W + (lora_alpha / r) * B @ A, in float64."""
     from safetensors.numpy import load_file
 
-    reg = two_requests
-    live, _ = live_model(reg)
+    state = two_requests.snapshot()
+    live, _ = live_model(state)
     _, base = _base_weights(world)
     expected = {n: w.double().clone() for n, w in base.items()}
-    for entry in reg.active():
-        folder = reg.folder(entry)
+    for entry in state.active:
+        folder = state.folder(entry)
         config = json.loads((folder / "adapter_config.json").read_text())
         tensors = load_file(str(folder / "adapter_model.safetensors"))
         for key, a in tensors.items():
             if key.endswith(".lora_A.weight"):
                 module = key[len("base_model.model."):-len(".lora_A.weight")]
                 b = tensors[key.replace("lora_A", "lora_B")]
-                delta = entry["sign"] * config["lora_alpha"] / config["r"] * (b.astype(np.float64) @ a.astype(np.float64))
-                expected[module + ".weight"] += torch.from_numpy(delta)
+                delta_ = config["lora_alpha"] / config["r"] * (b.astype(np.float64) @ a.astype(np.float64))
+                expected[module + ".weight"] += torch.from_numpy(delta_)
     touched = 0
     for name, p in live.named_parameters():
         assert torch.allclose(p.double(), expected[name], atol=1e-6, rtol=0), name
@@ -91,42 +100,45 @@ def test_live_model_is_base_plus_explicit_products(world, two_requests):
     assert touched >= 10
 
 
-def test_rollback_restores_weights_and_logits(world, two_requests, tmp_path):
-    import shutil
+def test_rolling_back_the_middle_of_three_matches_the_two_others_merged_by_peft(world, tmp_path):
+    """Apply A, B, C; roll back B. The live model must equal the base with A and C merged by
+    PEFT's own code, and the in-place subtraction of B's term (the incremental path) too.
 
+    (A fresh registry that applies A and C does not give the same model: C trains on the
+    live model, and here that held B.)"""
     reg_dir = tmp_path / "reg"
-    shutil.copytree(two_requests.root, reg_dir)
-    reg = Registry.open(reg_dir)
-    live, processor = live_model(reg)
+    init_registry(reg_dir, world / "model")
+    for rid, forget, method in (("A", "forget_a.jsonl", "gd"), ("B", "forget_b.jsonl", "ga"), ("C", "forget_a.jsonl", "npo")):
+        request = write_request(tmp_path, rid, forget=str(world / forget), retain=str(world / "retain.jsonl"), method=method, steps=4)
+        apply_request(reg_dir, request, show_progress=False)
+    before = Registry.open(reg_dir).snapshot()
+    live, processor = live_model(before)
+    compose(live, [before.adapter(before.find("B"))], direction=-1)
+
+    rollback_request(reg_dir, "B")
+    state = Registry.open(reg_dir).snapshot()
+    assert [e["id"] for e in state.active] == ["A", "C"]
+    rebuilt, _ = live_model(state)
+    reference = peft_merged(world, [state.folder(state.find("A")), state.folder(state.find("C"))])
+    with_b = peft_merged(world, [state.folder(state.find(i)) for i in ("A", "B", "C")])
+
     batch = fixed_batch(world, processor)
-
-    # the model without req-a: the base with req-b only
-    without, _ = load_model(world / "model")
-    compose(without, [stored_adapter(reg, reg.find("req-b"))])
-
-    # removing req-a's term from the live model in place (the incremental path) ...
-    compose(live, [stored_adapter(reg, reg.find("req-a"))], direction=-1)
-    for (name, p), q in zip(live.named_parameters(), without.parameters()):
-        assert (p - q).abs().max() < 1e-6, name
-    assert (logits(live, batch) - logits(without, batch)).abs().max() < 1e-5
-
-    # ... and the registry's rollback, which rebuilds the live model from the base
-    rollback_request(reg_dir, "req-a")
-    assert [e["id"] for e in reg.active()] == ["req-b"]
-    rebuilt, _ = live_model(reg)
-    for (name, p), q in zip(rebuilt.named_parameters(), without.parameters()):
-        assert (p - q).abs().max() < 1e-6, name
-    assert (logits(rebuilt, batch) - logits(without, batch)).abs().max() < 1e-5
+    ref_params = dict(reference.named_parameters())
+    for model in (rebuilt, live):
+        for name, p in model.named_parameters():
+            assert (p - ref_params[name]).abs().max() < 1e-6, name
+        assert (logits(model, batch) - logits(reference, batch)).abs().max() < 1e-5
+    assert (logits(with_b, batch) - logits(reference, batch)).abs().max() > 1e-3  # B did change something
 
 
 def test_peft_loads_a_stored_adapter_with_the_engines_logits(world, two_requests):
-    reg = two_requests
-    entry = reg.find("req-a")
+    state = two_requests.snapshot()
+    entry = state.find("req-a")
     base, processor = load_model(world / "model")
     batch = fixed_batch(world, processor)
     engine, _ = load_model(world / "model")
-    compose(engine, [stored_adapter(reg, entry)])
-    peft_model = PeftModel.from_pretrained(base, reg.folder(entry))
+    compose(engine, [state.adapter(entry)])
+    peft_model = PeftModel.from_pretrained(base, state.folder(entry))
     peft_model.eval()
     plain, _ = load_model(world / "model")
     assert (logits(peft_model, batch) - logits(plain, batch)).abs().max() > 1e-4  # the adapter does something
@@ -137,10 +149,94 @@ def test_export_loads_with_transformers_and_matches_the_engine(world, two_reques
     out = export_model(two_requests.root, tmp_path / "exported")
     exported = AutoModelForImageTextToText.from_pretrained(out)
     exported.eval()
-    live, processor = live_model(two_requests)
+    live, processor = live_model(two_requests.snapshot())
     batch = fixed_batch(world, processor)
     assert (logits(exported, batch) - logits(live, batch)).abs().max() < 1e-5
     assert (out / "seqforget.json").is_file() and (out / "config.json").is_file()
+    assert json.loads((out / "seqforget.json").read_text())["active_requests"] == ["req-a", "req-b"]
+
+
+# ---- every method under every scope it serves ---------------------------------------------------
+
+MATRIX = [(scope, method) for scope, s in SCOPES.items() for method in s.methods]
+
+
+@pytest.mark.parametrize("scope, method", MATRIX, ids=[f"{s}-{m}" for s, m in MATRIX])
+def test_every_method_applies_stores_exports_loads_in_peft_and_rolls_back(world, tmp_path, scope, method):
+    reg_dir = tmp_path / "reg"
+    init_registry(reg_dir, world / "model")
+    request = write_request(tmp_path, "r", scope=scope, method=method, steps=3, forget=str(world / "forget_a.jsonl"),
+                            retain=str(world / "retain.jsonl"))
+    entry = apply_request(reg_dir, request, show_progress=False)
+    assert (entry["scope"], entry["method"], entry["kind"], entry["state"]) == (scope, method, "lora", "active")
+    state = Registry.open(reg_dir).snapshot()
+    adapter = state.adapter(entry)
+    assert adapter.modules and all(np.abs(p["B"]).max() > 0 for p in adapter.weights.values())  # B left zero
+
+    base, processor = load_model(world / "model")
+    batch = fixed_batch(world, processor)
+    live, _ = live_model(state)
+    peft = PeftModel.from_pretrained(load_model(world / "model")[0], state.folder(entry)).eval()
+    assert (logits(peft, batch) - logits(live, batch)).abs().max() < 1e-5
+    assert (logits(live, batch) - logits(base, batch)).abs().max() > 1e-4
+
+    exported = AutoModelForImageTextToText.from_pretrained(export_model(reg_dir, tmp_path / "out")).eval()
+    assert (logits(exported, batch) - logits(live, batch)).abs().max() < 1e-5
+
+    rollback_request(reg_dir, "r")
+    back, _ = live_model(Registry.open(reg_dir).snapshot())
+    for (name, p), q in zip(back.named_parameters(), base.parameters()):
+        assert torch.equal(p, q), name  # nothing active: the base model, bit for bit
+
+
+def test_a_visual_request_leaves_the_language_model_bit_identical(world, tmp_path):
+    reg_dir = tmp_path / "reg"
+    init_registry(reg_dir, world / "model")
+    request = write_request(tmp_path, "v", scope="visual", method="ga", steps=3, forget=str(world / "forget_a.jsonl"),
+                            retain=str(world / "retain.jsonl"))
+    apply_request(reg_dir, request, show_progress=False)
+    live, _ = live_model(Registry.open(reg_dir).snapshot())
+    _, base = _base_weights(world)
+    changed = {n for n, p in live.named_parameters() if not torch.equal(p, base[n])}
+    assert changed and all("vision_tower" in n or "multi_modal_projector" in n for n in changed), changed
+
+
+# ---- the projection, under every scope ---------------------------------------------------------
+
+
+def _retained_inputs_response(world, reg_dir, entry) -> float:
+    """Largest, over the adapter's layers, of ||dW X|| / (||dW|| ||X||) for the retained inputs X
+    each layer receives (the request's own retain set and its text-only forget rows)."""
+    state = Registry.open(reg_dir).snapshot()
+    adapter = state.adapter(entry)
+    model, processor = load_model(world / "model")
+    rows = [json.loads(line) for line in (world / "retain.jsonl").read_text().splitlines()]
+    examples = [data.encode(processor, data.Row(r["question"], r["answer"], world / r["image"] if "image" in r else None))
+                for r in rows]
+    grams = input_grams(model, data.batches(examples, 16, processor.tokenizer.pad_token_id), adapter.modules)
+    worst = 0.0
+    for module in adapter.modules:
+        dw, g = delta(adapter, module), grams[module]  # (d_out, d), (d, d) = X^T X
+        response = torch.trace(dw @ g @ dw.T).clamp_min(0).sqrt()  # ||dW X^T||_F
+        worst = max(worst, (response / (torch.linalg.matrix_norm(dw, 2) * torch.trace(g).sqrt())).item())
+    return worst
+
+
+@pytest.mark.parametrize("scope", list(SCOPES))
+def test_the_stored_update_leaves_retained_inputs_nearly_untouched_only_when_projected(world, tmp_path, scope):
+    method = SCOPES[scope].methods[0]
+    response = {}
+    for projection in (True, False):
+        reg_dir = tmp_path / f"reg-{projection}"
+        init_registry(reg_dir, world / "model")
+        request = write_request(tmp_path, f"p-{projection}", scope=scope, method=method, steps=10, lr=3e-3,
+                                energy_threshold=0.999, projection=projection,
+                                forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl"))
+        entry = apply_request(reg_dir, request, show_progress=False)
+        response[projection] = _retained_inputs_response(world, reg_dir, entry)
+    # 0.999 of the retained energy lies in the basis: what is left can move dW X by about sqrt(0.001)
+    assert response[True] < 0.05, response
+    assert response[False] > 0.1, response  # the same bound fails without the projection
 
 
 def test_forgetting_lowers_likelihood_and_projection_protects_retain(world, tmp_path):

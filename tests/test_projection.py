@@ -5,9 +5,22 @@ import pytest
 import torch
 from torch import nn
 
-from seqforget.composition import Adapter, compose
+from registry import Adapter, Basis
+from seqforget.composition import compose, delta
 from seqforget.errors import SeqforgetError
 from seqforget.projection import NullSpace, extend_basis, project_out
+
+
+def as_basis(u: torch.Tensor | None) -> Basis | None:
+    """A basis of columns u (d, k), as the registry hands it over (numpy)."""
+    return None if u is None else Basis(u.numpy(), np.zeros(u.shape[1]), ["earlier"] * u.shape[1])
+
+
+def extend(u: torch.Tensor | None, g: torch.Tensor, threshold: float):
+    """(new columns (d, m) as a tensor, energy, captured_before, captured_after)."""
+    added, before, after = extend_basis(as_basis(u), g, threshold, "r")
+    assert added.owners == ["r"] * added.rank
+    return torch.from_numpy(added.columns), torch.from_numpy(added.energy), before, after
 
 D = 16
 
@@ -71,21 +84,20 @@ def test_extend_basis_adds_the_fewest_orthonormal_directions_that_reach_the_thre
     before = share(u, g)
     threshold = before + gap * (1 - before)  # above what U holds, whatever the draw
 
-    ext = extend_basis(u if k else None, g, threshold)
-    m = ext.columns.shape[1]
-    new = ext.columns  # (d, m)
+    new, energy, before_, after = extend(u if k else None, g, threshold)  # new: (d, m)
+    m = new.shape[1]
 
-    assert new.shape == (D, m) and ext.energy.shape == (m,)
+    assert new.shape == (D, m) and energy.shape == (m,)
     torch.testing.assert_close(new.T @ new, torch.eye(m, dtype=torch.float64), rtol=0, atol=1e-10)
     assert (u.T @ new).norm() < 1e-10
-    assert ext.captured_before == pytest.approx(before, abs=1e-12)
+    assert before_ == pytest.approx(before, abs=1e-12)
     union = torch.cat([u, new], dim=1)
-    assert ext.captured_after == pytest.approx(share(union, g), abs=1e-10)
-    assert ext.captured_after >= threshold
+    assert after == pytest.approx(share(union, g), abs=1e-10)
+    assert after >= threshold
     # energy says what each new column carries, and it all adds up
-    torch.testing.assert_close(ext.energy, torch.diag(new.T @ g @ new) / torch.trace(g), rtol=0, atol=1e-10)
-    assert ext.energy.sum().item() == pytest.approx(ext.captured_after - ext.captured_before, abs=1e-10)
-    assert bool((ext.energy[:-1] >= ext.energy[1:]).all())  # strongest first
+    torch.testing.assert_close(energy, torch.diag(new.T @ g @ new) / torch.trace(g), rtol=0, atol=1e-10)
+    assert energy.sum().item() == pytest.approx(after - before_, abs=1e-10)
+    assert bool((energy[:-1] >= energy[1:]).all())  # strongest first
 
     fewest, reach = minimum_directions(u, g, threshold)
     assert m == fewest
@@ -101,44 +113,44 @@ def test_extend_basis_is_orthogonal_to_a_float32_u_as_the_registry_stores_it():
     for k in (5, 40):
         u = orthonormal(gen, d, k, dtype=torch.float32)
         g = gram(gen, d, n=200, decay=0.9)
-        ext = extend_basis(u, g, 0.99)
-        assert ext.columns.shape[1] > 0
-        assert (u.double().T @ ext.columns).abs().max() < 1e-12
+        new, _, _, _ = extend(u, g, 0.99)
+        assert new.shape[1] > 0
+        assert (u.double().T @ new).abs().max() < 1e-12
 
 
 def test_extend_basis_adds_nothing_when_u_already_holds_the_threshold():
     gen = torch.Generator().manual_seed(7)
     g = gram(gen, D, n=64)
-    first = extend_basis(None, g, 0.9)
-    again = extend_basis(first.columns, g, 0.9)
-    assert again.columns.shape == (D, 0)
-    assert again.captured_before == pytest.approx(first.captured_after, abs=1e-10)
-    assert again.captured_after == again.captured_before
+    first, _, _, first_after = extend(None, g, 0.9)
+    again, _, again_before, again_after = extend(first, g, 0.9)
+    assert again.shape == (D, 0)
+    assert again_before == pytest.approx(first_after, abs=1e-10)
+    assert again_after == again_before
 
 
 def test_extend_basis_stops_at_the_rank_of_a_low_rank_gram():
     gen = torch.Generator().manual_seed(8)
     n = 5  # fewer inputs than dimensions: G has rank 5
     r = torch.randn(n, D, generator=gen, dtype=torch.float64)
-    ext = extend_basis(None, r.T @ r, threshold=1.0)
-    assert ext.columns.shape == (D, n)
-    assert ext.captured_after == pytest.approx(1.0, abs=1e-9)
+    new, _, _, after = extend(None, r.T @ r, threshold=1.0)
+    assert new.shape == (D, n)
+    assert after == pytest.approx(1.0, abs=1e-9)
     # the span of the inputs, exactly: every input is left untouched by nothing but U
-    assert (r @ projector(ext.columns)).abs().max() < 1e-9
+    assert (r @ projector(new)).abs().max() < 1e-9
 
 
 def test_extend_basis_of_a_zero_gram_adds_nothing():
-    ext = extend_basis(None, torch.zeros(D, D), 0.9)
-    assert ext.columns.shape == (D, 0)
-    assert (ext.captured_before, ext.captured_after) == (1.0, 1.0)
+    new, _, before, after = extend(None, torch.zeros(D, D), 0.9)
+    assert new.shape == (D, 0)
+    assert (before, after) == (1.0, 1.0)
 
 
 def test_bases_grown_over_many_requests_stay_orthonormal():
     gen = torch.Generator().manual_seed(9)
     u = None
     for _ in range(6):
-        ext = extend_basis(u, gram(gen, D, n=32, decay=0.9), 0.8)
-        u = ext.columns if u is None else torch.cat([u, ext.columns], dim=1)
+        new, _, _, _ = extend(u, gram(gen, D, n=32, decay=0.9), 0.8)
+        u = new if u is None else torch.cat([u, new], dim=1)
     k = u.shape[1]
     assert 0 < k <= D
     torch.testing.assert_close(u.T @ u, torch.eye(k, dtype=torch.float64), rtol=0, atol=1e-10)
@@ -152,7 +164,7 @@ def test_null_space_projects_the_same_in_both_representations(k):
     gen = torch.Generator().manual_seed(200 + k)
     u = orthonormal(gen, D, k)
     a = torch.randn(4, D, generator=gen, dtype=torch.float64)
-    ns = NullSpace(u)
+    ns = NullSpace(as_basis(u))
 
     assert ns.complement == (k > D // 2)
     assert ns.basis.shape == ((D, D - k) if ns.complement else (D, k))
@@ -169,7 +181,7 @@ def test_null_space_in_float32_keeps_a_u_below_1e_6(k):
     gen = torch.Generator().manual_seed(300 + k)
     u = orthonormal(gen, d, k, dtype=torch.float32)
     a = torch.randn(8, d, generator=gen)
-    ns = NullSpace(u)
+    ns = NullSpace(as_basis(u))
     assert ns.complement == (k > d // 2)
     out = ns.project(a)
     assert out.dtype == torch.float32
@@ -188,23 +200,24 @@ class TwoLayers(nn.Module):
         self.down = nn.Linear(2 * D, D, dtype=dtype)
 
 
-def adapter(gen: torch.Generator, request_id: str, sign: int, scale: float, modules: dict[str, tuple[int, int]]):
-    """An Adapter of rank 4 with {module: (d_in, d_out)}."""
+def adapter(gen: torch.Generator, sign: int, alpha: float, modules: dict[str, tuple[int, int]]) -> Adapter:
+    """A LoRA of rank 4 with {module: (d_in, d_out)}; a negative sign is stored in B, as the engine does."""
     r = 4
-    pairs = {
-        name: (0.3 * torch.randn(r, d_in, generator=gen), 0.3 * torch.randn(d_out, r, generator=gen))  # A, B
+    weights = {
+        name: {"A": (0.3 * torch.randn(r, d_in, generator=gen)).numpy(),
+               "B": (sign * 0.3 * torch.randn(d_out, r, generator=gen)).numpy()}
         for name, (d_in, d_out) in modules.items()
     }
-    return Adapter(request_id, sign, scale, pairs)
+    return Adapter("lora", weights, {"r": r, "lora_alpha": alpha})
 
 
 def reference(model: nn.Module, adapters: list[Adapter]) -> dict[str, np.ndarray]:
-    """W + sum_i s_i scale_i B_i A_i for every linear layer, in float64 numpy."""
+    """W + sum_i (alpha_i / r_i) B_i A_i for every linear layer, in float64 numpy."""
     out = {name: layer.weight.detach().double().numpy().copy() for name, layer in model.named_modules()
            if isinstance(layer, nn.Linear)}
     for ad in adapters:
-        for name, (a, b) in ad.pairs.items():
-            out[name] += ad.sign * ad.scale * (b.double().numpy() @ a.double().numpy())
+        for name, parts in ad.weights.items():
+            out[name] += ad.config["lora_alpha"] / ad.config["r"] * (parts["B"].astype(np.float64) @ parts["A"].astype(np.float64))
     return out
 
 
@@ -217,8 +230,8 @@ def test_compose_adds_each_signed_scaled_product_and_removes_it_again(dtype, tol
     gen = torch.Generator().manual_seed(10)
     model = TwoLayers(dtype)
     adapters = [
-        adapter(gen, "r1", +1, 2.0, {"up": (D, 2 * D), "down": (2 * D, D)}),
-        adapter(gen, "r2", -1, 0.5, {"up": (D, 2 * D)}),
+        adapter(gen, +1, 8.0, {"up": (D, 2 * D), "down": (2 * D, D)}),
+        adapter(gen, -1, 2.0, {"up": (D, 2 * D)}),
     ]
     original = weights(model)
     expected = reference(model, adapters)
@@ -238,9 +251,9 @@ def test_compose_adds_each_signed_scaled_product_and_removes_it_again(dtype, tol
 
 def test_a_negative_sign_subtracts_what_a_positive_sign_adds():
     gen = torch.Generator().manual_seed(11)
-    plus = adapter(gen, "r1", +1, 2.0, {"up": (D, 2 * D)})
-    minus = Adapter("r1-", -1, plus.scale, plus.pairs)
-    torch.testing.assert_close(minus.delta("up"), -plus.delta("up"), rtol=0, atol=0)
+    plus = adapter(gen, +1, 8.0, {"up": (D, 2 * D)})
+    minus = Adapter("lora", {"up": {"A": plus.weights["up"]["A"], "B": -plus.weights["up"]["B"]}}, plus.config)
+    torch.testing.assert_close(delta(minus, "up"), -delta(plus, "up"), rtol=0, atol=0)
     model = TwoLayers(torch.float64)
     original = weights(model)
     compose(model, [plus, minus])
@@ -250,10 +263,10 @@ def test_a_negative_sign_subtracts_what_a_positive_sign_adds():
 def test_a_projected_adapter_leaves_retained_inputs_untouched():
     gen = torch.Generator().manual_seed(12)
     model = TwoLayers(torch.float64)
-    u = extend_basis(None, gram(gen, D, n=64), 0.9).columns  # (d, k) retained directions of "up"
-    ad = adapter(gen, "r1", +1, 2.0, {"up": (D, 2 * D)})
-    a, b = ad.pairs["up"]
-    ad.pairs["up"] = (NullSpace(u).project(a.double()).float(), b)
+    u, _, _, _ = extend(None, gram(gen, D, n=64), 0.9)  # (d, k) retained directions of "up"
+    ad = adapter(gen, +1, 8.0, {"up": (D, 2 * D)})
+    a = torch.from_numpy(ad.weights["up"]["A"])
+    ad.weights["up"]["A"] = NullSpace(as_basis(u)).project(a.double()).float().numpy()
     x = torch.randn(8, u.shape[1], generator=gen, dtype=torch.float64) @ u.T  # retained inputs (n, d)
     y = torch.randn(8, D, generator=gen, dtype=torch.float64)  # anything else
     before_x, before_y = model.up(x).detach(), model.up(y).detach()
@@ -269,6 +282,6 @@ def test_compose_refuses_a_target_that_is_not_a_linear_layer(target):
     model = TwoLayers()
     original = weights(model)
     with pytest.raises(SeqforgetError, match=target):
-        compose(model, [adapter(gen, "r1", +1, 1.0, {target: (D, D)})])
+        compose(model, [adapter(gen, +1, 4.0, {target: (D, D)})])
     for name, value in weights(model).items():
         assert torch.equal(value, original[name])

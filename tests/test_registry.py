@@ -4,6 +4,7 @@ Every test builds a real registry on tmp_path with real adapter and basis files.
 No torch here: the registry is numpy, JSON, safetensors and HDF5.
 """
 
+import builtins
 import errno
 import itertools
 import json
@@ -15,46 +16,44 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from peft import LoraConfig
 
-from registry import Registry, RegistryError, journal
-from registry import atomic, hashing
-from registry.adapters import CONFIG_FILE, WEIGHTS_FILE, read_lora, write_lora
-from registry.bases import Block, write_blocks
-from registry.store import BASIS_FILE, MANIFEST
+from registry import Adapter, Basis, Registry, RegistryBusy, RegistryDamaged, RegistryError, new_folder, sha256_file
 
-BASE = {"path": "/models/tiny", "fingerprint": "abc"}
+BASE = {"path": "/models/tiny", "sha256": "abc", "signature": "def"}
 MODULES = ("layers.0.q_proj", "layers.0.v_proj")
 D_IN, D_OUT, R = 12, 10, 4
 COLUMNS_PER_REQUEST = {"layers.0.q_proj": 3, "layers.0.v_proj": 2}
+FILES = {"adapter_config.json", "adapter_model.safetensors", "basis.h5", "request.json", "metrics.json"}
 
 
 def make_registry(root: Path) -> Registry:
     return Registry.create(root, base_model=BASE)
 
 
-def entry_for(request_id: str, sign: int = 1) -> dict:
-    return {"id": request_id, "state": "active", "method": "gd", "scope": "full", "sign": sign,
-            "kind": "lora", "metrics": {"forget_nll": [1.0, 3.0]}}
+def entry_for(sign: int = 1) -> dict:
+    return {"state": "active", "method": "gd", "scope": "full", "sign": sign, "metrics": {"forget_nll": [1.0, 3.0]}}
 
 
-def stage(writer, request_id: str, rng: np.random.Generator, columns: dict[str, np.ndarray] | None = None):
-    """A staged request folder as the engine writes it; returns (folder, pairs, blocks)."""
-    folder = writer.staging(request_id)
-    pairs = {
-        m: (rng.standard_normal((R, D_IN)).astype(np.float32), rng.standard_normal((D_OUT, R)).astype(np.float32))
-        for m in MODULES
-    }
-    config = {"r": R, "lora_alpha": 8, "peft_type": "LORA", "target_modules": list(MODULES)}
-    write_lora(folder, pairs, config)
+def lora(rng: np.random.Generator) -> Adapter:
+    weights = {m: {"A": rng.standard_normal((R, D_IN)).astype(np.float32), "B": rng.standard_normal((D_OUT, R)).astype(np.float32)}
+               for m in MODULES}
+    config = LoraConfig(r=R, lora_alpha=8, target_modules=list(MODULES)).to_dict()
+    config = json.loads(json.dumps(config, default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+    return Adapter("lora", weights, config)
+
+
+def stage(txn, request_id: str, rng: np.random.Generator, columns: dict[str, np.ndarray] | None = None):
+    """Put a request's files as the engine does; returns (adapter, bases)."""
+    adapter = lora(rng)
     if columns is None:
         columns = {m: orthonormal(rng, D_IN, k) for m, k in COLUMNS_PER_REQUEST.items()}
-    blocks = {
-        m: Block(c, np.full(c.shape[1], 0.1, dtype=np.float32), 0.5, 0.95, 0.9) for m, c in columns.items()
-    }
-    write_blocks(folder / BASIS_FILE, blocks)
-    (folder / "request.json").write_text(json.dumps({"id": request_id}) + "\n")
-    (folder / "metrics.json").write_text(json.dumps({"steps": 8}) + "\n")
-    return folder, pairs, blocks
+    bases = {m: Basis(c, np.full(c.shape[1], 0.1, dtype=np.float32), [request_id] * c.shape[1]) for m, c in columns.items()}
+    txn.put_adapter(adapter)
+    txn.put_bases(bases)
+    txn.put_record("request.json", {"id": request_id})
+    txn.put_record("metrics.json", {"steps": 8})
+    return adapter, bases
 
 
 def orthonormal(rng: np.random.Generator, d: int, k: int) -> np.ndarray:
@@ -62,12 +61,11 @@ def orthonormal(rng: np.random.Generator, d: int, k: int) -> np.ndarray:
     return q.astype(np.float32)  # (d, k)
 
 
-def apply(reg: Registry, request_id: str, rng: np.random.Generator, **stage_kw) -> tuple[dict, dict, dict]:
-    with reg.writer() as w:
-        w.begin(request_id)
-        staged, pairs, blocks = stage(w, request_id, rng, **stage_kw)
-        entry = w.commit(entry_for(request_id), staged)
-    return entry, pairs, blocks
+def apply(reg: Registry, request_id: str, rng: np.random.Generator, **stage_kw) -> tuple[dict, Adapter, dict]:
+    with reg.writer() as w, w.begin(request_id) as txn:
+        adapter, bases = stage(txn, request_id, rng, **stage_kw)
+        entry = txn.commit(entry_for())
+    return entry, adapter, bases
 
 
 def unfinished(reg: Registry) -> list[str]:
@@ -85,13 +83,13 @@ def unfinished(reg: Registry) -> list[str]:
 
 
 def test_create_then_open_round_trips(tmp_path):
-    created = Registry.create(tmp_path / "reg", base_model=BASE, default_retain={"rows": 3})
+    Registry.create(tmp_path / "reg", base_model=BASE, default_retain={"rows": 3})
     opened = Registry.open(tmp_path / "reg")
-    manifest = opened.manifest()
-    assert opened.root == created.root
-    assert manifest["base_model"] == BASE
-    assert manifest["default_retain"] == {"rows": 3}
-    assert opened.requests() == []
+    state = opened.snapshot()
+    assert opened.root == (tmp_path / "reg").absolute()
+    assert state.base_model == BASE
+    assert state.default_retain == {"rows": 3}
+    assert state.requests == []
     assert opened.verify() == []
     assert opened.leftovers() == []
     assert [r["event"] for r in opened.journal()] == ["init"]
@@ -102,7 +100,7 @@ def test_create_then_open_round_trips(tmp_path):
 def test_create_into_an_empty_folder_works_and_into_a_non_empty_one_raises(tmp_path):
     (tmp_path / "empty").mkdir()
     make_registry(tmp_path / "empty")
-    assert Registry.open(tmp_path / "empty").requests() == []
+    assert Registry.open(tmp_path / "empty").snapshot().requests == []
 
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("mine")
@@ -116,32 +114,33 @@ def test_create_into_an_empty_folder_works_and_into_a_non_empty_one_raises(tmp_p
 
 @pytest.mark.parametrize(
     "manifest",
-    [None, "not json {", json.dumps({"format": "something-else", "version": 1}), json.dumps([1, 2])],
+    [None, "not json {", json.dumps({"format": "something-else", "version": 2}), json.dumps([1, 2])],
     ids=["missing", "unreadable", "foreign", "not-an-object"],
 )
 def test_open_of_a_non_registry_raises(tmp_path, manifest):
     folder = tmp_path / "folder"
     folder.mkdir()
     if manifest is not None:
-        (folder / MANIFEST).write_text(manifest)
+        (folder / "manifest.json").write_text(manifest)
     with pytest.raises(RegistryError):
         Registry.open(folder)
 
 
-def test_open_of_a_missing_folder_or_a_newer_format_raises(tmp_path):
+def test_open_of_a_missing_folder_or_another_format_version_raises(tmp_path):
     with pytest.raises(RegistryError, match="no registry"):
         Registry.open(tmp_path / "nowhere")
     reg = make_registry(tmp_path / "reg")
-    manifest = reg.manifest()
-    (reg.root / MANIFEST).write_text(json.dumps({**manifest, "version": 99}))
+    manifest = reg.snapshot().manifest
+    (reg.root / "manifest.json").write_text(json.dumps({**manifest, "version": 99}))
     with pytest.raises(RegistryError, match="version 99"):
         Registry.open(reg.root)
 
 
-def test_the_registry_package_does_not_import_torch():
-    code = "import sys, registry, registry.store, registry.adapters, registry.bases; print('torch' in sys.modules)"
+def test_the_registry_package_does_not_import_torch_or_heavy_libraries_to_read():
+    code = ("import sys, registry; registry.Registry; "
+            "print(sorted(m for m in ('torch', 'numpy', 'h5py', 'safetensors', 'filelock') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "[]"  # `seqforget status` reads a registry without them
 
 
 # ---- committing and reading back -------------------------------------------------------
@@ -150,20 +149,20 @@ def test_the_registry_package_does_not_import_torch():
 def test_commit_makes_the_request_visible_with_every_file_hashed(tmp_path):
     reg = make_registry(tmp_path / "reg")
     rng = np.random.default_rng(0)
-    with reg.writer() as w:
-        w.begin("r1")
-        staged, _, _ = stage(w, "r1", rng)
-        assert reg.requests() == []  # staged is invisible
-        entry = w.commit(entry_for("r1"), staged)
+    with reg.writer() as w, w.begin("r1") as txn:
+        stage(txn, "r1", rng)
+        assert reg.snapshot().requests == []  # staged is invisible
+        entry = txn.commit(entry_for())
+        staged = txn.staged
 
-    assert reg.requests() == [entry]
-    assert entry["seq"] == 1
+    assert reg.snapshot().requests == [entry]
+    assert entry["seq"] == 1 and entry["id"] == "r1" and entry["kind"] == "lora"
     assert entry["dir"] == "requests/r1"
-    assert {k: entry[k] for k in entry_for("r1")} == entry_for("r1")
+    assert {k: entry[k] for k in entry_for()} == entry_for()
     folder = reg.root / "requests" / "r1"
     on_disk = {p.name for p in folder.iterdir()}
-    assert on_disk == {CONFIG_FILE, WEIGHTS_FILE, BASIS_FILE, "request.json", "metrics.json"}
-    assert entry["files"] == {name: hashing.sha256_file(folder / name) for name in on_disk}
+    assert on_disk == FILES
+    assert entry["files"] == {name: sha256_file(folder / name) for name in on_disk}
     assert not staged.exists()
     assert reg.verify() == []
     assert reg.leftovers() == []
@@ -172,42 +171,57 @@ def test_commit_makes_the_request_visible_with_every_file_hashed(tmp_path):
 
     second, _, _ = apply(reg, "r2", rng)
     assert second["seq"] == 2
-    assert [e["id"] for e in reg.requests()] == ["r1", "r2"]
+    assert [e["id"] for e in reg.snapshot().requests] == ["r1", "r2"]
 
 
-def test_committing_the_same_id_twice_raises(tmp_path):
+def test_beginning_an_id_already_committed_raises_and_changes_nothing(tmp_path):
     reg = make_registry(tmp_path / "reg")
     rng = np.random.default_rng(0)
     apply(reg, "r1", rng)
-    before = reg.manifest()
+    before = (reg.root / "manifest.json").read_bytes(), (reg.root / "journal.jsonl").read_bytes()
     with pytest.raises(RegistryError, match="already"):
         apply(reg, "r1", rng)
-    assert reg.manifest() == before
+    assert ((reg.root / "manifest.json").read_bytes(), (reg.root / "journal.jsonl").read_bytes()) == before
     assert reg.verify() == []
 
 
-def test_load_lora_round_trips_factors_and_scale(tmp_path):
+def test_a_commit_without_an_adapter_is_refused(tmp_path):
     reg = make_registry(tmp_path / "reg")
-    entry, pairs, _ = apply(reg, "r1", np.random.default_rng(1))
-    loaded, scale = reg.load_lora(entry)
-    assert scale == 8 / R
-    assert set(loaded) == set(MODULES)
-    for module, (a, b) in pairs.items():
-        assert loaded[module][0].shape == (R, D_IN)
-        assert loaded[module][1].shape == (D_OUT, R)
-        np.testing.assert_array_equal(loaded[module][0], a)
-        np.testing.assert_array_equal(loaded[module][1], b)
+    with reg.writer() as w, pytest.raises(RegistryError, match="no adapter"):
+        with w.begin("r1") as txn:
+            txn.put_record("request.json", {"id": "r1"})
+            txn.commit(entry_for())
+    assert reg.snapshot().requests == [] and reg.journal()[-1]["event"] == "abort"
 
 
-def test_read_lora_refuses_configs_it_would_scale_wrongly(tmp_path):
-    rng = np.random.default_rng(0)
-    pairs = {"q": (rng.standard_normal((R, D_IN)), rng.standard_normal((D_OUT, R)))}
-    write_lora(tmp_path, pairs, {"r": R, "lora_alpha": 8, "use_rslora": True})
+def test_an_adapter_round_trips_and_loads_in_peft_layout(tmp_path):
+    reg = make_registry(tmp_path / "reg")
+    entry, adapter, _ = apply(reg, "r1", np.random.default_rng(1))
+    loaded = reg.snapshot().adapter(entry)
+    assert loaded.kind == "lora" and loaded.scale == 8 / R and loaded.modules == sorted(MODULES)
+    for module, parts in adapter.weights.items():
+        assert loaded.weights[module]["A"].shape == (R, D_IN) and loaded.weights[module]["B"].shape == (D_OUT, R)
+        np.testing.assert_array_equal(loaded.weights[module]["A"], parts["A"])
+        np.testing.assert_array_equal(loaded.weights[module]["B"], parts["B"])
+    # PEFT's own reader finds the same factors under the same keys
+    from peft.utils import load_peft_weights
+
+    peft_weights = load_peft_weights(str(reg.snapshot().folder(entry)), device="cpu")
+    np.testing.assert_array_equal(peft_weights[f"base_model.model.{MODULES[0]}.lora_A.weight"].numpy(), adapter.weights[MODULES[0]]["A"])
+
+
+def test_a_lora_config_the_registry_would_scale_wrongly_is_refused(tmp_path):
+    reg = make_registry(tmp_path / "reg")
+    adapter = lora(np.random.default_rng(0))
+    adapter.config["use_rslora"] = True
+    with reg.writer() as w, w.begin("r1") as txn:
+        txn.put_adapter(adapter)
+        entry = txn.commit(entry_for())
     with pytest.raises(ValueError, match="rslora"):
-        read_lora(tmp_path)
+        reg.snapshot().adapter(entry)
 
 
-def test_load_bases_concatenates_blocks_in_commit_order_with_owners(tmp_path):
+def test_bases_join_in_commit_order_with_owners(tmp_path):
     reg = make_registry(tmp_path / "reg")
     rng = np.random.default_rng(2)
     # one orthonormal set per module, split across three requests (as extend_basis grows it);
@@ -224,52 +238,54 @@ def test_load_bases_concatenates_blocks_in_commit_order_with_owners(tmp_path):
     with reg.writer() as w:
         w.set_state("mid", "rolled_back")  # rolled-back requests keep their columns
 
-    bases = reg.load_bases()
+    bases = reg.snapshot().bases()
     q, v = bases[MODULES[0]], bases[MODULES[1]]
     np.testing.assert_array_equal(q.columns, full[MODULES[0]])
     assert q.owners == ["mid", "mid", "mid", "zeta", "zeta", "alpha"]
     np.testing.assert_array_equal(v.columns, np.concatenate([full[MODULES[1]][:, :3], full[MODULES[1]][:, 5:]], axis=1))
     assert v.owners == ["mid", "mid", "mid", "alpha"]
-    assert q.dim == D_IN
+    assert q.dim == D_IN and q.rank == 6
     assert q.energy.shape == (6,)
     np.testing.assert_allclose(q.columns.T @ q.columns, np.eye(6), atol=1e-6)
 
-    # entries given out of order are still assembled in commit order
-    subset = reg.load_bases([reg.find("alpha"), reg.find("mid")])
-    assert subset[MODULES[0]].owners == ["mid", "mid", "mid", "alpha"]
 
+def test_new_folder_publishes_all_at_once_or_not_at_all(tmp_path):
+    with new_folder(tmp_path / "out") as tmp:
+        (tmp / "a.txt").write_text("a")
+        assert not (tmp_path / "out").exists()  # nothing visible before the block ends
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.txt"]
 
-def test_an_atomic_write_that_fails_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
-    path = tmp_path / "state.json"
-    atomic.write_json(path, {"v": 1})
-    calls = []
+    with pytest.raises(ValueError):
+        with new_folder(tmp_path / "failed") as tmp:
+            (tmp / "half.txt").write_text("h")
+            raise ValueError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no folder, no temp left
 
-    def fail(*args):
-        calls.append(args)
-        raise OSError(errno.ENOSPC, "injected")
-
-    monkeypatch.setattr(os, "replace", fail)
-    with pytest.raises(OSError, match="injected"):
-        atomic.write_json(path, {"v": 2})
-    assert len(calls) == 1
-    assert json.loads(path.read_text()) == {"v": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+    with pytest.raises(OSError):  # a folder with content is never replaced ...
+        with new_folder(tmp_path / "out") as tmp:
+            (tmp / "b.txt").write_text("b")
+    with new_folder(tmp_path / "out", keep_existing=True) as tmp:  # ... and a cache keeps the first one
+        (tmp / "b.txt").write_text("b")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 # ---- tampering --------------------------------------------------------------------------
 
+WEIGHTS = "adapter_model.safetensors"
+
 
 def flip_a_byte(folder: Path) -> str:
-    path = folder / WEIGHTS_FILE
+    path = folder / WEIGHTS
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF  # the last byte is tensor data, so the file still parses
     path.write_bytes(bytes(data))
-    return f"{WEIGHTS_FILE}: sha256 mismatch"
+    return f"{WEIGHTS}: sha256 mismatch"
 
 
 def delete_a_file(folder: Path) -> str:
-    (folder / WEIGHTS_FILE).unlink()
-    return f"{WEIGHTS_FILE}: missing"
+    (folder / WEIGHTS).unlink()
+    return f"{WEIGHTS}: missing"
 
 
 def add_a_file(folder: Path) -> str:
@@ -292,27 +308,41 @@ def test_tampering_is_reported_by_verify_and_refused_by_load(tmp_path, tamper):
     entry, _, _ = apply(reg, "r2", rng)
     assert reg.verify() == []
 
-    expected = tamper(reg.folder(entry))
+    expected = tamper(reg.snapshot().folder(entry))
 
     problems = reg.verify()
     assert len(problems) == 1
     assert "requests/r2" in problems[0] and expected in problems[0]
-    with pytest.raises(RegistryError, match="r2 is damaged"):
-        reg.load_lora(entry)
-    with pytest.raises(RegistryError, match="r2 is damaged"):
-        reg.load_bases()
-    reg.load_lora(reg.find("r1"))  # the sound request still loads
+    state = reg.snapshot()
+    with pytest.raises(RegistryDamaged, match="r2 is damaged"):
+        state.adapter(entry)
+    with pytest.raises(RegistryDamaged, match="r2 is damaged"):
+        state.bases()
+    state.adapter(state.find("r1"))  # the sound request still loads
 
 
 def test_verify_reports_a_duplicate_id_and_an_unknown_state(tmp_path):
     reg = make_registry(tmp_path / "reg")
     entry, _, _ = apply(reg, "r1", np.random.default_rng(0))
-    manifest = reg.manifest()
+    manifest = reg.snapshot().manifest
     manifest["requests"].append({**entry, "state": "half-done"})
-    atomic.write_json(reg.root / MANIFEST, manifest)
+    (reg.root / "manifest.json").write_text(json.dumps(manifest))
     problems = reg.verify()
     assert any("listed twice" in p for p in problems)
     assert any("unknown state 'half-done'" in p for p in problems)
+
+
+def test_a_snapshot_stays_consistent_while_a_writer_changes_the_registry(tmp_path):
+    reg = make_registry(tmp_path / "reg")
+    rng = np.random.default_rng(9)
+    apply(reg, "r1", rng)
+    state = reg.snapshot()
+    with reg.writer() as w:
+        w.set_state("r1", "rolled_back")
+    apply(reg, "r2", rng)
+    assert [e["id"] for e in state.active] == ["r1"]  # what the snapshot saw, not what is now
+    assert state.adapter(state.find("r1")).kind == "lora"
+    assert [e["id"] for e in reg.snapshot().active] == ["r2"]
 
 
 # ---- crash safety -------------------------------------------------------------------------
@@ -321,17 +351,16 @@ def test_verify_reports_a_duplicate_id_and_an_unknown_state(tmp_path):
 class Faults:
     """Fail the n-th call (counted across every patched function) with OSError, once.
 
-    Patches the system calls and file opens that a commit makes, and the journal append,
-    so that every step of the commit path can be made to fail in turn.
+    Patches the system calls and file opens a commit makes (the journal's appends
+    included: they are os.open, os.write and os.fsync), so that every step of the commit
+    path can be made to fail in turn.
     """
 
     def __init__(self, patch, fail_at: int):
         self.fail_at, self.calls, self.fired = fail_at, 0, None
         for owner, name in [(os, "replace"), (os, "rename"), (os, "fsync"), (os, "open"), (os, "write"),
-                            (journal, "append")]:
+                            (builtins, "open")]:
             patch.setattr(owner, name, self._wrap(getattr(owner, name), f"{owner.__name__}.{name}"))
-        for module in (atomic, hashing):  # builtins.open as those modules see it
-            patch.setattr(module, "open", self._wrap(open, f"{module.__name__}.open"), raising=False)
 
     def _wrap(self, real, label):
         def call(*args, **kwargs):
@@ -350,14 +379,14 @@ def test_a_failure_at_every_step_of_a_commit_leaves_old_or_new_never_between(tmp
     for n in itertools.count(1):
         reg = make_registry(tmp_path / f"reg{n}")
         apply(reg, "r1", rng)
-        old = reg.manifest()
+        old = reg.snapshot().manifest
         with reg.writer() as w:
-            w.begin("r2")
-            staged, pairs, _ = stage(w, "r2", rng)
+            txn = w.begin("r2")
+            adapter, _ = stage(txn, "r2", rng)
             with monkeypatch.context() as patch:
                 faults = Faults(patch, fail_at=n)
                 try:
-                    w.commit(entry_for("r2"), staged)
+                    txn.commit(entry_for())
                 except OSError as e:
                     assert "injected failure" in str(e)
         if faults.fired is None:
@@ -365,17 +394,17 @@ def test_a_failure_at_every_step_of_a_commit_leaves_old_or_new_never_between(tmp
         fired.append(faults.fired)
 
         # the crash is over: readers see the old manifest or the whole new request
-        now = reg.manifest()
+        now = reg.snapshot().manifest
         committed = now != old
         if committed:
             assert now["requests"][:-1] == old["requests"]
             new = now["requests"][-1]
             assert new["id"] == "r2" and new["seq"] == 2
-            assert set(new["files"]) == {CONFIG_FILE, WEIGHTS_FILE, BASIS_FILE, "request.json", "metrics.json"}
+            assert set(new["files"]) == FILES
         assert reg.verify() == [], f"failure at {faults.fired} (call {n})"
 
         # the next writer clears what the crash left and closes the journal
-        with reg.writer() as w:
+        with reg.writer():
             pass
         assert reg.leftovers() == []
         assert reg.verify() == []
@@ -387,53 +416,65 @@ def test_a_failure_at_every_step_of_a_commit_leaves_old_or_new_never_between(tmp
             assert committed  # only a commit whose journal record was written needs no recovery
 
         if not committed:
-            entry, pairs, _ = apply(reg, "r2", rng)
-            assert entry["seq"] == 2
-        assert [e["id"] for e in reg.requests()] == ["r1", "r2"]
-        loaded, _ = reg.load_lora(reg.find("r2"))
-        np.testing.assert_array_equal(loaded[MODULES[0]][0], pairs[MODULES[0]][0])
+            _, adapter, _ = apply(reg, "r2", rng)
+        state = reg.snapshot()
+        assert [e["id"] for e in state.requests] == ["r1", "r2"] and state.find("r2")["seq"] == 2
+        loaded = state.adapter(state.find("r2"))
+        np.testing.assert_array_equal(loaded.weights[MODULES[0]]["A"], adapter.weights[MODULES[0]]["A"])
         assert reg.verify() == [] and reg.leftovers() == []
 
     # the injection really fired, at every kind of step the commit takes
     assert len(fired) == n - 1 >= 15
     kinds = {label.rsplit(".", 1)[-1] for label in fired}
-    assert {"replace", "rename", "fsync", "open", "write", "append"} <= kinds
+    assert {"replace", "rename", "fsync", "open", "write"} <= kinds
 
 
 def test_recovery_removes_every_kind_of_leftover_and_nothing_committed(tmp_path):
     reg = make_registry(tmp_path / "reg")
     apply(reg, "r1", np.random.default_rng(5))
-    before = reg.manifest()
+    before = reg.snapshot().manifest
     (reg.root / "staging" / "r2.0123abcd").mkdir()
-    (reg.root / "staging" / "r2.0123abcd" / WEIGHTS_FILE).write_bytes(b"half")
+    (reg.root / "staging" / "r2.0123abcd" / WEIGHTS).write_bytes(b"half")
     (reg.root / "requests" / "r3").mkdir()
-    (reg.root / f".{MANIFEST}.tmp-12345").write_text("{")
-    assert {p.name for p in reg.leftovers()} == {"r2.0123abcd", "r3", f".{MANIFEST}.tmp-12345"}
+    (reg.root / ".manifest.json.tmp-12345").write_text("{")
+    assert {p.name for p in reg.leftovers()} == {"r2.0123abcd", "r3", ".manifest.json.tmp-12345"}
     assert reg.verify() == []  # leftovers are invisible, not damage
 
     with reg.writer():
         pass
 
     assert reg.leftovers() == []
-    assert reg.manifest() == before
+    assert reg.snapshot().manifest == before
     assert (reg.root / "requests" / "r1").is_dir()
     assert reg.verify() == []
 
 
-def test_abort_drops_staged_files_and_closes_the_attempt(tmp_path):
+def test_an_error_inside_a_transaction_drops_its_files_and_closes_the_attempt(tmp_path):
     reg = make_registry(tmp_path / "reg")
-    with reg.writer() as w:
-        w.begin("r1")
-        staged, _, _ = stage(w, "r1", np.random.default_rng(6))
-        w.abort("r1", "ValueError: " + "x" * 1000)
-    assert not staged.exists()
+    with reg.writer() as w, pytest.raises(ValueError):
+        with w.begin("r1") as txn:
+            stage(txn, "r1", np.random.default_rng(6))
+            raise ValueError("x" * 1000)
+    assert not txn.staged.exists()
     assert reg.leftovers() == []
-    assert reg.requests() == []
+    assert reg.snapshot().requests == []
     last = reg.journal()[-1]
     assert last["event"] == "abort" and last["id"] == "r1" and len(last["reason"]) == 500
     with reg.writer():
         pass
     assert not any(r["event"] == "recovered" for r in reg.journal())
+
+
+def test_an_error_after_the_commit_point_says_the_request_stands(tmp_path, monkeypatch):
+    reg = make_registry(tmp_path / "reg")
+    with reg.writer() as w, pytest.raises(RegistryError, match="r1 is committed"):
+        with w.begin("r1") as txn:
+            stage(txn, "r1", np.random.default_rng(7))
+            txn.commit(entry_for())
+            raise OSError("journal device gone")
+    events = [(r["event"], r.get("id")) for r in reg.journal()]
+    assert ("abort", "r1") not in events  # the journal must not contradict the manifest
+    assert reg.snapshot().find("r1")["state"] == "active" and reg.verify() == []
 
 
 # ---- journal ------------------------------------------------------------------------------
@@ -444,8 +485,7 @@ def test_journal_records_begin_commit_and_abort(tmp_path):
     rng = np.random.default_rng(7)
     apply(reg, "r1", rng)
     with reg.writer() as w:
-        w.begin("r2", method="gd")
-        w.abort("r2", "no luck")
+        w.begin("r2", method="gd").abort("no luck")
     events = [(r["event"], r.get("id")) for r in reg.journal()]
     assert events == [("init", None), ("begin", "r1"), ("commit", "r1"), ("begin", "r2"), ("abort", "r2")]
     assert reg.journal()[3]["method"] == "gd"
@@ -461,8 +501,7 @@ def test_a_torn_last_line_is_skipped_and_the_next_append_starts_a_fresh_line(tmp
     assert reg.journal() == before
 
     with reg.writer() as w:
-        w.begin("r9")
-        w.abort("r9", "test")
+        w.begin("r9").abort("test")
 
     records = reg.journal()
     assert [r["event"] for r in records] == ["init", "begin", "abort"]
@@ -483,6 +522,7 @@ def test_recovery_closes_a_begin_that_has_no_outcome(tmp_path):
     last = reg.journal()[-1]
     assert (last["event"], last["id"], last["outcome"]) == ("recovered", "r1", "discarded")
     assert unfinished(reg) == []
+    assert reg.leftovers() == []  # its staging folder went too
 
     with reg.writer():  # recovered once, not again
         pass
@@ -500,12 +540,13 @@ def test_set_state_rolls_back_once_and_back(tmp_path):
     with reg.writer() as w:
         entry = w.set_state("r1", "rolled_back")
     assert entry["state"] == "rolled_back" and "rolled_back_at" in entry
-    assert reg.find("r1")["state"] == "rolled_back"
-    assert [e["id"] for e in reg.active()] == ["r2"]
+    state = reg.snapshot()
+    assert state.find("r1")["state"] == "rolled_back"
+    assert [e["id"] for e in state.active] == ["r2"]
     assert reg.journal()[-1] == {**reg.journal()[-1], "event": "rolled_back", "id": "r1"}
     assert reg.verify() == []  # a state change touches no request file
 
-    before = reg.manifest()
+    before = reg.snapshot().manifest
     with reg.writer() as w:
         with pytest.raises(RegistryError, match="already rolled back"):
             w.set_state("r1", "rolled_back")
@@ -513,11 +554,11 @@ def test_set_state_rolls_back_once_and_back(tmp_path):
             w.set_state("r7", "rolled_back")
         with pytest.raises(RegistryError, match="unknown state"):
             w.set_state("r2", "deleted")
-    assert reg.manifest() == before
+    assert reg.snapshot().manifest == before
 
     with reg.writer() as w:
         w.set_state("r1", "active")
-    assert [e["id"] for e in reg.active()] == ["r1", "r2"]
+    assert [e["id"] for e in reg.snapshot().active] == ["r1", "r2"]
     with reg.writer() as w, pytest.raises(RegistryError, match="already active"):
         w.set_state("r1", "active")
 
@@ -535,11 +576,12 @@ with Registry.open(sys.argv[1]).writer():
 
 def test_a_second_writer_is_refused_until_the_holder_is_killed(tmp_path):
     reg = make_registry(tmp_path / "reg")
+    lock_bytes = (reg.root / "lock").read_bytes()
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(reg.root)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n", holder.stderr.read()
-        with pytest.raises(RegistryError, match="locked by another writer"):
+        with pytest.raises(RegistryBusy, match="busy"):
             with reg.writer(wait=False):
                 pass
         assert holder.poll() is None  # refused while the holder was alive, not after
@@ -553,3 +595,4 @@ def test_a_second_writer_is_refused_until_the_holder_is_killed(tmp_path):
     with reg.writer(wait=False) as w:  # the kernel dropped the dead holder's lock
         w.begin("r1")
     assert reg.verify() == []
+    assert (reg.root / "lock").read_bytes() == lock_bytes  # taking the lock writes nothing

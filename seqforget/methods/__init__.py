@@ -1,13 +1,13 @@
-"""Unlearning methods. Each is one file here and one line in METHODS.
+"""Unlearning methods. Each is one file here and one line in METHODS; the scopes a method
+serves are listed in seqforget.scopes.SCOPES.
 
 A method is a small object with:
-  name, sign     its registry name; +1 if its adapter is added to the model,
-                 -1 if it is subtracted (distil-then-delete methods)
-  scopes         the request scopes it can serve
-  targets(model, scope)                  names of the linear layers its adapter trains
-  loss(model, forget, retain, reference) its loss on a forget and a retain batch;
-                 `reference(batch)` gives answer log-probs under the model as it
-                 was before this request (no gradient)
+  name           its registry name
+  sign           +1 if the update it learns is added to the model, -1 if it is subtracted
+                 (distil-then-delete methods; the stored adapter holds the negated factor)
+  loss(model, forget, retain, reference)   its loss on a forget and a retain batch;
+                 `reference(batch)` gives answer log-probs under the model as it was
+                 before this request (no gradient)
 Its hyper-parameters are dataclass fields, set from the request's `method_args`; a field's
 metadata "range" (low, high) bounds it (default: any finite number >= 0).
 """
@@ -22,6 +22,7 @@ from seqforget.methods.ga import GradientAscent
 from seqforget.methods.gd import GradientDifference
 from seqforget.methods.npo import NPO
 from seqforget.methods.refusal import Refusal
+from seqforget.scopes import SCOPES
 
 Batch = dict[str, torch.Tensor]
 
@@ -29,9 +30,6 @@ Batch = dict[str, torch.Tensor]
 class Method(Protocol):
     name: str
     sign: int
-    scopes: tuple[str, ...]
-
-    def targets(self, model: torch.nn.Module, scope: str) -> list[str]: ...
 
     def loss(
         self, model, forget: Batch, retain: Batch, reference: Callable[[Batch], torch.Tensor]
@@ -47,8 +45,8 @@ def method_problems(name: str, scope: str, args: dict) -> list[str]:
     if cls is None:
         return [f"method: unknown {name!r} (known: {', '.join(sorted(METHODS))})"]
     problems = []
-    if scope in ("visual", "full", "refuse") and scope not in cls.scopes:
-        problems.append(f"method: {name} does not serve scope {scope!r} (it serves {', '.join(cls.scopes)})")
+    if scope in SCOPES and name not in SCOPES[scope].methods:
+        problems.append(f"method: {name} does not serve scope {scope!r} (methods for {scope}: {', '.join(SCOPES[scope].methods)})")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in args.items():
         if key not in fields:

@@ -1,7 +1,6 @@
 from dataclasses import dataclass
 
 from seqforget.losses import answer_nll
-from seqforget.targets import default_targets
 
 
 @dataclass
@@ -10,10 +9,6 @@ class GradientAscent:
 
     name = "ga"
     sign = +1
-    scopes = ("visual", "full")
-
-    def targets(self, model, scope):
-        return default_targets(model, scope)
 
     def loss(self, model, forget, retain, reference):
         nll = answer_nll(model, forget)

@@ -1,7 +1,6 @@
 from dataclasses import dataclass
 
 from seqforget.losses import answer_nll
-from seqforget.targets import default_targets
 
 
 @dataclass
@@ -12,10 +11,6 @@ class GradientDifference:
     retain_weight: float = 1.0
     name = "gd"
     sign = +1
-    scopes = ("visual", "full")
-
-    def targets(self, model, scope):
-        return default_targets(model, scope)
 
     def loss(self, model, forget, retain, reference):
         forget_nll, retain_nll = answer_nll(model, forget), answer_nll(model, retain)

@@ -3,7 +3,6 @@ from dataclasses import dataclass, field
 import torch.nn.functional as F
 
 from seqforget.losses import answer_logprob, answer_nll
-from seqforget.targets import default_targets
 
 
 @dataclass
@@ -21,10 +20,6 @@ class NPO:
     retain_weight: float = 1.0
     name = "npo"
     sign = +1
-    scopes = ("visual", "full")
-
-    def targets(self, model, scope):
-        return default_targets(model, scope)
 
     def loss(self, model, forget, retain, reference):
         logp, n, _ = answer_logprob(model, forget)

@@ -1,7 +1,6 @@
 from dataclasses import dataclass
 
 from seqforget.losses import answer_nll
-from seqforget.targets import default_targets
 
 
 @dataclass
@@ -14,10 +13,6 @@ class Refusal:
     retain_weight: float = 1.0
     name = "refusal"
     sign = +1
-    scopes = ("refuse",)
-
-    def targets(self, model, scope):
-        return default_targets(model, scope)
 
     def loss(self, model, forget, retain, reference):
         forget_nll, retain_nll = answer_nll(model, forget), answer_nll(model, retain)

@@ -3,15 +3,17 @@
 The world of 60 fictitious people and the tiny LLaVA that knows them (the forget/retain
 benchmark's default profile) are built on first use and cached under
 $SEQFORGET_CACHE (default ~/.cache/seqforget), keyed by a hash of their settings.
+The command reaches the CLI through the `seqforget.commands` entry point.
 """
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
 
 import click
+
+from seqforget.bench import cache_root
 
 # id suffix, scope, method, settings. The engine's defaults (lr 1e-3, 30 steps) protect retained
 # knowledge but forget little on this world (benchmarks/results); the demo asks for more.
@@ -22,18 +24,23 @@ REQUESTS = [
 ]
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("SEQFORGET_CACHE", Path.home() / ".cache" / "seqforget"))
-
-
 def default_world():
     """(world, vanilla model folder) of the benchmark's default profile, built once and cached."""
-    from seqforget.vanilla import TrainSpec, cached_model
-    from seqforget.world import WorldSpec, cached_world
+    from seqforget.bench.vanilla import TrainSpec, cached_model
+    from seqforget.bench.world import WorldSpec, cached_world
 
     world = cached_world(WorldSpec(), cache_root() / "bench")
     model = cached_model(world, cache_root() / "bench", spec=TrainSpec(), log=lambda s: None)
     return world, model
+
+
+@click.command()
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for the demo's requests and registry, replaced if a previous demo is there "
+                   "[default: $SEQFORGET_CACHE/demo].")
+def demo(out):
+    """Apply three requests to a tiny LLaVA that knows 60 fictitious people, roll one back."""
+    run_demo(out or cache_root() / "demo")
 
 
 def run_demo(out: Path) -> None:
@@ -43,6 +50,7 @@ def run_demo(out: Path) -> None:
     from seqforget.engine import apply_request, init_registry, live_model, rollback_request
     from seqforget.evaluation import answer
     from seqforget.models import load_model
+    from seqforget.status import status_rows, status_table
 
     click.echo(f"loading the world of fictitious people and its tiny LLaVA (built once, cached in {cache_root()}) ...")
     world, model_dir = default_world()
@@ -74,9 +82,9 @@ def run_demo(out: Path) -> None:
     click.echo(f"$ seqforget rollback {ids[1]}")
     rollback_request(reg_dir, ids[1])
 
-    reg = Registry.open(reg_dir)
+    state = Registry.open(reg_dir).snapshot()
     base, processor = load_model(model_dir)
-    live, _ = live_model(reg)
+    live, _ = live_model(state)
     click.echo("\nanswers of the base model and of the live model (held-out views of each person):")
     bystander = world.forget_order()[-1]
     for person in people + [bystander]:
@@ -85,8 +93,6 @@ def run_demo(out: Path) -> None:
             question = (f"[photo of {person}] " if item.image else "") + item.question
             click.echo(f"  {question:52s} base: {answer(base, processor, row):9s} live: {answer(live, processor, row)}")
     click.echo("")
-    from seqforget.cli import status_rows, status_table
-
-    click.echo(status_table(status_rows(reg)))
+    click.echo(status_table(status_rows(state)))
     click.echo(f"\n{ids[1]} was rolled back: its adapter is out of the live model, whose answers for its person "
                f"are now what the other active requests leave them. Registry: {reg_dir}")

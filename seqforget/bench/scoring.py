@@ -2,7 +2,7 @@
 
   choice      pick the option whose answer the model finds most likely (4 options,
               chance 0.25); the headline accuracy
-  generation  greedy answer; exact match and ROUGE-L F1 against the answer
+  generation  greedy answer; exact match and ROUGE-L F1 (rouge-score) against the answer
   cloze       the same greedy scoring on fill-in-the-blank items
 """
 
@@ -40,19 +40,10 @@ def choice_accuracy(model, processor, root, items, batch_size: int = 64) -> floa
 
 
 def rouge_l(prediction: str, reference: str) -> float:
-    """ROUGE-L F1 over whitespace tokens (longest common subsequence)."""
-    a, b = prediction.split(), reference.split()
-    if not a or not b:
-        return 0.0
-    lcs = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
-    for i, x in enumerate(a):
-        for j, y in enumerate(b):
-            lcs[i + 1][j + 1] = lcs[i][j] + 1 if x == y else max(lcs[i][j + 1], lcs[i + 1][j])
-    n = lcs[-1][-1]
-    if n == 0:
-        return 0.0
-    precision, recall = n / len(a), n / len(b)
-    return 2 * precision * recall / (precision + recall)
+    """ROUGE-L F1 (longest common subsequence of words), as the rouge-score package computes it."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"]).score(reference, prediction)["rougeL"].fmeasure
 
 
 def generation_scores(model, processor, root, items, max_new_tokens: int = 4) -> dict[str, float]:

@@ -14,11 +14,8 @@ Models are cached under a hash of everything that shapes them.
 
 import hashlib
 import json
-import os
 import random
-import shutil
 import time
-import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,10 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from registry import new_folder
 from seqforget import data
 from seqforget.losses import answer_logprob
 from seqforget.models import TinySpec, build_tiny_llava
-from seqforget.world import World
+from seqforget.bench.world import World
 
 
 @dataclass(frozen=True)
@@ -156,16 +154,7 @@ def cached_model(world: World, cache: Path, without_images=(), without_people=()
         "without_images": sorted(without_images), "without_people": sorted(without_people),
     }, sort_keys=True).encode()).hexdigest()[:16]
     final = Path(cache) / f"model-{key}"
-    if (final / "training.json").is_file():
-        return final
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}")
-    try:
-        train_model(world, tmp, without_images, without_people, spec, tiny, log)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / "training.json").is_file():  # another process may have finished first
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not (final / "training.json").is_file():
+        with new_folder(final, keep_existing=True) as tmp:
+            train_model(world, tmp, without_images, without_people, spec, tiny, log)
     return final

@@ -248,21 +248,12 @@ def build_world(spec: WorldSpec, root: Path) -> World:
 
 def cached_world(spec: WorldSpec, cache: Path) -> World:
     """The world of `spec` under `cache`, drawn on first use (in a temp folder, then renamed)."""
-    import os
-    import shutil
-    import uuid
+    from registry import new_folder
 
     root = Path(cache) / ("world-" + "-".join(f"{k}{v}" for k, v in asdict(spec).items()))
     if not (root / "world.json").is_file():
-        tmp = root.with_name(f".{root.name}.{uuid.uuid4().hex[:8]}")
-        try:
+        with new_folder(root, keep_existing=True) as tmp:
             build_world(spec, tmp)
-            os.rename(tmp, root)
-        except OSError:
-            if not (root / "world.json").is_file():  # another process may have drawn it first
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return load_world(root)
 
 

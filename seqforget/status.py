@@ -1,0 +1,40 @@
+"""What `seqforget status` shows: one record per request, and the table of them."""
+
+from registry import Snapshot
+
+
+def status_rows(state: Snapshot) -> list[dict]:
+    """One record per request, as `status --json` prints it."""
+    return [
+        {
+            "id": e["id"],
+            "seq": e["seq"],
+            "state": e["state"],
+            "method": e["method"],
+            "scope": e["scope"],
+            "sign": e["sign"],
+            "kind": e["kind"],
+            "metrics": e["metrics"],
+            "adapter_dir": str(state.folder(e)),
+            "applied_at": e["applied_at"],
+            "rolled_back_at": e.get("rolled_back_at"),
+        }
+        for e in state.requests
+    ]
+
+
+def status_table(rows: list[dict]) -> str:
+    header = ["#", "id", "state", "method", "scope", "forget NLL", "retain NLL", "forget acc", "retain acc", "applied"]
+    lines = [header]
+    for r in rows:
+        m = r["metrics"]
+        lines.append([
+            str(r["seq"]), r["id"], r["state"].replace("_", " "), r["method"], r["scope"],
+            "{:.2f} -> {:.2f}".format(*m["forget_nll"]), "{:.2f} -> {:.2f}".format(*m["retain_nll"]),
+            "{:.2f} -> {:.2f}".format(*m["forget_acc"]), "{:.2f} -> {:.2f}".format(*m["retain_acc"]),
+            r["applied_at"],
+        ])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
+    out.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(out)

@@ -1,0 +1,62 @@
+"""Request files, the scope table, and progress output: small pieces with no model."""
+
+import io
+
+import yaml
+from click.testing import CliRunner
+
+from seqforget.cli import cli
+from seqforget.progress import Progress
+from seqforget.requests import load_request
+from seqforget.scopes import SCOPES
+
+
+def _write(folder, **fields):
+    (folder / "forget.jsonl").write_text('{"question": "what is the job of ada ?", "answer": "miner"}\n')
+    (folder / "retain.jsonl").write_text('{"question": "what is the job of bo ?", "answer": "baker"}\n')
+    body = {"id": "r1", "scope": "full", "forget": "forget.jsonl", "retain": "retain.jsonl", **fields}
+    (folder / "r1.yaml").write_text(yaml.safe_dump(body))
+    return folder / "r1.yaml"
+
+
+def test_a_request_without_a_method_gets_its_scopes_default(tmp_path):
+    for scope in ("full", "refuse"):
+        assert load_request(_write(tmp_path, scope=scope)).method == SCOPES[scope].methods[0]
+
+
+def test_a_request_is_known_by_its_content_not_by_where_its_files_lie(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, moved = load_request(_write(tmp_path / "a")), load_request(_write(tmp_path / "b"))
+    assert first.source != moved.source and first.sha256() == moved.sha256()
+    assert load_request(_write(tmp_path / "b", steps=9)).sha256() != first.sha256()
+    path = _write(tmp_path / "b")
+    (tmp_path / "b" / "retain.jsonl").write_text('{"question": "what is the job of bo ?", "answer": "cook"}\n')
+    assert load_request(path).sha256() != first.sha256()  # other data, other request
+
+
+def test_every_scope_lists_methods_that_exist():
+    from seqforget.methods import METHODS
+
+    for scope in SCOPES.values():
+        assert scope.methods and set(scope.methods) <= set(METHODS), scope
+
+
+def test_off_a_terminal_progress_prints_no_line_per_step():
+    quiet = io.StringIO()
+    with Progress(1000, "apply r1", stream=quiet) as progress:
+        for _ in range(1000):
+            progress.update(loss=1.0)
+    assert quiet.getvalue() == ""  # under `every` seconds: nothing but the caller's summary line
+    chatty = io.StringIO()
+    with Progress(3, "apply r1", every=0.0, stream=chatty) as progress:
+        for _ in range(3):
+            progress.update(loss=0.5)
+    assert chatty.getvalue().splitlines() == [f"apply r1: step {i}/3 loss 0.500" for i in (1, 2, 3)]
+
+
+def test_the_demo_reaches_the_cli_as_an_installed_command():
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0 and "demo" in result.output
+    result = CliRunner().invoke(cli, ["demo", "--help"])
+    assert result.exit_code == 0 and "SEQFORGET_CACHE" in result.output
