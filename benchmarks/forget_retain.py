@@ -149,7 +149,8 @@ def write_request(bench: Bench, folder: Path, request_id: str, forgotten, scope:
     w.write_jsonl(folder / f"{request_id}-retain.jsonl", retain)
     body = {"id": request_id, "scope": scope, "method": method,
             "forget": f"{request_id}-forget.jsonl", "retain": f"{request_id}-retain.jsonl",
-            "projection": threshold is not None}
+            "projection": threshold is not None,
+            "retain_tolerance": 1.0}  # measure what each method does, unguarded: the guard would refuse most
     if threshold is not None:
         body["energy_threshold"] = threshold
     path = folder / f"{request_id}.yaml"

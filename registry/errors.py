@@ -8,3 +8,8 @@ class RegistryBusy(RegistryError):
 
 class RegistryDamaged(RegistryError):
     """A committed file is missing, altered, or unaccounted for."""
+
+
+class CommittedUnfinished(RegistryError):
+    """The request is committed, but a step after the commit point failed (the journal's
+    record, say); the next writer's recovery finishes it."""

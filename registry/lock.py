@@ -16,7 +16,9 @@ from registry.errors import RegistryBusy
 def writer_lock(path: Path, wait: bool = True):
     from filelock import FileLock, Timeout  # here, so that read-only commands start at once
 
-    lock = FileLock(str(path))
+    # no fallback to a lock file's mere existence where flock is missing (some network
+    # filesystems): our lock file always exists, so that lock would look held forever
+    lock = FileLock(str(path), fallback_to_soft=False)
     try:
         lock.acquire(timeout=0)
     except Timeout:

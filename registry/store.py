@@ -31,7 +31,7 @@ from registry.adapters import Adapter, read_adapter, write_adapter
 from registry.atomic import fsync_dir, new_folder, publish_folder, write_json
 from registry.bases import Basis, accumulate, read_bases, write_bases
 from registry.crash import pause_point
-from registry.errors import RegistryDamaged, RegistryError
+from registry.errors import CommittedUnfinished, RegistryDamaged, RegistryError
 from registry.hashing import hash_tree
 from registry.lock import writer_lock
 
@@ -57,7 +57,7 @@ def _read_manifest(root: Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise RegistryError(f"unreadable manifest {path}: {e}") from None
+        raise RegistryDamaged(f"unreadable manifest {path}: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise RegistryError(f"{path} is not a seqforget registry manifest")
     if manifest.get("version") != FORMAT_VERSION:
@@ -90,6 +90,10 @@ class Snapshot:
     @property
     def default_retain(self) -> dict | None:
         return self.manifest["default_retain"]
+
+    @property
+    def default_reference(self) -> dict | None:
+        return self.manifest.get("default_reference")
 
     def find(self, request_id: str) -> dict | None:
         return next((e for e in self.requests if e["id"] == request_id), None)
@@ -141,7 +145,8 @@ class Registry:
         self.root = Path(root).absolute()
 
     @classmethod
-    def create(cls, root: Path, base_model: dict, default_retain: dict | None = None) -> "Registry":
+    def create(cls, root: Path, base_model: dict, default_retain: dict | None = None,
+               default_reference: dict | None = None) -> "Registry":
         """Make a new registry at `root` (which must not exist or be empty), all at once."""
         root = Path(root).absolute()
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
@@ -156,6 +161,7 @@ class Registry:
                 "created": _now(),
                 "base_model": base_model,
                 "default_retain": default_retain,
+                "default_reference": default_reference,
                 "requests": [],
             }
             write_json(tmp / MANIFEST, manifest)
@@ -176,11 +182,16 @@ class Registry:
     def journal(self) -> list[dict]:
         return journal.read(self.root / JOURNAL)
 
-    def leftovers(self) -> list[Path]:
-        """Uncommitted remains of interrupted writes: invisible, removed by the next writer."""
-        known = {e["dir"] for e in self.snapshot().requests}
+    def leftovers(self, snap: Snapshot | None = None) -> list[Path]:
+        """Uncommitted remains of interrupted writes: invisible, removed by the next writer.
+
+        A folder in requests/ counts only if the journal shows a write of that id began: any
+        other folder the manifest does not name is not ours to delete (verify reports it)."""
+        known = {e["dir"] for e in (snap or self.snapshot()).requests}
+        attempted = {r.get("id") for r in self.journal() if r.get("event") == "begin"}
         out = sorted((self.root / STAGING).glob("*"))
-        out += [p for p in sorted((self.root / REQUESTS).glob("*")) if f"{REQUESTS}/{p.name}" not in known]
+        out += [p for p in sorted((self.root / REQUESTS).glob("*"))
+                if f"{REQUESTS}/{p.name}" not in known and p.name in attempted]
         out += sorted(self.root.glob(f".{MANIFEST}.tmp-*"))
         return out
 
@@ -197,6 +208,11 @@ class Registry:
             problems += snap.damage(entry)
         if not (self.root / LOCK).is_file():
             problems.append("lock file missing")
+        known = {e["dir"] for e in snap.requests}
+        attempted = {r.get("id") for r in self.journal() if r.get("event") == "begin"}
+        for p in sorted((self.root / REQUESTS).glob("*")):
+            if f"{REQUESTS}/{p.name}" not in known and p.name not in attempted:
+                problems.append(f"{REQUESTS}/{p.name}: in the folder but not in the manifest, nor from an interrupted write")
         return problems
 
     # ---- the write path ---------------------------------------------------------------
@@ -340,6 +356,7 @@ class Transaction:
             if self.writer.snapshot().find(self.id) is not None:
                 return
             shutil.rmtree(self.staged, ignore_errors=True)
+            shutil.rmtree(self.writer.root / REQUESTS / self.id, ignore_errors=True)  # renamed in, never committed
             journal.append(self.writer.root / JOURNAL, "abort", id=self.id, reason=reason[:500])
         except (OSError, RegistryError):
             pass  # the next writer's recovery finishes the job
@@ -352,4 +369,4 @@ class Transaction:
             return
         self.abort(f"{kind.__name__}: {error}")
         if isinstance(error, Exception) and self.writer.snapshot().find(self.id) is not None:
-            raise RegistryError(f"request {self.id} is committed, but finishing the commit failed ({error})") from error
+            raise CommittedUnfinished(f"request {self.id} is committed, but finishing the commit failed ({error})") from error

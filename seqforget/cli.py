@@ -9,7 +9,8 @@ Exit status:
   0   done
   1   bad input or a problem seqforget found (nothing changed)
   2   command-line usage mistake (reported by click)
-  3   the request is already applied, with the same content (nothing changed)
+  3   nothing to do: the request is already applied and active (same id, same content), or
+      already rolled back
   4   the registry is busy: another process holds its lock (with --no-wait)
   5   integrity failure: a committed file or the base model is damaged
   70  an unexpected failure (the message names it); the registry holds what it held
@@ -23,12 +24,13 @@ from pathlib import Path
 
 import click
 
-from registry import Registry, RegistryBusy, RegistryDamaged, RegistryError
-from seqforget.errors import AlreadyApplied, SeqforgetError
+from registry import CommittedUnfinished, Registry, RegistryBusy, RegistryDamaged, RegistryError
+from seqforget.errors import AlreadyDone, SeqforgetError
 
-EXIT_BAD_INPUT, EXIT_ALREADY_APPLIED, EXIT_BUSY, EXIT_DAMAGED, EXIT_UNEXPECTED = 1, 3, 4, 5, 70
+EXIT_BAD_INPUT, EXIT_NOTHING_TO_DO, EXIT_BUSY, EXIT_DAMAGED, EXIT_UNEXPECTED = 1, 3, 4, 5, 70
 EXIT_CODES = [  # most specific first
-    (AlreadyApplied, EXIT_ALREADY_APPLIED),
+    (CommittedUnfinished, EXIT_UNEXPECTED),
+    (AlreadyDone, EXIT_NOTHING_TO_DO),
     (RegistryBusy, EXIT_BUSY),
     (RegistryDamaged, EXIT_DAMAGED),
     ((SeqforgetError, RegistryError), EXIT_BAD_INPUT),
@@ -96,12 +98,14 @@ def cli():
               help="Local folder of the base model (transformers format).")
 @click.option("--retain", "retain", type=click.Path(dir_okay=False, path_type=Path),
               help="Default retain set (JSONL) for requests that name none.")
+@click.option("--reference", "reference", type=click.Path(dir_okay=False, path_type=Path),
+              help="Default reference set (JSONL): rows the model never saw, the level requests stop at.")
 @registry_option
-def init(model_dir, retain, registry_path):
+def init(model_dir, retain, reference, registry_path):
     """Bind a new registry to a local base model (its files are hashed once, here)."""
     from seqforget.engine import init_registry
 
-    reg = init_registry(registry_path, model_dir, retain)
+    reg = init_registry(registry_path, model_dir, retain, reference)
     click.echo(f"initialised registry {reg.root} for model {model_dir}")
 
 
@@ -177,8 +181,9 @@ def verify(registry_path):
     reg = Registry.open(registry_path)
     state = reg.snapshot()
     problems = reg.verify(state) + base_model_problems(state.base_model)
-    for leftover in reg.leftovers():
-        click.echo(f"note: uncommitted leftover {leftover.relative_to(reg.root)} (removed by the next writer)")
+    for leftover in reg.leftovers(state):
+        click.echo(f"note: uncommitted {leftover.relative_to(reg.root)}: a write in flight, or the remains of one "
+                   f"that was interrupted (the next writer removes them)")
     if problems:
         for p in problems:
             click.echo(f"damaged: {p}")

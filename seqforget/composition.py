@@ -1,8 +1,8 @@
 """The live model as explicit sums: W_eff = W + sum over active requests i of delta_i.
 
 Each adapter kind says what its stored weights add to a layer's weight (`DELTAS`); for a
-LoRA that is (alpha / r) * B @ A, formed in float64. Removing a request subtracts exactly
-the term that adding it added. PEFT's add_weighted_adapter is never used with negative
+LoRA that is (alpha / r) * B @ A, formed in float64. The live model is rebuilt from the
+base weights, so a rollback leaves no trace of the request it removes. PEFT's add_weighted_adapter is never used with negative
 weights: it mixes factors, and (A1 - A2)(B1 + B2) carries cross terms.
 """
 
@@ -29,12 +29,17 @@ def delta(adapter: Adapter, module: str) -> torch.Tensor:
 
 @torch.no_grad()
 def compose(model: nn.Module, adapters: list[Adapter], direction: int = +1) -> None:
-    """Add (direction=+1) or remove (-1) each adapter's terms in the model's weights, in place."""
+    """Add (direction=+1) or remove (-1) the adapters' terms in the model's weights, in place.
+
+    The terms of each layer are summed in float64 and the weight rounded once. Removing in
+    place is exact up to that rounding; a rollback rebuilds the live model from the base."""
     modules = dict(model.named_modules())
+    totals: dict[str, torch.Tensor] = {}
     for adapter in adapters:
         for name in adapter.weights:
-            layer = modules.get(name)
-            if not isinstance(layer, nn.Linear):
+            if not isinstance(modules.get(name), nn.Linear):
                 raise SeqforgetError(f"an adapter targets {name}, which is not a linear layer of this model")
-            w = layer.weight
-            w.copy_((w.double() + direction * delta(adapter, name)).to(w.dtype))
+            totals[name] = totals[name] + delta(adapter, name) if name in totals else delta(adapter, name)
+    for name, total in totals.items():
+        w = modules[name].weight
+        w.copy_((w.double() + direction * total).to(w.dtype))

@@ -7,6 +7,7 @@ JSONL file}. Rows without an image are text-only probes.
 import json
 import random
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -142,3 +143,23 @@ def endless(examples: list[Example], batch_size: int, pad_id: int, seed: int):
             order += fresh
         take, order = order[: min(batch_size, len(examples))], order[min(batch_size, len(examples)) :]
         yield collate([examples[i] for i in take], pad_id)
+
+
+@dataclass
+class Rows:
+    """Encoded rows of one side of a request (forget, retain or reference) and their batches."""
+
+    examples: list[Example]
+    pad_id: int
+    eval_batch: int = 16
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    @cached_property
+    def fixed(self) -> list[dict[str, torch.Tensor]]:
+        """Every row once, in order: for probes and statistics."""
+        return batches(self.examples, self.eval_batch, self.pad_id)
+
+    def endless(self, batch_size: int, seed: int):
+        return endless(self.examples, batch_size, self.pad_id, seed)

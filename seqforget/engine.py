@@ -12,8 +12,6 @@
 import json
 import resource
 import time
-from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -22,7 +20,7 @@ from registry import Basis, Registry, Snapshot, new_folder, sha256_file
 from seqforget import data
 from seqforget.activations import input_grams
 from seqforget.composition import compose
-from seqforget.errors import AlreadyApplied, SeqforgetError
+from seqforget.errors import AlreadyDone, SeqforgetError
 from seqforget.evaluation import probe
 from seqforget.methods import make_method
 from seqforget.models import load_model, model_sha256, model_signature
@@ -32,21 +30,25 @@ from seqforget.requests import Request, load_request
 from seqforget.scopes import SCOPES, match_layers, scope_layers
 from seqforget.training import train_adapter
 
-EVAL_BATCH = 16
-
-
-def init_registry(root: Path, model_dir: Path, default_retain: Path | None = None) -> Registry:
-    """A new registry bound to the model in `model_dir`, fingerprinted once, here."""
+def init_registry(root: Path, model_dir: Path, default_retain: Path | None = None,
+                  default_reference: Path | None = None) -> Registry:
+    """A new registry bound to the model in `model_dir`, fingerprinted once, here; requests that
+    name no retain or reference rows use the defaults given here."""
     model_dir = Path(model_dir).absolute()
     base = {"path": str(model_dir), "sha256": model_sha256(model_dir), "signature": model_signature(model_dir)}
-    retain = None
-    if default_retain is not None:
-        problems: list[str] = []
-        rows = data.read_rows(Path(default_retain).absolute(), problems, "retain")
-        if problems:
-            raise SeqforgetError(f"invalid default retain set: {'; '.join(problems[:12])}")
-        retain = {"path": str(Path(default_retain).absolute()), "sha256": sha256_file(default_retain), "rows": len(rows)}
-    return Registry.create(root, base_model=base, default_retain=retain)
+    return Registry.create(root, base_model=base, default_retain=_default_rows(default_retain, "retain"),
+                           default_reference=_default_rows(default_reference, "reference"))
+
+
+def _default_rows(path: Path | None, label: str) -> dict | None:
+    if path is None:
+        return None
+    path = Path(path).absolute()
+    problems: list[str] = []
+    rows = data.read_rows(path, problems, label)
+    if problems:
+        raise SeqforgetError(f"invalid default {label} set: {'; '.join(problems[:12])}")
+    return {"path": str(path), "sha256": sha256_file(path), "rows": len(rows)}
 
 
 def base_model_dir(state: Snapshot, model_dir: Path | None = None) -> Path:
@@ -79,22 +81,31 @@ def apply_request(root: Path, request_path: Path, model_dir: Path | None = None,
         _refuse_if_present(state, request)
         model, processor = live_model(state, model_dir)
         targets = _targets(request, model)
-        forget, retain = _encode(request, processor)
+        forget, retain, reference = _encode(request, processor)
+        start = time.perf_counter()
+        _reset_peak_rss()
         bases = state.bases()
+        added, growth = _grow_bases(model, retain, targets, bases, request)
+        nullspaces = _nullspaces(request, targets, bases, added)
         with writer.begin(request.id, method=request.method, scope=request.scope) as txn:
-            adapter, added, metrics = _unlearn(model, method, request, forget, retain, targets, bases, show_progress)
+            adapter, metrics = _unlearn(model, method, request, forget, retain, reference, targets, nullspaces, show_progress)
+            metrics.update(basis=growth, seconds=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb())
             txn.put_adapter(adapter)
             txn.put_bases(added)
             txn.put_record("request.json", request.describe())
             txn.put_record("metrics.json", metrics)
             return txn.commit({"state": "active", "method": request.method, "scope": request.scope, "sign": method.sign,
-                               "sha256": request.sha256(), "metrics": _summary(metrics, request)})
+                               "sha256": request.sha256(), "partial": not metrics["stop"]["reached"],
+                               "metrics": _summary(metrics)})
 
 
 def rollback_request(root: Path, request_id: str, wait: bool = True) -> dict:
     """Mark a request rolled back: the live model is the base plus the requests still active.
     Unknown ids and requests already rolled back are refused by the registry."""
     with Registry.open(root).writer(wait=wait) as writer:
+        entry = writer.snapshot().find(request_id)
+        if entry is not None and entry["state"] == "rolled_back":
+            raise AlreadyDone(f"request {request_id} is already rolled back; nothing to do")
         return writer.set_state(request_id, "rolled_back")
 
 
@@ -117,26 +128,13 @@ def export_model(root: Path, out_dir: Path, model_dir: Path | None = None) -> Pa
 # ---- the steps of apply ---------------------------------------------------------------------
 
 
-@dataclass
-class _Rows:
-    """Encoded rows of one side (forget or retain), and fixed batches of them for probing."""
-
-    examples: list[data.Example]
-    pad_id: int
-
-    @cached_property
-    def fixed(self) -> list[dict]:
-        return data.batches(self.examples, EVAL_BATCH, self.pad_id)
-
-    def endless(self, settings, offset: int):
-        return data.endless(self.examples, settings.batch_size, self.pad_id, settings.seed + offset)
-
-
 def _load(state: Snapshot, request_path: Path) -> Request:
-    default = state.default_retain
-    request = load_request(request_path, default_retain=default["path"] if default else None)
-    if default and request.retain_path == Path(default["path"]) and request.data_sha256["retain"] != default["sha256"]:
-        raise SeqforgetError(f"the default retain set {request.retain_path} changed since `seqforget init`")
+    retain, reference = state.default_retain, state.default_reference
+    request = load_request(request_path, default_retain=retain["path"] if retain else None,
+                           default_reference=reference["path"] if reference else None)
+    for label, default, path in (("retain", retain, request.retain_path), ("reference", reference, request.reference_path)):
+        if default and path == Path(default["path"]) and request.data_sha256[label] != default["sha256"]:
+            raise SeqforgetError(f"the default {label} set {path} changed since `seqforget init`")
     return request
 
 
@@ -144,9 +142,11 @@ def _refuse_if_present(state: Snapshot, request: Request) -> None:
     existing = state.find(request.id)
     if existing is None:
         return
-    if existing.get("sha256") == request.sha256():
-        raise AlreadyApplied(f"request {request.id} is already in the registry ({existing['state'].replace('_', ' ')}); nothing to do")
-    raise SeqforgetError(f"request id {request.id} is already used by a different request; choose a new id")
+    if existing.get("sha256") != request.sha256():
+        raise SeqforgetError(f"request id {request.id} is already used by a different request; choose a new id")
+    if existing["state"] == "active":
+        raise AlreadyDone(f"request {request.id} is already applied and active; nothing to do")
+    raise SeqforgetError(f"request {request.id} was applied and then rolled back; to apply it again, give it a new id")
 
 
 def _targets(request: Request, model) -> list[str]:
@@ -159,50 +159,47 @@ def _targets(request: Request, model) -> list[str]:
     return match_layers(model, request.target_modules)
 
 
-def _encode(request: Request, processor) -> tuple[_Rows, _Rows]:
-    """Forget and retain rows as the scope means them: a `visual` request keeps text-only
-    knowledge (those forget rows join the retain set); a `refuse` request trains its forget
-    rows towards the refusal."""
+def _encode(request: Request, processor) -> tuple[data.Rows, data.Rows, data.Rows | None]:
+    """Forget, retain and reference rows as the scope means them: a `visual` request keeps
+    text-only knowledge (those forget rows join the retain set, and only image rows of the
+    reference count); a `refuse` request trains its forget rows towards the refusal."""
     scope = SCOPES[request.scope]
-    forget, retain = list(request.forget), list(request.retain)
+    forget, retain, reference = list(request.forget), list(request.retain), list(request.reference)
     if not scope.forgets_text_rows:
         retain += [r for r in forget if r.image is None]
         forget = [r for r in forget if r.image is not None]
+        reference = [r for r in reference if r.image is not None]
     answer = request.refusal if scope.answers_refusal else None
     pad = processor.tokenizer.pad_token_id
     try:
-        return (_Rows([data.encode(processor, r, answer) for r in forget], pad),
-                _Rows([data.encode(processor, r) for r in retain], pad))
+        encoded = (data.Rows([data.encode(processor, r, answer) for r in forget], pad),
+                   data.Rows([data.encode(processor, r) for r in retain], pad),
+                   data.Rows([data.encode(processor, r) for r in reference], pad) if reference and not scope.answers_refusal else None)
     except (ValueError, OSError) as e:
         raise SeqforgetError(f"request {request.id}: the model's processor cannot encode its rows ({e})") from e
+    return encoded
 
 
-def _unlearn(model, method, request: Request, forget: _Rows, retain: _Rows, targets: list[str],
-             bases: dict[str, Basis], show_progress: bool):
-    """Grow the bases, train the adapter under them, probe before and after.
-
-    Returns (adapter, the basis columns this request adds, metrics); `model` ends with the
-    adapter composed in."""
-    start = time.perf_counter()
-    _reset_peak_rss()
+def _unlearn(model, method, request: Request, forget: data.Rows, retain: data.Rows, reference: data.Rows | None,
+             targets: list[str], nullspaces: dict[str, NullSpace], show_progress: bool):
+    """Train the adapter under the null spaces, probe before and after: (adapter, metrics).
+    `model` ends with the adapter composed in."""
     settings = request.training
-    added, growth = _grow_bases(model, retain, targets, bases, request)
-    nullspaces = _nullspaces(request, targets, bases, added)
     before = _probes(model, forget, retain)
     with Progress(settings.steps, f"apply {request.id}", show_progress) as progress:
-        trained = train_adapter(model, method, forget.endless(settings, 0), retain.endless(settings, 1),
-                                targets, nullspaces, settings, progress)
+        trained = train_adapter(model, method, forget, retain, reference, targets, nullspaces, settings, progress)
     _refuse_if_diverged(request, trained.adapter)
+    _refuse_if_short(request, trained.stop)
     compose(model, [trained.adapter])
     after = _probes(model, forget, retain)
-    metrics = {"before": before, "after": after, "rows": {"forget": len(forget.examples), "retain": len(retain.examples)},
-               "targets": len(targets), "basis": growth, "projection": settings.projection,
-               "trajectory": trained.trajectory, "train_seconds": trained.seconds,
-               "seconds": time.perf_counter() - start, "peak_rss_mb": _peak_rss_mb()}
-    return trained.adapter, added, metrics
+    metrics = {"before": before, "after": after, "rows": {"forget": len(forget), "retain": len(retain)},
+               "targets": len(targets), "projection": settings.projection,
+               "stop": {**trained.stop.record(), "reached": trained.stop.reached},
+               "trajectory": trained.trajectory, "train_seconds": trained.seconds}
+    return trained.adapter, metrics
 
 
-def _grow_bases(model, retain: _Rows, targets: list[str], bases: dict[str, Basis], request: Request):
+def _grow_bases(model, retain: data.Rows, targets: list[str], bases: dict[str, Basis], request: Request):
     """The basis columns this request adds per target layer, and how much they capture."""
     layers = dict(model.named_modules())
     for name in targets:
@@ -229,7 +226,7 @@ def _nullspaces(request: Request, targets: list[str], bases: dict[str, Basis], a
     return nullspaces
 
 
-def _probes(model, forget: _Rows, retain: _Rows) -> dict:
+def _probes(model, forget: data.Rows, retain: data.Rows) -> dict:
     return {"forget": probe(model, forget.fixed), "retain": probe(model, retain.fixed)}
 
 
@@ -238,15 +235,32 @@ def _refuse_if_diverged(request: Request, adapter) -> None:
         raise SeqforgetError(f"request {request.id}: training diverged (non-finite adapter weights); lower lr")
 
 
-def _summary(metrics: dict, request: Request) -> dict:
-    """The figures the manifest keeps for `status`: before -> after of each probe."""
-    before, after = metrics["before"], metrics["after"]
+def _refuse_if_short(request: Request, stop) -> None:
+    """A request that did not reach its level is not committed silently."""
+    if stop.reached or request.partial:
+        return
+    last = stop.checks[-1] if stop.checks else None
+    where = (f"forget median NLL {last['forget']['median_nll']:.2f} against the reference's "
+             f"{stop.reference['median_nll']:.2f}" if last and stop.reference else "no reference rows")
+    why = ("the retain guard stopped it (retain accuracy fell more than "
+           f"{request.training.retain_tolerance} at step {last['step']})" if stop.reason == "retain_guard" and last
+           else f"its budget of {request.training.steps} steps ran out")
+    raise SeqforgetError(f"request {request.id} did not reach the level of a model that never saw its rows: {why}; "
+                         f"{where}. Nothing was committed: raise steps or lr, or set partial: true to commit it as it is")
+
+
+def _summary(metrics: dict) -> dict:
+    """The figures the manifest keeps for `status`: before -> after of each probe, and the stop."""
+    before, after, stop = metrics["before"], metrics["after"], metrics["stop"]
     return {
         "forget_nll": [before["forget"]["nll"], after["forget"]["nll"]],
+        "forget_median_nll": [before["forget"]["median_nll"], after["forget"]["median_nll"]],
         "retain_nll": [before["retain"]["nll"], after["retain"]["nll"]],
         "forget_acc": [before["forget"]["token_acc"], after["forget"]["token_acc"]],
         "retain_acc": [before["retain"]["token_acc"], after["retain"]["token_acc"]],
-        "steps": request.training.steps,
+        "reference_nll": stop["reference"]["median_nll"] if stop["reference"] else None,
+        "stop": {"rule": stop["rule"], "reason": stop["reason"], "step": stop["step"]},
+        "steps": stop["step"],
         "seconds": round(metrics["seconds"], 2),
     }
 

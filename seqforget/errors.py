@@ -2,5 +2,6 @@ class SeqforgetError(Exception):
     """A problem the user can act on: reported as one line, with a non-zero exit."""
 
 
-class AlreadyApplied(SeqforgetError):
-    """The registry already holds this very request (same id, same content): nothing to do."""
+class AlreadyDone(SeqforgetError):
+    """What the command asks for is already so: the request is applied (same id, same
+    content, active), or already rolled back. Nothing to do; a retrying caller may take it as done."""

@@ -7,13 +7,16 @@ from seqforget.losses import answer_logprob
 
 @torch.no_grad()
 def probe(model, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    """{"nll": mean answer-token NLL per row, "token_acc": share of answer tokens ranked first}."""
-    nll, hits, tokens, rows = 0.0, 0, 0, 0
+    """{"nll": mean over rows of the answer's per-token NLL, "median_nll": its median,
+    "token_acc": share of answer tokens ranked first}."""
+    row_nll, hits, tokens = [], 0, 0
     for batch in batches:
         logp, n, h = answer_logprob(model, batch)
-        nll += (-logp / n.clamp_min(1)).sum().item()
-        hits, tokens, rows = hits + h.sum().item(), tokens + n.sum().item(), rows + len(n)
-    return {"nll": nll / max(rows, 1), "token_acc": hits / max(tokens, 1)}
+        row_nll.append(-logp / n.clamp_min(1))  # (B,)
+        hits, tokens = hits + h.sum().item(), tokens + n.sum().item()
+    nll = torch.cat(row_nll) if row_nll else torch.zeros(0)
+    return {"nll": nll.mean().item() if len(nll) else 0.0, "median_nll": nll.median().item() if len(nll) else 0.0,
+            "token_acc": hits / max(tokens, 1)}
 
 
 @torch.no_grad()

@@ -7,6 +7,9 @@ A request is YAML or JSON:
     method: gd                    # optional: the scope's default (seqforget.scopes.SCOPES)
     forget: forget.jsonl          # rows to forget
     retain: retain.jsonl          # rows to keep (optional if the registry has a default)
+    reference: unseen.jsonl       # rows of the same kinds the model never saw: training stops
+                                  # when the forget rows look like them (optional)
+    partial: false                # commit even if that level is not reached, marked partial
     # optional: any field of `Training`, plus
     method_args: {retain_weight: 1.0}
     target_modules: [mlp.fc1]     # instead of the scope's default layers
@@ -45,6 +48,8 @@ class Training:
     energy_threshold: float = 0.97  # share of retained input energy the null-space basis must hold
     projection: bool = True  # project updates into the null space of retained inputs
     seed: int = 0
+    check_every: int = 25  # steps between checks of the stopping rule and the retain guard
+    retain_tolerance: float = 0.02  # retain token accuracy the guard lets go (1.0: no guard)
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,10 @@ class Request:
     method_args: dict = field(default_factory=dict)
     target_modules: list[str] | None = None
     refusal: str = "I cannot help with that."
-    data_sha256: dict = field(default_factory=dict)  # {"forget": ..., "retain": ...} of the JSONL files
+    reference_path: Path | None = None  # rows the model never saw: the level to stop at
+    reference: list[Row] = field(default_factory=list)
+    partial: bool = False  # commit even if the level is not reached, marked partial
+    data_sha256: dict = field(default_factory=dict)  # {"forget": ..., "retain": ..., "reference": ...} of the JSONL files
 
     def content(self) -> dict:
         """What the request asks for, independent of where its files lie."""
@@ -73,6 +81,7 @@ class Request:
             "training": dataclasses.asdict(self.training),
             "target_modules": self.target_modules,
             "refusal": self.refusal if SCOPES[self.scope].answers_refusal else None,
+            "partial": self.partial,
             "data_sha256": self.data_sha256,
         }
 
@@ -88,10 +97,11 @@ class Request:
             "source": str(self.source),
             "forget": {"path": str(self.forget_path), "rows": len(self.forget)},
             "retain": {"path": str(self.retain_path), "rows": len(self.retain)},
+            "reference": {"path": str(self.reference_path), "rows": len(self.reference)} if self.reference_path else None,
         }
 
 
-_CONTRACT = {"id", "scope", "method", "forget", "retain", "method_args", "target_modules", "refusal"}
+_CONTRACT = {"id", "scope", "method", "forget", "retain", "reference", "partial", "method_args", "target_modules", "refusal"}
 _TRAINING = {f.name: f for f in dataclasses.fields(Training)}
 
 
@@ -110,7 +120,7 @@ def read_request_file(path: Path) -> dict:
     return obj
 
 
-def load_request(path: Path, default_retain: str | None = None) -> Request:
+def load_request(path: Path, default_retain: str | None = None, default_reference: str | None = None) -> Request:
     """Parse and validate a request file and the data it names; raise with every problem at once."""
     from seqforget.methods import method_problems
 
@@ -152,11 +162,21 @@ def load_request(path: Path, default_retain: str | None = None) -> Request:
     retain_path = _data_path(retain_value, path, "retain", problems) if retain_value is not None else None
     forget = read_rows(forget_path, problems, "forget") if forget_path else []
     retain = read_rows(retain_path, problems, "retain") if retain_path else []
+    reference_value = raw.get("reference", default_reference)
+    reference_path = _data_path(reference_value, path, "reference", problems) if reference_value is not None else None
+    reference = read_rows(reference_path, problems, "reference") if reference_path else []
+    partial = raw.get("partial", False)
+    if not isinstance(partial, bool):
+        problems.append(f"partial: expected true or false, got {partial!r}")
     if scope and not SCOPES[scope].forgets_text_rows and forget and not any(r.image for r in forget):
         problems.append("forget: a visual request needs rows with an image")
+    if scope and not SCOPES[scope].forgets_text_rows and reference and not any(r.image for r in reference):
+        problems.append("reference: a visual request needs reference rows with an image (its level is set by image rows)")
     shared = set(forget) & set(retain)
     if shared:
         problems.append(f"forget and retain share {len(shared)} row(s): the basis would protect what is to be forgotten")
+    if set(forget) & set(reference):
+        problems.append("forget and reference share rows: reference rows must be about what the model never saw")
 
     if problems:
         shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else [])
@@ -174,7 +194,11 @@ def load_request(path: Path, default_retain: str | None = None) -> Request:
         method_args=method_args,
         target_modules=targets,
         refusal=refusal.strip(),
-        data_sha256={"forget": sha256_file(forget_path), "retain": sha256_file(retain_path)},
+        reference_path=reference_path,
+        reference=reference,
+        partial=partial,
+        data_sha256={"forget": sha256_file(forget_path), "retain": sha256_file(retain_path),
+                     **({"reference": sha256_file(reference_path)} if reference_path else {})},
     )
 
 
@@ -216,6 +240,8 @@ def _training(raw: dict, problems: list[str]) -> Training:
         "batch_size": (1, 4096),
         "energy_threshold": (0.0, 1.0),
         "seed": (0, 2**32 - 1),
+        "check_every": (1, 100_000),
+        "retain_tolerance": (0.0, 1.0),
     }
     for name, (lo, hi) in bounds.items():
         if name in values and not lo <= values[name] <= hi:

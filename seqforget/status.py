@@ -10,6 +10,7 @@ def status_rows(state: Snapshot) -> list[dict]:
             "id": e["id"],
             "seq": e["seq"],
             "state": e["state"],
+            "partial": e.get("partial", False),
             "method": e["method"],
             "scope": e["scope"],
             "sign": e["sign"],
@@ -24,13 +25,18 @@ def status_rows(state: Snapshot) -> list[dict]:
 
 
 def status_table(rows: list[dict]) -> str:
-    header = ["#", "id", "state", "method", "scope", "forget NLL", "retain NLL", "forget acc", "retain acc", "applied"]
+    header = ["#", "id", "state", "method", "scope", "stopped", "forget median NLL", "reference", "retain NLL",
+              "forget acc", "retain acc", "applied"]
     lines = [header]
     for r in rows:
         m = r["metrics"]
+        state = r["state"].replace("_", " ") + (" (partial)" if r["partial"] else "")
+        stop = m["stop"]
+        stopped = {"reached": "at level", "retain_guard": "retain guard", "budget": "budget"}[stop["reason"]]
         lines.append([
-            str(r["seq"]), r["id"], r["state"].replace("_", " "), r["method"], r["scope"],
-            "{:.2f} -> {:.2f}".format(*m["forget_nll"]), "{:.2f} -> {:.2f}".format(*m["retain_nll"]),
+            str(r["seq"]), r["id"], state, r["method"], r["scope"], f"{stopped}, step {stop['step']}",
+            "{:.2f} -> {:.2f}".format(*m["forget_median_nll"]),
+            "-" if m["reference_nll"] is None else f"{m['reference_nll']:.2f}", "{:.2f} -> {:.2f}".format(*m["retain_nll"]),
             "{:.2f} -> {:.2f}".format(*m["forget_acc"]), "{:.2f} -> {:.2f}".format(*m["retain_acc"]),
             r["applied_at"],
         ])

@@ -8,14 +8,16 @@ coordinate, which would otherwise leave the null space).
 
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, get_peft_model
 
 from registry import Adapter, pause_point
-from seqforget.losses import answer_logprob
+from seqforget.data import Rows
 from seqforget.projection import NullSpace
+from seqforget.stopping import Stop, Stopping
 
 _PREFIX = "base_model.model."
 
@@ -24,6 +26,7 @@ _PREFIX = "base_model.model."
 class Trained:
     adapter: Adapter  # what the model gains: the method's sign is already in its weights
     trajectory: list[dict]  # one record per optimiser step
+    stop: Stop  # how training ended
     seconds: float
 
 
@@ -36,11 +39,12 @@ def _lora_layers(peft_model, targets: list[str]) -> dict[str, torch.nn.Module]:
     return layers
 
 
-def train_adapter(model, method, forget_batches, retain_batches, targets: list[str],
+def train_adapter(model, method, forget: Rows, retain: Rows, reference: Rows | None, targets: list[str],
                   nullspaces: dict[str, NullSpace], settings, progress=None) -> Trained:
     """Train a LoRA adapter on `model` (left unchanged on return) and give it back.
 
-    forget_batches, retain_batches: endless iterators of batches.
+    forget, retain: the request's encoded rows, as the scope means them; reference: rows
+    the model never saw, which set the level to stop at (seqforget.stopping), or None.
     nullspaces: {module: NullSpace} for the projected layers, or {} for none.
     settings: seqforget.requests.Training. progress: a seqforget.progress.Progress, or None.
     """
@@ -54,6 +58,7 @@ def train_adapter(model, method, forget_batches, retain_batches, targets: list[s
         peft_model = get_peft_model(model, config)
     layers = _lora_layers(peft_model, targets)
     a_weights = {name: layer.lora_A["default"].weight for name, layer in layers.items()}  # (r, d_in)
+    b_weights = [layer.lora_B["default"].weight for layer in layers.values()]  # (d_out, r)
 
     def project_all():
         with torch.no_grad():
@@ -64,17 +69,21 @@ def train_adapter(model, method, forget_batches, retain_batches, targets: list[s
     project_all()
     hooks = [a.register_hook(nullspaces[name].project) for name, a in a_weights.items() if name in nullspaces]
 
-    def reference(batch):
-        with torch.no_grad(), peft_model.disable_adapter():
-            return answer_logprob(peft_model, batch)[0]
-
+    original = peft_model.disable_adapter  # `with original():` runs the model as it was before this request
+    peft_model.eval()
+    method.prepare(peft_model, forget, retain, original)
+    forget_batches = forget.endless(settings.batch_size, settings.seed)
+    retain_batches = retain.endless(settings.batch_size, settings.seed + 1)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    with torch.no_grad(), original():
+        stopping = Stopping(peft_model, forget, retain, reference, settings)
+    stopping.start(params)
     trajectory = []
     peft_model.train()
     try:
         for step in range(1, settings.steps + 1):
-            loss, logs = method.loss(peft_model, next(forget_batches), next(retain_batches), reference)
+            loss, logs = method.loss(peft_model, next(forget_batches), next(retain_batches), original)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -83,6 +92,13 @@ def train_adapter(model, method, forget_batches, retain_batches, targets: list[s
             if progress is not None:
                 progress.update(loss=loss.item())
             pause_point("training")
+            if step % settings.check_every == 0 or step == settings.steps:
+                peft_model.eval()
+                with signed(b_weights, method.sign):  # probe the update the registry will store
+                    done = stopping.check(peft_model, step, params)
+                peft_model.train()
+                if done:
+                    break
     finally:
         for h in hooks:
             h.remove()
@@ -93,7 +109,26 @@ def train_adapter(model, method, forget_batches, retain_batches, targets: list[s
         for name, layer in layers.items()
     }
     peft_model.unload()  # removes the LoRA layers, restoring the model's own modules
-    return Trained(Adapter("lora", weights, _peft_config(config)), trajectory, time.perf_counter() - start)
+    stop = stopping.result()
+    del trajectory[stop.step:]  # steps after the kept check were undone by the retain guard
+    return Trained(Adapter("lora", weights, _peft_config(config)), trajectory, stop, time.perf_counter() - start)
+
+
+@contextmanager
+def signed(b_weights: list[torch.Tensor], sign: int):
+    """The LoRA's B factors multiplied by `sign` inside the block: what a subtracting method stores."""
+    if sign > 0:
+        yield
+        return
+    with torch.no_grad():
+        for b in b_weights:
+            b.mul_(-1)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b in b_weights:
+                b.mul_(-1)
 
 
 def _peft_config(config: LoraConfig) -> dict:

@@ -44,8 +44,13 @@ def world(tiny_bench, tmp_path_factory) -> Path:
 
 
 def write_request(folder: Path, request_id: str, filename: str | None = None, **fields) -> Path:
-    """A request YAML in `folder` (named after its id unless told), pointing at the world's data unless told otherwise."""
-    body = {"id": request_id, "scope": "full", "method": "gd", "forget": "forget_a.jsonl", "retain": "retain.jsonl", "steps": 8}
+    """A request YAML in `folder` (named after its id unless told), pointing at the world's data unless told otherwise.
+
+    The retain guard is off unless asked for: these requests test the plumbing, and a few
+    steps of loss ascent on a tiny model cost retained accuracy (tests/test_stopping.py
+    tests the guard)."""
+    body = {"id": request_id, "scope": "full", "method": "gd", "forget": "forget_a.jsonl", "retain": "retain.jsonl", "steps": 8,
+            "retain_tolerance": 1.0}
     body.update(fields)
     path = Path(folder) / (filename or f"{request_id}.yaml")
     path.write_text(yaml.safe_dump(body))

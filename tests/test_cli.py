@@ -122,9 +122,11 @@ def _bad_inputs(world: Path, tmp: Path) -> dict:
         "forget rows also in retain": (["apply", req("r10", retain="forget_a.jsonl")], "forget and retain share", 1),
         "unknown target layer": (["apply", req("r11", target_modules=["mlp.fc1", "no_such_layer"])], "matches no_such_layer", 1),
         "id used by a different request": (["apply", req("done", steps=3, filename="done-edited.yaml")], "already used by a different request", 1),
-        "the same request again": (["apply", req("done", steps=2)], "already in the registry (active); nothing to do", 3),
+        "the same request again": (["apply", req("done", steps=2)], "already applied and active; nothing to do", 3),
+        "a rolled-back request sent again": (["apply", req("gone", steps=2, forget="forget_b.jsonl", filename="gone-again.yaml")],
+                                             "was applied and then rolled back; to apply it again, give it a new id", 1),
         "unknown rollback": (["rollback", "never-applied"], "no request 'never-applied'", 1),
-        "rollback of a rolled-back request": (["rollback", "gone"], "already rolled back", 1),
+        "rollback of a rolled-back request": (["rollback", "gone"], "already rolled back; nothing to do", 3),
         "export into a full folder": (["export", world], "not an empty folder", 1),
     }
 
@@ -153,6 +155,7 @@ CASES = [
     "unknown target layer",
     "id used by a different request",
     "the same request again",
+    "a rolled-back request sent again",
     "unknown rollback",
     "rollback of a rolled-back request",
     "export into a full folder",

@@ -435,7 +435,9 @@ def test_recovery_removes_every_kind_of_leftover_and_nothing_committed(tmp_path)
     before = reg.snapshot().manifest
     (reg.root / "staging" / "r2.0123abcd").mkdir()
     (reg.root / "staging" / "r2.0123abcd" / WEIGHTS).write_bytes(b"half")
-    (reg.root / "requests" / "r3").mkdir()
+    (reg.root / "requests" / "r3").mkdir()  # renamed in by a writer that died before the manifest
+    with open(reg.root / "journal.jsonl", "a") as f:
+        f.write(json.dumps({"event": "begin", "id": "r3"}) + "\n")
     (reg.root / ".manifest.json.tmp-12345").write_text("{")
     assert {p.name for p in reg.leftovers()} == {"r2.0123abcd", "r3", ".manifest.json.tmp-12345"}
     assert reg.verify() == []  # leftovers are invisible, not damage
@@ -447,6 +449,18 @@ def test_recovery_removes_every_kind_of_leftover_and_nothing_committed(tmp_path)
     assert reg.snapshot().manifest == before
     assert (reg.root / "requests" / "r1").is_dir()
     assert reg.verify() == []
+
+
+def test_a_folder_no_write_of_ours_left_is_reported_and_never_deleted(tmp_path):
+    reg = make_registry(tmp_path / "reg")
+    apply(reg, "r1", np.random.default_rng(5))
+    (reg.root / "requests" / "stranger").mkdir()
+    (reg.root / "requests" / "stranger" / "adapter_model.safetensors").write_bytes(b"someone's")
+    assert reg.leftovers() == []
+    assert any("requests/stranger" in p and "not in the manifest" in p for p in reg.verify())
+    with reg.writer():
+        pass
+    assert (reg.root / "requests" / "stranger" / "adapter_model.safetensors").read_bytes() == b"someone's"
 
 
 def test_an_error_inside_a_transaction_drops_its_files_and_closes_the_attempt(tmp_path):

@@ -10,6 +10,9 @@ class GradientAscent:
     name = "ga"
     sign = +1
 
-    def loss(self, model, forget, retain, reference):
+    def prepare(self, model, forget, retain, original):
+        pass
+
+    def loss(self, model, forget, retain, original):
         nll = answer_nll(model, forget)
         return -nll, {"forget_nll": nll.item()}

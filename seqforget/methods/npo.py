@@ -1,5 +1,6 @@
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn.functional as F
 
 from seqforget.losses import answer_logprob, answer_nll
@@ -21,9 +22,14 @@ class NPO:
     name = "npo"
     sign = +1
 
-    def loss(self, model, forget, retain, reference):
+    def prepare(self, model, forget, retain, original):
+        pass
+
+    def loss(self, model, forget, retain, original):
+        with torch.no_grad(), original():
+            reference = answer_logprob(model, forget)[0]  # (B,)
         logp, n, _ = answer_logprob(model, forget)
-        ratio = logp - reference(forget)  # (B,)
+        ratio = logp - reference  # (B,)
         forget_loss = -(2.0 / self.beta) * F.logsigmoid(-self.beta * ratio).mean()
         retain_nll = answer_nll(model, retain)
         return forget_loss + self.retain_weight * retain_nll, {

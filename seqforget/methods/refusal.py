@@ -14,7 +14,10 @@ class Refusal:
     name = "refusal"
     sign = +1
 
-    def loss(self, model, forget, retain, reference):
+    def prepare(self, model, forget, retain, original):
+        pass
+
+    def loss(self, model, forget, retain, original):
         forget_nll, retain_nll = answer_nll(model, forget), answer_nll(model, retain)
         return forget_nll + self.retain_weight * retain_nll, {
             "forget_nll": forget_nll.item(),

@@ -1,0 +1,79 @@
+"""Calibrated stopping on a real tiny LLaVA: the reference level, the retain guard, the budget."""
+
+import json
+
+import pytest
+
+from conftest import snapshot, write_request
+from registry import Registry
+from seqforget.engine import apply_request, init_registry
+from seqforget.errors import SeqforgetError
+from seqforget.status import status_rows, status_table
+
+
+@pytest.fixture
+def reg_dir(world, tmp_path):
+    path = tmp_path / "reg"
+    init_registry(path, world / "model")
+    return path
+
+
+@pytest.fixture(scope="module")
+def unseen(world, tmp_path_factory) -> str:
+    """Rows the model cannot know: person b's questions with answers nobody in the world has."""
+    rows = [json.loads(line) for line in (world / "forget_b.jsonl").read_text().splitlines()]
+    path = tmp_path_factory.mktemp("ref") / "unseen.jsonl"
+    words = sorted({r["answer"] for r in rows})
+    # every answer swapped for another person-b answer of a different question: wrong, yet in-vocabulary
+    path.write_text("".join(json.dumps({**r, "answer": words[(words.index(r["answer"]) + 1) % len(words)],
+                                        **({"image": str(world / r["image"])} if "image" in r else {})}) + "\n" for r in rows))
+    return str(path)
+
+
+def test_training_stops_once_the_forget_rows_look_like_the_reference(world, reg_dir, tmp_path, unseen):
+    request = write_request(tmp_path, "r", method="ga", steps=200, check_every=5, lr=3e-3, reference=unseen,
+                            forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl"))
+    entry = apply_request(reg_dir, request, show_progress=False)
+    stop = entry["metrics"]["stop"]
+    assert (stop["rule"], stop["reason"]) == ("reference", "reached") and stop["step"] < 200, stop
+    metrics = Registry.open(reg_dir).snapshot().record(entry, "metrics.json")
+    last = metrics["stop"]["checks"][-1]
+    assert last["forget"]["median_nll"] >= metrics["stop"]["reference"]["median_nll"]  # the level, reached
+    assert all(c["forget"]["median_nll"] < metrics["stop"]["reference"]["median_nll"] for c in metrics["stop"]["checks"][:-1])
+    assert len(metrics["trajectory"]) == stop["step"] and entry["partial"] is False
+
+
+def test_the_retain_guard_refuses_a_request_that_costs_retained_accuracy(world, reg_dir, tmp_path, unseen):
+    before = snapshot(reg_dir)
+    request = write_request(tmp_path, "r", method="ga", steps=60, check_every=10, lr=1e-2, projection=False,
+                            retain_tolerance=0.0, reference=unseen,
+                            forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl"))
+    with pytest.raises(SeqforgetError, match="retain guard stopped it"):
+        apply_request(reg_dir, request, show_progress=False)
+    assert {k: v for k, v in snapshot(reg_dir).items() if k != "journal.jsonl"} == {
+        k: v for k, v in before.items() if k != "journal.jsonl"}
+    assert Registry.open(reg_dir).snapshot().requests == []
+
+
+def test_a_partial_request_commits_what_the_guard_kept_and_says_so(world, reg_dir, tmp_path, unseen):
+    request = write_request(tmp_path, "r", method="ga", steps=60, check_every=10, lr=1e-2, projection=False,
+                            retain_tolerance=0.0, reference=unseen, partial=True,
+                            forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl"))
+    entry = apply_request(reg_dir, request, show_progress=False)
+    assert entry["partial"] is True and entry["metrics"]["stop"]["reason"] == "retain_guard"
+    metrics = Registry.open(reg_dir).snapshot().record(entry, "metrics.json")
+    checks = metrics["stop"]["checks"]
+    kept = entry["metrics"]["stop"]["step"]
+    assert kept < checks[-1]["step"]  # the adapter of the last check the guard accepted, not the last one trained
+    assert all(c["retain"]["token_acc"] >= metrics["before"]["retain"]["token_acc"] for c in checks if c["step"] <= kept)
+    assert metrics["after"]["retain"]["token_acc"] >= metrics["before"]["retain"]["token_acc"] - 0.01
+    table = status_table(status_rows(Registry.open(reg_dir).snapshot()))
+    assert "active (partial)" in table and f"retain guard, step {kept}" in table
+
+
+def test_without_reference_rows_the_budget_ends_training(world, reg_dir, tmp_path):
+    request = write_request(tmp_path, "r", method="gd", steps=7, check_every=5,
+                            forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl"))
+    entry = apply_request(reg_dir, request, show_progress=False)
+    assert entry["metrics"]["stop"] == {"rule": "budget", "reason": "budget", "step": 7}
+    assert entry["partial"] is False and entry["metrics"]["reference_nll"] is None
