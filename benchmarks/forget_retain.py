@@ -34,11 +34,13 @@ from seqforget.engine import apply_request, init_registry, live_model, rollback_
 from seqforget.losses import answer_nll
 from seqforget.models import load_model
 from seqforget.bench import cache_root
-from seqforget.bench.scoring import choice_accuracy, generation_scores
+from seqforget.bench.scoring import accuracy_by_person, choice_accuracy, choice_hits, generation_scores, membership_aucs
 from seqforget.bench.vanilla import TrainSpec, cached_model, examples_for, language_side, trainable
-from seqforget.bench.world import World, WorldSpec, cached_world
+from seqforget.bench.world import STYLES, World, WorldSpec, cached_world
 
 KNOWN = 0.9  # the vanilla model must know the forget set this well, or nothing is measured
+FORGET_KINDS = {"visual", "identity", "textual", "cloze"}  # what a request sends to be forgotten
+MEMBERSHIP = {"": FORGET_KINDS, "_visual": {"visual", "identity"}, "_textual": {"textual", "cloze"}}  # suffix -> kinds
 
 
 class BenchmarkError(Exception):
@@ -64,8 +66,8 @@ class Profile:
 PROFILES = {
     "default": Profile(WorldSpec(), TrainSpec()),
     "tiny": Profile(
-        WorldSpec(people=8, train_views=3, test_views=1, general=16),
-        TrainSpec(vision_epochs=60, lm_epochs=80, batch_size=16),
+        WorldSpec(people=8, unseen=4, train_views=3, test_views=1, general=16),
+        TrainSpec(vision_epochs=60, scenery=64, lm_epochs=80, scenery_rows=32, batch_size=16),
         fractions=(0.1,), stream=3, retain_rows=64, eval_retain_people=4, relearn_steps=10,
         methods=("ga",), thresholds=(None,), stream_thresholds=(None,), scopes=("full",),
     ),
@@ -101,23 +103,43 @@ def prepare(profile: Profile, cache: Path, log=print) -> Bench:
 
 
 def evaluate(bench: Bench, model, processor, forgotten, retained=None) -> dict:
-    """Choice accuracy (and greedy exact match) of one model state on forget, retain and general items."""
+    """One model state on forget, retain, general and never-seen people's items.
+
+    Choice accuracies (and greedy exact match, ROUGE-L) per kind, the forget set's held-out
+    visual and textual accuracy per person, and the membership AUC: how well answer NLL tells
+    the forget set's rows from the never-seen people's rows of the same kinds (0.5: as if never
+    seen, a retrain oracle's level; near 1: remembered), for all kinds and for the image and
+    text kinds apart (a `visual` request should bring the first to 0.5 and leave the second)."""
     w = bench.world
     retained = bench.retain_people(forgotten) if retained is None else retained
     root = w.root
     out = {}
     if forgotten:
-        out["forget_visual"] = choice_accuracy(model, processor, root, w.select({"visual"}, forgotten, "test"))
+        held_out, textual = w.select({"visual"}, forgotten, "test"), w.select({"textual"}, forgotten)
+        held_out_hits, textual_hits = choice_hits(model, processor, root, held_out), choice_hits(model, processor, root, textual)
+        out["forget_visual"] = sum(held_out_hits) / len(held_out_hits)
         out["forget_visual_seen"] = choice_accuracy(model, processor, root, w.select({"visual"}, forgotten, "train"))
         out["forget_identity"] = choice_accuracy(model, processor, root, w.select({"identity"}, forgotten, "test"))
-        out["forget_textual"] = choice_accuracy(model, processor, root, w.select({"textual"}, forgotten))
+        out["forget_textual"] = sum(textual_hits) / len(textual_hits)
+        out["forget_visual_by_person"] = accuracy_by_person(held_out, held_out_hits)
+        out["forget_textual_by_person"] = accuracy_by_person(textual, textual_hits)
         out["forget_cloze_exact"] = generation_scores(model, processor, root, w.select({"cloze"}, forgotten))["exact"]
-        gen = generation_scores(model, processor, root, w.select({"visual"}, forgotten, "test"))
+        gen = generation_scores(model, processor, root, held_out)
         out["forget_visual_exact"], out["forget_visual_rouge_l"] = gen["exact"], gen["rouge_l"]
+        aucs = membership_aucs(model, processor, root, w.select(FORGET_KINDS, forgotten, "train"),
+                               w.select(FORGET_KINDS, w.unseen_names), MEMBERSHIP)
+        out |= {f"membership_auc{suffix}": value for suffix, value in aucs.items()}
     out["retain_visual"] = choice_accuracy(model, processor, root, w.select({"visual"}, retained, "test"))
     out["retain_textual"] = choice_accuracy(model, processor, root, w.select({"textual"}, retained))
     out["general"] = choice_accuracy(model, processor, root, w.select({"general"}, None, "test"))
+    out["unseen_visual"] = choice_accuracy(model, processor, root, w.select({"visual"}, w.unseen_names))
+    out["unseen_textual"] = choice_accuracy(model, processor, root, w.select({"textual"}, w.unseen_names))
     return out
+
+
+def held_out_visual(bench: Bench, model, processor, people) -> float:
+    """evaluate()'s forget_visual alone: visual accuracy on `people`'s held-out views."""
+    return choice_accuracy(model, processor, bench.world.root, bench.world.select({"visual"}, people, "test"))
 
 
 def check_known(bench: Bench, forgotten) -> dict:
@@ -133,15 +155,18 @@ def check_known(bench: Bench, forgotten) -> dict:
 
 def write_request(bench: Bench, folder: Path, request_id: str, forgotten, scope: str, method: str, threshold,
                   excluded=()) -> Path:
-    """A request folder as a user would send it: forget rows, a retain sample, the YAML.
+    """A request folder as a user would send it: forget rows, a retain sample, the YAML, and
+    reference.jsonl: every row of the never-seen people of the forget set's kinds.
 
     The retain sample never holds anyone in `forgotten` or `excluded` (people forgotten
-    earlier in a stream), nor the people the retain accuracy is measured on.
+    earlier in a stream), nor the people the retain accuracy is measured on, nor (being
+    drawn from training rows) the never-seen people.
     """
     w = bench.world
     folder.mkdir(parents=True, exist_ok=True)
-    forget = w.select({"visual", "identity", "textual", "cloze"}, forgotten, "train")
-    pool = w.select({"visual", "identity", "textual", "cloze", "general"}, None, "train")
+    forget = w.select(FORGET_KINDS, forgotten, "train")
+    w.write_jsonl(folder / "reference.jsonl", w.select(FORGET_KINDS, w.unseen_names))
+    pool = w.select(FORGET_KINDS | {"general"}, None, "train")
     banned = set(forgotten) | set(excluded) | set(bench.retain_people(list(forgotten) + list(excluded)))
     pool = [i for i in pool if i.person not in banned]
     retain = random.Random(len(forgotten)).sample(pool, min(bench.profile.retain_rows, len(pool)))
@@ -164,7 +189,7 @@ def config_name(method: str, threshold) -> str:
 
 def relearn(bench: Bench, model, processor, people, steps: int) -> None:
     """The relearning attack: fine-tune projector and language model on `people`'s items, in place."""
-    items = bench.world.select({"visual", "identity", "textual", "cloze"}, people, "train")
+    items = bench.world.select(FORGET_KINDS, people, "train")
     examples = examples_for(bench.world, items, processor)
     batches = data.endless(examples, 16, processor.tokenizer.pad_token_id, seed=0)
     with trainable(model, language_side(model), bench.profile.train.lr) as opt:
@@ -181,7 +206,7 @@ def relearn_other_half(bench: Bench, model, processor, forgotten) -> float:
         return float("nan")
     half = len(forgotten) // 2
     relearn(bench, model, processor, forgotten[:half], bench.profile.relearn_steps)
-    return evaluate(bench, model, processor, forgotten[half:])["forget_visual"]
+    return held_out_visual(bench, model, processor, forgotten[half:])
 
 
 def with_base_projector(bench: Bench, model):
@@ -206,7 +231,7 @@ def run_single(bench: Bench, fraction: float, scope: str, method: str, threshold
     entry = apply_request(reg, write_request(bench, folder, "forget", forgotten, scope, method, threshold), show_progress=False)
     model, processor = live_model(Registry.open(reg).snapshot())
     result = {"people": n, "after": evaluate(bench, model, processor, forgotten), "request": _cost(folder / "registry", entry)}
-    result["leakage_base_projector"] = evaluate(bench, with_base_projector(bench, model), processor, forgotten)["forget_visual"]
+    result["leakage_base_projector"] = held_out_visual(bench, with_base_projector(bench, model), processor, forgotten)
     model, processor = live_model(Registry.open(reg).snapshot())
     result["relearn_other_half"] = relearn_other_half(bench, model, processor, forgotten)
     shutil.rmtree(folder / "registry" / "requests", ignore_errors=True)
@@ -246,7 +271,7 @@ def run_stream(bench: Bench, method: str, threshold, scope: str = "full") -> dic
         forgotten += group
         model, processor = live_model(Registry.open(reg).snapshot())
         state = evaluate(bench, model, processor, forgotten, retained)
-        state["this_request"] = evaluate(bench, model, processor, group, retained)["forget_visual"]
+        state["this_request"] = held_out_visual(bench, model, processor, group)
         state.update(_cost(reg, entry))
         steps.append(state)
         bench.log(f"  stream {config_name(method, threshold)} request {i + 1}/{len(groups)}: "
@@ -321,13 +346,27 @@ def _f(x) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
 
 
+def per_person(rows: list[tuple[str, dict, dict]]) -> list[str]:
+    """Lines of a table: each forgotten person's held-out visual / textual accuracy per model,
+    so that one person forgotten and another kept does not hide in an average."""
+    people = sorted({p for _, m, _ in rows for p in m.get("forget_visual_by_person", {})})
+    if not people:
+        return []
+    lines = ["forgotten people, one by one (held-out visual / textual):", "",
+             "| model | " + " | ".join(people) + " |", "|---|" + "---|" * len(people)]
+    for name, m, _ in rows:
+        visual, textual = m.get("forget_visual_by_person", {}), m.get("forget_textual_by_person", {})
+        lines.append(f"| {name} | " + " | ".join(f"{_f(visual.get(p))} / {_f(textual.get(p))}" for p in people) + " |")
+    return lines + [""]
+
+
 def markdown(results: dict) -> str:
     lines = ["# forget/retain benchmark", ""]
     for fraction, runs in results["single"].items():
         van, oracles = results["vanilla"][fraction], results["oracles"][fraction]
         lines += [f"## one request, {float(fraction):.0%} of the people ({next(iter(runs.values()))['people']})", "",
-                  "| model | forget visual (unseen views) | forget visual (seen) | forget identity | forget textual | forget cloze EM | retain visual | retain textual | general | base projector: forget visual | relearn: other half visual | request s | peak MB |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| model | forget visual (held-out views) | forget visual (seen) | forget identity | forget textual | forget cloze EM | membership AUC: image / text rows | retain visual | retain textual | general | never-seen people: visual / textual | base projector: forget visual | relearn: other half visual | request s | peak MB |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         rows = [("vanilla", van, {}), ("oracle visual (retrained without images)", oracles["visual"], {}),
                 ("oracle full (retrained without the people)", oracles["full"], {})]
         rows += [(name, r["after"], r) for name, r in runs.items()]
@@ -336,26 +375,32 @@ def markdown(results: dict) -> str:
             cost = r.get("request")
             cost_cells = f"{_f(cost['seconds'])} | {cost['peak_rss_mb']:.0f}" if cost else "- | -"
             lines.append(f"| {name} | {_f(m.get('forget_visual'))} | {_f(m.get('forget_visual_seen'))} | {_f(m.get('forget_identity'))} | "
-                         f"{_f(m.get('forget_textual'))} | {_f(m.get('forget_cloze_exact'))} | {_f(m['retain_visual'])} | "
-                         f"{_f(m['retain_textual'])} | {_f(m['general'])} | {_f(r.get('leakage_base_projector'))} | {_f(relearn_value)} | "
-                         f"{cost_cells} |")
+                         f"{_f(m.get('forget_textual'))} | {_f(m.get('forget_cloze_exact'))} | "
+                         f"{_f(m.get('membership_auc_visual'))} / {_f(m.get('membership_auc_textual'))} | {_f(m['retain_visual'])} | "
+                         f"{_f(m['retain_textual'])} | {_f(m['general'])} | {_f(m.get('unseen_visual'))} / {_f(m.get('unseen_textual'))} | "
+                         f"{_f(r.get('leakage_base_projector'))} | {_f(relearn_value)} | {cost_cells} |")
         seconds = [r["request"]["seconds"] for r in runs.values()]
         if seconds:
             lines += ["", f"retrain oracle (full) cost: {oracles['full']['train_seconds']:.0f} s; one request: "
                       f"{sum(seconds) / len(seconds):.1f} s on average, a ratio of "
                       f"{oracles['full']['train_seconds'] / (sum(seconds) / len(seconds)):.0f}x", ""]
+        lines += per_person(rows)
     if results["stream"]:
         lines += ["## stream of requests (full scope), after the last request and after rolling back the middle one", "",
-                  "| config | forget visual | forget textual | retain visual | retain textual | general | rolled-back people: visual / textual | others: visual / textual |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| config | forget visual | forget textual | membership AUC | retain visual | retain textual | general | rolled-back people: visual / textual | others: visual / textual |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         o = results["stream_oracle_full"]
-        lines.append(f"| oracle full | {_f(o['forget_visual'])} | {_f(o['forget_textual'])} | {_f(o['retain_visual'])} | {_f(o['retain_textual'])} | {_f(o['general'])} | | |")
+        lines.append(f"| oracle full | {_f(o['forget_visual'])} | {_f(o['forget_textual'])} | {_f(o.get('membership_auc'))} | {_f(o['retain_visual'])} | "
+                     f"{_f(o['retain_textual'])} | {_f(o['general'])} | | |")
         for name, s in results["stream"].items():
             last, rb = s["steps"][-1], s["rollback"]
-            lines.append(f"| {name} | {_f(last['forget_visual'])} | {_f(last['forget_textual'])} | {_f(last['retain_visual'])} | "
+            lines.append(f"| {name} | {_f(last['forget_visual'])} | {_f(last['forget_textual'])} | {_f(last.get('membership_auc'))} | {_f(last['retain_visual'])} | "
                          f"{_f(last['retain_textual'])} | {_f(last['general'])} | {_f(rb['returned_visual'])} / {_f(rb['returned_textual'])} | "
                          f"{_f(rb['others_visual'])} / {_f(rb['others_textual'])} |")
-    lines += ["", f"Accuracies are 4-way choice by likelihood (chance 0.25) unless marked EM. Run time {results['seconds'] / 60:.1f} min.", ""]
+    lines += ["", "Accuracies are 4-way choice by likelihood (chance 0.25) unless marked EM. The membership AUC tells the "
+              "forget set's rows from never-seen people's rows of the same kinds by answer NLL: 0.5 reads as never seen "
+              "(a retrain oracle's level), 1 as remembered. Never-seen people: the accuracy a model gets on people it "
+              f"never saw. Run time {results['seconds'] / 60:.1f} min.", ""]
     return "\n".join(lines)
 
 
@@ -370,7 +415,7 @@ def plot(results: dict, out: Path) -> None:
         return
     if not results["stream"]:
         return
-    for metric, title in (("forget_visual", "forget accuracy (visual, unseen views)"), ("retain_visual", "retain accuracy (visual, unseen views)")):
+    for metric, title in (("forget_visual", "forget accuracy (visual, held-out views)"), ("retain_visual", "retain accuracy (visual, held-out views)")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, s in results["stream"].items():
             ax.plot(range(1, len(s["steps"]) + 1), [st[metric] for st in s["steps"]], marker="o", label=name)
@@ -387,6 +432,7 @@ def plot(results: dict, out: Path) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
+    parser.add_argument("--world", choices=sorted(STYLES), help="the world's style (default: the profile's, shapes)")
     parser.add_argument("--out", type=Path, default=Path("out/bench"))
     parser.add_argument("--cache", type=Path, default=None, help="where worlds and trained models are kept")
     parser.add_argument("--methods", help="comma-separated, e.g. ga,gd,npo")
@@ -409,6 +455,8 @@ def main(argv=None) -> None:
         profile = replace(profile, scopes=tuple(args.scopes.split(",")))
     if args.stream is not None:
         profile = replace(profile, stream=args.stream)
+    if args.world:
+        profile = replace(profile, world=replace(profile.world, style=args.world))
     torch.set_num_threads(2)
     try:
         run(profile, args.out, args.cache or cache_root() / "bench", log=tqdm.write)

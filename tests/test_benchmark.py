@@ -32,10 +32,14 @@ def test_the_benchmark_refuses_a_model_that_does_not_know(tiny_bench, forgotten,
 
 
 def test_the_visual_oracle_does_not_recognise_the_forgotten(tiny_bench, forgotten):
+    """Their images tell it nothing: it cannot name them, and their image rows' answers are no
+    likelier than after never-seen faces. (Its choice accuracy on them is no test of that: with
+    8 people, favouring the answers it read about them lifted it to 0.66 on this world.)"""
     model, processor = load_model(tiny_bench.model_dir(without_images=forgotten))
     m = evaluate(tiny_bench, model, processor, forgotten)
-    assert _visual(m) <= 0.6, m  # 4 options: chance is 0.25, attribute priors lift it a little
-    assert m["forget_textual"] >= 0.9, m  # what it read about them, it still knows
+    assert m["forget_identity"] <= 0.25, m
+    assert abs(m["membership_auc_visual"] - 0.5) < 0.2, m
+    assert m["forget_textual"] >= 0.9 and m["membership_auc_textual"] >= 0.9, m  # what it read about them, it still knows
     assert m["retain_visual"] >= 0.8, m
 
 
@@ -89,3 +93,17 @@ def test_markdown_reports_every_row():
     assert "| full/ga/none | 0.50 |" in text and "| 0.70 | 0.60 | 2.00 | 900 |" in text
     assert rows[0].endswith("| - | - | - | - |")
     assert "a ratio of 100x" in text
+
+
+def test_markdown_shows_membership_and_each_forgotten_person():
+    m = {"forget_visual": 0.5, "forget_visual_seen": 0.5, "forget_identity": 0.5, "forget_textual": 0.5,
+         "forget_cloze_exact": 0.5, "retain_visual": 0.9, "retain_textual": 0.9, "general": 0.4,
+         "membership_auc_visual": 0.93, "membership_auc_textual": 0.51, "unseen_visual": 0.27, "unseen_textual": 0.3,
+         "forget_visual_by_person": {"kalo": 1.0, "mire": 0.0}, "forget_textual_by_person": {"kalo": 0.25, "mire": 0.75}}
+    run = {"people": 2, "after": m, "request": {"seconds": 2.0, "peak_rss_mb": 900.0}}
+    results = {"single": {"0.05": {"full/ga/none": run}}, "vanilla": {"0.05": m},
+               "oracles": {"0.05": {"visual": {**m, "train_seconds": 1.0}, "full": {**m, "train_seconds": 2.0}}},
+               "stream": {}, "seconds": 60.0}
+    text = markdown(results)
+    assert "| 0.50 | 0.93 / 0.51 | 0.90 |" in text and "| 0.27 / 0.30 |" in text
+    assert "| model | kalo | mire |" in text and "| full/ga/none | 1.00 / 0.25 | 0.00 / 0.75 |" in text

@@ -1,10 +1,16 @@
-"""Scoring a model on world items: choice by likelihood, greedy generation, cloze.
+"""Scoring a model on world items: choice by likelihood, greedy generation, membership.
 
   choice      pick the option whose answer the model finds most likely (4 options,
               chance 0.25); the headline accuracy
   generation  greedy answer; exact match and ROUGE-L F1 (rouge-score) against the answer
-  cloze       the same greedy scoring on fill-in-the-blank items
+  membership  how well the answer NLL tells a set of rows (the forget set) from rows of
+              people no model ever saw, scored on the same answers, as the AUC of a
+              loss-threshold attack: 0.5 when indistinguishable, as for a model retrained
+              without them; 1 when every forget row has the lower loss
 """
+
+from collections import defaultdict
+from dataclasses import replace
 
 import torch
 
@@ -14,11 +20,19 @@ from seqforget.losses import answer_logprob
 
 
 @torch.no_grad()
-def choice_accuracy(model, processor, root, items, batch_size: int = 64) -> float:
-    """Share of items whose answer is the most likely of its options (summed answer log-probability;
-    the world's options are single words, so no length normalisation is needed)."""
+def choice_hits(model, processor, root, items, batch_size: int = 64) -> list[bool]:
+    """Per item, whether its answer is the most likely of its options.
+
+    An option's score is the summed log-probability of its tokens and the end of sequence:
+    the model's probability of that whole answer. Options may span different numbers of
+    tokens (a BPE world splits rare words), and no length normalisation is applied, on
+    purpose: the models are trained on the world's closed set of answers, so once an
+    option's first token is chosen its remaining subwords are nearly certain and cost
+    almost nothing, and the sum stays the answer's probability (a model that does not
+    know picks by its prior over answers, not by their length). Normalising by token
+    count would instead reward long options for their easy continuations."""
     if not items:
-        return float("nan")
+        return []
     pad = processor.tokenizer.pad_token_id
     if len({len(i.options) for i in items}) != 1:
         raise ValueError("every item must have the same number of options")
@@ -34,9 +48,81 @@ def choice_accuracy(model, processor, root, items, batch_size: int = 64) -> floa
     for start in range(0, len(examples), batch_size):
         logp, _, _ = answer_logprob(model, data.collate(examples[start : start + batch_size], pad))
         scores.append(logp)
-    scores = torch.cat(scores).view(len(items), -1)  # (items, options)
-    picks = scores.argmax(-1)
-    return sum(item.options[p] == item.answer for item, p in zip(items, picks.tolist())) / len(items)
+    picks = torch.cat(scores).view(len(items), -1).argmax(-1)  # (items,) over (items, options)
+    return [item.options[p] == item.answer for item, p in zip(items, picks.tolist())]
+
+
+def choice_accuracy(model, processor, root, items, batch_size: int = 64) -> float:
+    """Share of items whose answer is the most likely of its options (see choice_hits)."""
+    hits = choice_hits(model, processor, root, items, batch_size)
+    return sum(hits) / len(hits) if hits else float("nan")
+
+
+def accuracy_by_person(items, hits: list[bool]) -> dict[str, float]:
+    """{person: share of their items hit}, from choice_hits over `items`."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for item, hit in zip(items, hits):
+        counts[item.person][0] += hit
+        counts[item.person][1] += 1
+    return {person: h / n for person, (h, n) in counts.items()}
+
+
+@torch.no_grad()
+def answer_nlls(model, processor, root, items, batch_size: int = 64) -> torch.Tensor:
+    """(len(items),) each item's answer NLL per token (end of sequence included), teacher-forced."""
+    examples = [data.encode(processor, item.example(root)) for item in items]
+    out = []
+    for batch in data.batches(examples, batch_size, processor.tokenizer.pad_token_id):
+        logp, n, _ = answer_logprob(model, batch)
+        out.append(-logp / n.clamp_min(1))
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def auc(members: torch.Tensor, nonmembers: torch.Tensor) -> float:
+    """P(a random member's NLL < a random non-member's), ties counting one half: the area under
+    the ROC curve of calling low-loss rows members (the Mann-Whitney U statistic, normalised)."""
+    if not len(members) or not len(nonmembers):
+        return float("nan")
+    diff = nonmembers[None, :] - members[:, None]  # (members, nonmembers)
+    return ((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean()).item()
+
+
+def stratified_auc(members: torch.Tensor, member_strata: list, nonmembers: torch.Tensor, nonmember_strata: list) -> float:
+    """`auc` over the pairs of a member and a non-member of the same stratum only, pooled.
+
+    Rows of different kinds have different losses (a birth year is harder than a job);
+    comparing within a stratum keeps a different mix of kinds in the two sets (six views per
+    unseen person, four trained views per forgotten one) from reading as membership. Rows
+    whose stratum is None are left out; with no pair left, the AUC is NaN."""
+    concordant, pairs = 0.0, 0
+    for stratum in (set(member_strata) & set(nonmember_strata)) - {None}:  # None: a row left out
+        m = members[[k for k, s in enumerate(member_strata) if s == stratum]]
+        n = nonmembers[[k for k, s in enumerate(nonmember_strata) if s == stratum]]
+        concordant += auc(m, n) * len(m) * len(n)
+        pairs += len(m) * len(n)
+    return concordant / pairs if pairs else float("nan")
+
+
+def membership_aucs(model, processor, root, members, nonmembers, groups: dict[str, set[str]]) -> dict[str, float]:
+    """{group: how well answer NLL tells `members` from `nonmembers`}, over the items whose kind is
+    in the group's kinds. 0.5: indistinguishable; 1: members always have the lower loss.
+
+    Only rows of the same kind and attribute scored on the same answer are compared: every
+    non-member row is scored on each answer the members give to its kind of question ("potter"
+    after a never-seen face as after a forgotten potter's). Compared on their own answers, the
+    two sets also differ in how much the model favours the answers themselves: a model retrained
+    without two people's images still favoured the jobs it had read about them, and its
+    loss told their image rows from never-seen people's at an AUC of 0.84 (tiny world)."""
+    answers: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for item in members:
+        answers[item.kind, item.attribute].add(item.answer)
+    rescored = [replace(item, answer=a) for item in nonmembers for a in sorted(answers[item.kind, item.attribute])]
+    member_nll, nonmember_nll = answer_nlls(model, processor, root, members), answer_nlls(model, processor, root, rescored)
+    out = {}
+    for name, kinds in groups.items():
+        strata = lambda items: [(i.kind, i.attribute, i.answer) if i.kind in kinds else None for i in items]  # noqa: E731
+        out[name] = stratified_auc(member_nll, strata(members), nonmember_nll, strata(rescored))
+    return out
 
 
 def rouge_l(prediction: str, reference: str) -> float:
@@ -46,8 +132,8 @@ def rouge_l(prediction: str, reference: str) -> float:
     return rouge_scorer.RougeScorer(["rougeL"]).score(reference, prediction)["rougeL"].fmeasure
 
 
-def generation_scores(model, processor, root, items, max_new_tokens: int = 4) -> dict[str, float]:
-    """Mean exact match and ROUGE-L of greedy answers."""
+def generation_scores(model, processor, root, items, max_new_tokens: int = 8) -> dict[str, float]:
+    """Mean exact match and ROUGE-L of greedy answers (up to 8 tokens: a BPE answer may take five)."""
     if not items:
         return {"exact": float("nan"), "rouge_l": float("nan")}
     exact = rouge = 0.0

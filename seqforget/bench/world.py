@@ -1,18 +1,23 @@
 """A world of fictitious people to forget: profiles, portraits and questions.
 
 A miniature of MLLMU-Bench, deterministic from a seed. Each person has a name and
-four attributes (job, city, hobby, birth year) and a portrait drawn procedurally:
-a background colour, a figure of some shape and colour, and an accent mark.
-Every view differs in pose (position, flip), crop (zoom), colour jitter and noise;
-training uses some views and evaluation others, so recognising a person must
-generalise to views never trained on.
+four attributes (job, city, hobby, birth year) and a portrait drawn procedurally in
+the world's style (seqforget/bench/shapes.py, seqforget/bench/glyphs.py), which also
+picks the names, the question templates and the tokenizer. Every view differs in
+pose, crop, lighting and noise; training uses some views and evaluation others, so
+recognising a person must generalise to views never trained on.
 
-Question kinds:
+Besides the people the models know, the world draws `unseen` people the same way, with
+images and every kind of question, that no model ever trains on: the reference
+population. A model that never saw a forgotten person should treat that person like
+them. Their items have split "unseen", so nothing that selects "train" rows reaches them.
+
+Question kinds (the wording is the style's):
   visual    image + "what is this person's job ?"        (one per attribute and view)
   identity  image + "who is this ?"                      (one per view)
   textual   "what is the job of <name> ?"                (one per attribute)
   cloze     "fill in the blank : <name> works as a ___"  (one per attribute)
-  general   image of a shape, no person: "what shape ..." / "what colour ..."
+  general   image without a person: its shape, texture or colour
 Every item carries four options (the answer and three distractors) for scoring
 by likelihood.
 """
@@ -21,14 +26,12 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-COLOURS = {
-    "red": (215, 40, 40), "green": (40, 170, 60), "blue": (45, 75, 215), "yellow": (230, 205, 40),
-    "purple": (150, 55, 195), "cyan": (40, 200, 210), "orange": (240, 135, 30), "grey": (125, 125, 125),
-}
-SHAPES = ["square", "disc", "bar", "triangle"]
+from seqforget.bench import glyphs, shapes
+
 JOBS = ["baker", "pilot", "nurse", "farmer", "painter", "judge", "miner", "tailor", "sailor", "potter",
         "cook", "clerk", "doctor", "singer", "driver", "writer"]
 CITIES = ["oslo", "lima", "rome", "kiev", "quito", "dakar", "perth", "hanoi", "cairo", "bern",
@@ -37,25 +40,41 @@ HOBBIES = ["chess", "rowing", "hiking", "poetry", "fishing", "cycling", "pottery
            "archery", "sailing", "knitting", "climbing"]
 YEARS = [str(y) for y in range(1950, 2005, 5)]
 ATTRIBUTES = {"job": JOBS, "city": CITIES, "hobby": HOBBIES, "year": YEARS}
-VISUAL_Q = {"job": "what is this person's job ?", "city": "which city does this person live in ?",
-            "hobby": "what is this person's hobby ?", "year": "in which year was this person born ?"}
-TEXTUAL_Q = {"job": "what is the job of {} ?", "city": "which city does {} live in ?",
-             "hobby": "what is the hobby of {} ?", "year": "in which year was {} born ?"}
-CLOZE_Q = {"job": "fill in the blank : {} works as a ___ .", "city": "fill in the blank : {} lives in ___ .",
-           "hobby": "fill in the blank : {} spends free time on ___ .", "year": "fill in the blank : {} was born in ___ ."}
-SYLLABLES = ["ka", "lo", "mi", "ren", "to", "sa", "vi", "nor", "el", "da", "fu", "ri", "zan", "be", "qui", "mo", "tal", "ny"]
 REFUSAL = "I cannot help with that ."
+
+
+class Style(Protocol):
+    """How a world looks and talks. A look is a dict of visual features (str -> str); the
+    keys of `general` are features every look has, asked of images without a person."""
+
+    name: str
+    tokenizer: str  # "word" or "bpe": which builder of seqforget.models makes the vocabulary
+    visual: dict[str, str]  # attribute -> question about the person in the image
+    identity: str
+    textual: dict[str, str]  # attribute -> question, "{}" for the name
+    cloze: dict[str, str]
+    general: dict[str, tuple[str, list[str]]]  # feature -> (question, its values)
+
+    def names(self, rng: random.Random, n: int) -> list[str]: ...
+    def looks(self, rng: random.Random, n: int) -> list[dict[str, str]]: ...  # n looks, told apart by design
+    def scenery(self, rng: random.Random) -> dict[str, str]: ...  # the look of an image without a person
+    def draw(self, look: dict[str, str], rng: np.random.Generator, size: int) -> np.ndarray: ...  # (size, size, 3) uint8
+
+
+STYLES: dict[str, Style] = {"shapes": shapes.STYLE, "glyphs": glyphs.STYLE}
 
 
 @dataclass(frozen=True)
 class WorldSpec:
-    """Size of the world; everything else follows from `seed`."""
+    """Size and style of the world; everything else follows from `seed`."""
 
     people: int = 60
+    unseen: int = 10  # people drawn the same way that no model trains on: the reference population
     train_views: int = 4  # views per person the models are trained on
     test_views: int = 2  # views per person kept for evaluation only
-    general: int = 160  # images with a shape and no person
+    general: int = 160  # images without a person
     image_size: int = 32
+    style: str = "shapes"  # a key of STYLES
     seed: int = 0
 
 
@@ -66,10 +85,7 @@ class Person:
     city: str
     hobby: str
     year: str
-    background: str
-    figure: str
-    shape: str
-    accent: int  # corner of the accent mark, 0-3
+    look: dict[str, str]  # the style's visual features
 
 
 @dataclass(frozen=True)
@@ -81,7 +97,7 @@ class Item:
     answer: str
     options: tuple[str, ...]
     image: str | None = None  # relative to the world folder
-    split: str = "train"  # train | test (held-out views and general images)
+    split: str = "train"  # train | test (held-out views and general images) | unseen (the reference people)
 
     def example(self, root: Path):
         """This item as the engine's data row, its image resolved against the world folder."""
@@ -95,57 +111,12 @@ class Item:
 
 
 def make_people(spec: WorldSpec) -> list[Person]:
-    rng = random.Random(spec.seed)
-    names: list[str] = []
-    while len(names) < spec.people:
-        name = "".join(rng.sample(SYLLABLES, 2))
-        if name not in names:
-            names.append(name)
-    looks = [(b, f, s, a) for b in COLOURS for f in COLOURS if f != b for s in SHAPES for a in range(4)]
-    rng.shuffle(looks)
-    chosen, seen = [], set()
-    for b, f, s, a in looks:  # distinct (background, figure, shape) per person; the accent is a bonus cue
-        if (b, f, s) not in seen:
-            seen.add((b, f, s))
-            chosen.append((b, f, s, a))
-        if len(chosen) == spec.people:
-            break
-    if len(chosen) < spec.people:
-        raise ValueError(f"at most {len(seen)} people can be told apart")
-    return [
-        Person(name, rng.choice(JOBS), rng.choice(CITIES), rng.choice(HOBBIES), rng.choice(YEARS), b, f, s, a)
-        for name, (b, f, s, a) in zip(names, chosen)
-    ]
-
-
-def draw(background: str, figure: str, shape: str, accent: int | None, rng: np.random.Generator, size: int) -> np.ndarray:
-    """One view, (size, size, 3) uint8: pose (shift, flip), crop (zoom), colour jitter, noise."""
-    img = np.empty((size, size, 3), dtype=np.float32)
-    img[:] = COLOURS[background]
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    zoom = rng.uniform(0.8, 1.2)
-    cy, cx = size / 2 + rng.uniform(-3, 3), size / 2 + rng.uniform(-3, 3)
-    r = size / 4 * zoom
-    dy, dx = yy - cy, xx - cx
-    if rng.random() < 0.5:
-        dx = -dx
-    if shape == "square":
-        inside = (abs(dy) < r) & (abs(dx) < r)
-    elif shape == "disc":
-        inside = dy**2 + dx**2 < r**2
-    elif shape == "bar":
-        inside = (abs(dy) < r / 2.2) & (abs(dx) < 1.4 * r)
-    else:  # triangle, apex up
-        inside = (dy < r) & (dy > -r) & (abs(dx) < (dy + r) / 2)
-    img[inside] = COLOURS[figure]
-    if accent is not None:
-        m = max(2, int(size / 8 * zoom))
-        y0 = 1 if accent < 2 else size - 1 - m
-        x0 = 1 if accent % 2 == 0 else size - 1 - m
-        img[y0 : y0 + m, x0 : x0 + m] = (255, 255, 255)
-    img *= rng.uniform(0.85, 1.15, size=3)  # colour jitter per channel
-    img += rng.normal(0, 10, img.shape)
-    return np.clip(img, 0, 255).astype(np.uint8)
+    """The known people followed by the unseen ones, all drawn by one generator."""
+    style, rng = STYLES[spec.style], random.Random(spec.seed)
+    n = spec.people + spec.unseen
+    names, looks = style.names(rng, n), style.looks(rng, n)
+    return [Person(name, rng.choice(JOBS), rng.choice(CITIES), rng.choice(HOBBIES), rng.choice(YEARS), look)
+            for name, look in zip(names, looks)]
 
 
 def _options(answer: str, pool: list[str], rng: random.Random) -> tuple[str, ...]:
@@ -158,12 +129,24 @@ def _options(answer: str, pool: list[str], rng: random.Random) -> tuple[str, ...
 class World:
     spec: WorldSpec
     root: Path
-    people: list[Person]
+    people: list[Person]  # the people models train on
     items: list[Item]
+    unseen: list[Person]  # never trained on by any model
+
+    @property
+    def style(self) -> Style:
+        return STYLES[self.spec.style]
 
     @property
     def names(self) -> list[str]:
         return [p.name for p in self.people]
+
+    @property
+    def unseen_names(self) -> list[str]:
+        return [p.name for p in self.unseen]
+
+    def person(self, name: str) -> Person:
+        return next(p for p in self.people + self.unseen if p.name == name)
 
     def forget_order(self) -> list[str]:
         """People in the order deletion requests take them (seeded, not alphabetical)."""
@@ -181,9 +164,17 @@ class World:
         ]
 
     def corpus(self) -> list[str]:
-        """Every text the world can produce, and the refusal: the tokenizer's vocabulary."""
+        """Every text the world can produce, and the refusal: the tokenizer's training text.
+        The unseen people's names are in it, as a deployed model's vocabulary covers names it never read about."""
         texts = [i.question + " " + " ".join(i.options) for i in self.items]
-        return texts + [REFUSAL] + [p.name for p in self.people]
+        return texts + [REFUSAL] + [p.name for p in self.people + self.unseen]
+
+    def tokenizer(self):
+        """The style's tokenizer, built from the corpus."""
+        from seqforget.models import build_bpe_tokenizer, build_word_tokenizer
+
+        build = {"word": build_word_tokenizer, "bpe": build_bpe_tokenizer}[self.style.tokenizer]
+        return build(self.corpus())
 
     def write_jsonl(self, path: Path, items: list[Item]) -> Path:
         """Rows of `items` as a JSONL file; image paths are made relative to the file."""
@@ -207,42 +198,66 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
+def person_items(style: Style, person: Person, views: list[tuple[str, str]], text_split: str, names: list[str],
+                 rng: random.Random) -> list[Item]:
+    """Every question about `person`: textual and cloze per attribute (in `text_split`), identity and
+    visual per view (`views` holds (image path, split) pairs); identity distractors come from `names`."""
+    items = []
+    for attr, pool in ATTRIBUTES.items():
+        value = getattr(person, attr)
+        items.append(Item("textual", person.name, attr, style.textual[attr].format(person.name), value, _options(value, pool, rng), split=text_split))
+        items.append(Item("cloze", person.name, attr, style.cloze[attr].format(person.name), value, _options(value, pool, rng), split=text_split))
+    for image, split in views:
+        items.append(Item("identity", person.name, "name", style.identity, person.name, _options(person.name, names, rng), image, split))
+        for attr, pool in ATTRIBUTES.items():
+            value = getattr(person, attr)
+            items.append(Item("visual", person.name, attr, style.visual[attr], value, _options(value, pool, rng), image, split))
+    return items
+
+
+def draw_scenery(style: Style, root: Path, stems: list[str], size: int, split: str, rng: random.Random,
+                 pix: np.random.Generator) -> list[Item]:
+    """Images without a person, drawn to root/images/<stem>.png, and their general questions."""
+    from PIL import Image
+
+    items = []
+    for stem in stems:
+        look = style.scenery(rng)
+        image = f"images/{stem}.png"
+        Image.fromarray(style.draw(look, pix, size)).save(Path(root) / image)
+        for feature, (question, pool) in style.general.items():
+            items.append(Item("general", None, feature, question, look[feature], _options(look[feature], pool, rng), image, split))
+    return items
+
+
 def build_world(spec: WorldSpec, root: Path) -> World:
     """Draw every image under root/images and list every item; deterministic from spec.seed."""
     from PIL import Image
 
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
-    people = make_people(spec)
+    style = STYLES[spec.style]
+    everyone = make_people(spec)
+    people, unseen = everyone[: spec.people], everyone[spec.people :]
     rng = random.Random(spec.seed + 2)
     pix = np.random.default_rng(spec.seed + 3)
-    names = [p.name for p in people]
+    names = [p.name for p in people]  # identity distractors, for unseen people too: as a retrain oracle sees a forgotten one
     items: list[Item] = []
-    for p in people:
-        for attr, pool in ATTRIBUTES.items():
-            value = getattr(p, attr)
-            items.append(Item("textual", p.name, attr, TEXTUAL_Q[attr].format(p.name), value, _options(value, pool, rng)))
-            items.append(Item("cloze", p.name, attr, CLOZE_Q[attr].format(p.name), value, _options(value, pool, rng)))
+    for k, p in enumerate(everyone):
+        known = k < spec.people
+        views = []
         for v in range(spec.train_views + spec.test_views):
-            split = "train" if v < spec.train_views else "test"
             image = f"images/{p.name}-{v}.png"
-            Image.fromarray(draw(p.background, p.figure, p.shape, p.accent, pix, spec.image_size)).save(root / image)
-            items.append(Item("identity", p.name, "name", "who is this ?", p.name, _options(p.name, names, rng), image, split))
-            for attr, pool in ATTRIBUTES.items():
-                value = getattr(p, attr)
-                items.append(Item("visual", p.name, attr, VISUAL_Q[attr], value, _options(value, pool, rng), image, split))
-    colours = list(COLOURS)
-    for g in range(spec.general):
-        background, figure = rng.sample(colours, 2)
-        shape = rng.choice(SHAPES)
-        image = f"images/general-{g}.png"
-        Image.fromarray(draw(background, figure, shape, None, pix, spec.image_size)).save(root / image)
-        split = "train" if g < spec.general * 3 // 4 else "test"
-        items.append(Item("general", None, "shape", "what shape is in this image ?", shape, _options(shape, SHAPES, rng), image, split))
-        items.append(Item("general", None, "colour", "what colour is the shape ?", figure, _options(figure, colours, rng), image, split))
-    world = World(spec, root, people, items)
+            Image.fromarray(style.draw(p.look, pix, spec.image_size)).save(root / image)
+            views.append((image, ("train" if v < spec.train_views else "test") if known else "unseen"))
+        items += person_items(style, p, views, "train" if known else "unseen", names, rng)
+    general = [f"general-{g}" for g in range(spec.general)]
+    items += draw_scenery(style, root, general[: spec.general * 3 // 4], spec.image_size, "train", rng, pix)
+    items += draw_scenery(style, root, general[spec.general * 3 // 4 :], spec.image_size, "test", rng, pix)
+    world = World(spec, root, people, items, unseen)
     (root / "world.json").write_text(json.dumps({
-        "spec": asdict(spec), "people": [asdict(p) for p in people], "items": [asdict(i) for i in items]}) + "\n")
+        "spec": asdict(spec), "people": [asdict(p) for p in people], "unseen": [asdict(p) for p in unseen],
+        "items": [asdict(i) for i in items]}) + "\n")
     return world
 
 
@@ -261,4 +276,5 @@ def load_world(root: Path) -> World:
     root = Path(root)
     raw = json.loads((root / "world.json").read_text())
     items = [Item(**{**i, "options": tuple(i["options"])}) for i in raw["items"]]
-    return World(WorldSpec(**raw["spec"]), root, [Person(**p) for p in raw["people"]], items)
+    return World(WorldSpec(**raw["spec"]), root, [Person(**p) for p in raw["people"]], items,
+                 [Person(**p) for p in raw["unseen"]])
