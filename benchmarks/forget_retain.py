@@ -153,10 +153,15 @@ def check_known(bench: Bench, forgotten) -> dict:
     return {"visual_seen": seen, "textual": textual}
 
 
-def write_request(bench: Bench, folder: Path, request_id: str, forgotten, scope: str, method: str, threshold,
-                  excluded=()) -> Path:
+def write_request(bench: Bench, folder: Path, request_id: str, forgotten, scope: str, method: str | None, threshold,
+                  excluded=(), as_sent: bool = False) -> Path:
     """A request folder as a user would send it: forget rows, a retain sample, the YAML, and
     reference.jsonl: every row of the never-seen people of the forget set's kinds.
+
+    as_sent: the YAML names the reference rows and nothing else a user need not (no method if
+    `method` is None, default settings, the retain guard on) and sets partial: true, so that a
+    request that falls short is measured too (its record says it fell short). Otherwise it
+    sets `method`, the projection `threshold` and no guard, to measure the method alone.
 
     The retain sample never holds anyone in `forgotten` or `excluded` (people forgotten
     earlier in a stream), nor the people the retain accuracy is measured on, nor (being
@@ -173,11 +178,16 @@ def write_request(bench: Bench, folder: Path, request_id: str, forgotten, scope:
     w.write_jsonl(folder / f"{request_id}-forget.jsonl", forget)
     w.write_jsonl(folder / f"{request_id}-retain.jsonl", retain)
     body = {"id": request_id, "scope": scope, "method": method,
-            "forget": f"{request_id}-forget.jsonl", "retain": f"{request_id}-retain.jsonl",
-            "projection": threshold is not None,
-            "retain_tolerance": 1.0}  # measure what each method does, unguarded: the guard would refuse most
-    if threshold is not None:
-        body["energy_threshold"] = threshold
+            "forget": f"{request_id}-forget.jsonl", "retain": f"{request_id}-retain.jsonl"}
+    if as_sent:
+        body |= {"reference": "reference.jsonl", "partial": True}
+        if method is None:
+            del body["method"]
+    else:
+        body |= {"projection": threshold is not None,
+                 "retain_tolerance": 1.0}  # measure what each method does, unguarded: the guard would refuse most
+        if threshold is not None:
+            body["energy_threshold"] = threshold
     path = folder / f"{request_id}.yaml"
     path.write_text(yaml.safe_dump(body, sort_keys=False))
     return path

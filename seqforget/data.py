@@ -133,7 +133,8 @@ def batches(examples: list[Example], batch_size: int, pad_id: int) -> list[dict[
 
 
 def endless(examples: list[Example], batch_size: int, pad_id: int, seed: int):
-    """Shuffled batches forever: a new permutation each pass, reproducible from `seed`."""
+    """Shuffled batches forever: a new permutation each pass, reproducible from `seed`. Each batch's
+    "rows" holds the positions of its examples in `examples`."""
     rng = random.Random(seed)
     order: list[int] = []
     while True:
@@ -142,7 +143,9 @@ def endless(examples: list[Example], batch_size: int, pad_id: int, seed: int):
             rng.shuffle(fresh)
             order += fresh
         take, order = order[: min(batch_size, len(examples))], order[min(batch_size, len(examples)) :]
-        yield collate([examples[i] for i in take], pad_id)
+        batch = collate([examples[i] for i in take], pad_id)
+        batch["rows"] = torch.tensor(take)  # (B,) which examples: for targets computed per row beforehand
+        yield batch
 
 
 @dataclass
@@ -152,6 +155,7 @@ class Rows:
     examples: list[Example]
     pad_id: int
     eval_batch: int = 16
+    stands_for: list[int] | None = None  # reference rows: the forget row each one is a stranger's version of
 
     def __len__(self) -> int:
         return len(self.examples)

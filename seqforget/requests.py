@@ -40,8 +40,9 @@ MAX_LISTED = 12
 class Training:
     """Training settings of one request's adapter."""
 
-    steps: int = 30  # optimiser steps
+    steps: int = 30  # optimiser steps: a budget; the stopping rule may end training sooner
     lr: float = 1e-3  # AdamW learning rate
+    # (a method may bring its own defaults for these two: seqforget.methods, `budget`)
     rank: int = 8  # LoRA rank r
     alpha: float = 16.0  # LoRA alpha; the update is (alpha / r) * B A
     batch_size: int = 8  # rows per forget batch and per retain batch
@@ -147,7 +148,7 @@ def load_request(path: Path, default_retain: str | None = None, default_referenc
     else:
         problems += method_problems(method, scope, method_args)
 
-    training = _training(raw, problems)
+    training = _training(raw, problems, _budget(method))
     targets = raw.get("target_modules")
     if targets is not None and (not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets) or not targets):
         problems.append("target_modules: expected a non-empty list of layer names")
@@ -210,8 +211,16 @@ def _data_path(value, request_path: Path, label: str, problems: list[str]) -> Pa
     return p if p.is_absolute() else (request_path.parent / p).resolve()
 
 
-def _training(raw: dict, problems: list[str]) -> Training:
-    values = {}
+def _budget(method) -> dict:
+    """The method's own defaults for the step budget and learning rate, if it has any: a method
+    that moves towards a bounded target takes longer, safely; one that ascends a loss must not."""
+    from seqforget.methods import METHODS
+
+    return dict(getattr(METHODS.get(method), "budget", {})) if isinstance(method, str) else {}
+
+
+def _training(raw: dict, problems: list[str], budget: dict) -> Training:
+    values = dict(budget)
     for name, f in _TRAINING.items():
         if name not in raw:
             continue

@@ -71,7 +71,7 @@ def train_adapter(model, method, forget: Rows, retain: Rows, reference: Rows | N
 
     original = peft_model.disable_adapter  # `with original():` runs the model as it was before this request
     peft_model.eval()
-    method.prepare(peft_model, forget, retain, original)
+    method.prepare(peft_model, forget, retain, reference, original)
     forget_batches = forget.endless(settings.batch_size, settings.seed)
     retain_batches = retain.endless(settings.batch_size, settings.seed + 1)
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -96,6 +96,8 @@ def train_adapter(model, method, forget: Rows, retain: Rows, reference: Rows | N
                 peft_model.eval()
                 with signed(b_weights, method.sign):  # probe the update the registry will store
                     done = stopping.check(peft_model, step, params)
+                for group in optimizer.param_groups:
+                    group["lr"] = settings.lr * stopping.lr_scale
                 peft_model.train()
                 if done:
                     break
@@ -110,7 +112,7 @@ def train_adapter(model, method, forget: Rows, retain: Rows, reference: Rows | N
     }
     peft_model.unload()  # removes the LoRA layers, restoring the model's own modules
     stop = stopping.result()
-    del trajectory[stop.step:]  # steps after the kept check were undone by the retain guard
+    del trajectory[stop.step:]  # steps after the kept check were undone by the retain guard (checks say which before it)
     return Trained(Adapter("lora", weights, _peft_config(config)), trajectory, stop, time.perf_counter() - start)
 
 

@@ -29,7 +29,8 @@ def world(tiny_bench, tmp_path_factory) -> Path:
     """A folder with forget/retain JSONL files and a copy of the trained tiny model in model/.
 
     forget_a.jsonl / forget_b.jsonl: everything about one person each;
-    retain.jsonl: everything about the other people.
+    retain.jsonl: everything about the other people;
+    reference.jsonl: everything about people the model never saw.
     """
     w = tiny_bench.world
     root = w.root
@@ -38,6 +39,7 @@ def world(tiny_bench, tmp_path_factory) -> Path:
     w.write_jsonl(root / "forget_a.jsonl", w.select(kinds, [first], "train"))
     w.write_jsonl(root / "forget_b.jsonl", w.select(kinds, [second], "train"))
     w.write_jsonl(root / "retain.jsonl", w.select(kinds, rest, "train"))
+    w.write_jsonl(root / "reference.jsonl", w.select(kinds, w.unseen_names))
     if not (root / "model").exists():
         shutil.copytree(tiny_bench.vanilla, root / "model")
     return root

@@ -166,7 +166,7 @@ def test_every_method_applies_stores_exports_loads_in_peft_and_rolls_back(world,
     reg_dir = tmp_path / "reg"
     init_registry(reg_dir, world / "model")
     request = write_request(tmp_path, "r", scope=scope, method=method, steps=3, forget=str(world / "forget_a.jsonl"),
-                            retain=str(world / "retain.jsonl"))
+                            retain=str(world / "retain.jsonl"), reference=str(world / "reference.jsonl"), partial=True)
     entry = apply_request(reg_dir, request, show_progress=False)
     assert (entry["scope"], entry["method"], entry["kind"], entry["state"]) == (scope, method, "lora", "active")
     state = Registry.open(reg_dir).snapshot()

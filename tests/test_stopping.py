@@ -7,8 +7,10 @@ import pytest
 from conftest import snapshot, write_request
 from registry import Registry
 from seqforget.engine import apply_request, init_registry
+from seqforget.data import Row
 from seqforget.errors import SeqforgetError
 from seqforget.status import status_rows, status_table
+from seqforget.stopping import stranger_rows
 
 
 @pytest.fixture
@@ -45,7 +47,7 @@ def test_training_stops_once_the_forget_rows_look_like_the_reference(world, reg_
 
 def test_the_retain_guard_refuses_a_request_that_costs_retained_accuracy(world, reg_dir, tmp_path, unseen):
     before = snapshot(reg_dir)
-    request = write_request(tmp_path, "r", method="ga", steps=60, check_every=10, lr=1e-2, projection=False,
+    request = write_request(tmp_path, "r", method="ga", steps=60, check_every=10, lr=1e-1, projection=False,
                             retain_tolerance=0.0, reference=unseen,
                             forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl"))
     with pytest.raises(SeqforgetError, match="retain guard stopped it"):
@@ -56,7 +58,7 @@ def test_the_retain_guard_refuses_a_request_that_costs_retained_accuracy(world, 
 
 
 def test_a_partial_request_commits_what_the_guard_kept_and_says_so(world, reg_dir, tmp_path, unseen):
-    request = write_request(tmp_path, "r", method="ga", steps=60, check_every=10, lr=1e-2, projection=False,
+    request = write_request(tmp_path, "r", method="ga", steps=60, check_every=10, lr=1e-1, projection=False,
                             retain_tolerance=0.0, reference=unseen, partial=True,
                             forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl"))
     entry = apply_request(reg_dir, request, show_progress=False)
@@ -65,7 +67,11 @@ def test_a_partial_request_commits_what_the_guard_kept_and_says_so(world, reg_di
     checks = metrics["stop"]["checks"]
     kept = entry["metrics"]["stop"]["step"]
     assert kept < checks[-1]["step"]  # the adapter of the last check the guard accepted, not the last one trained
-    assert all(c["retain"]["token_acc"] >= metrics["before"]["retain"]["token_acc"] for c in checks if c["step"] <= kept)
+    refused = [c for c in checks if "retain guard" in c.get("decision", "")]
+    assert [c["decision"].split(", ")[1] for c in refused] == ["learning rate x0.5", "learning rate x0.25",
+                                                                "learning rate x0.125", "stopped"]  # shrink three times, then stop
+    accepted = [c for c in checks if c not in refused]
+    assert all(c["retain"]["token_acc"] >= metrics["before"]["retain"]["token_acc"] for c in accepted if c["step"] <= kept)
     assert metrics["after"]["retain"]["token_acc"] >= metrics["before"]["retain"]["token_acc"] - 0.01
     table = status_table(status_rows(Registry.open(reg_dir).snapshot()))
     assert "active (partial)" in table and f"retain guard, step {kept}" in table
@@ -77,3 +83,17 @@ def test_without_reference_rows_the_budget_ends_training(world, reg_dir, tmp_pat
     entry = apply_request(reg_dir, request, show_progress=False)
     assert entry["metrics"]["stop"] == {"rule": "budget", "reason": "budget", "step": 7}
     assert entry["partial"] is False and entry["metrics"]["reference_nll"] is None
+
+
+def test_strangers_are_asked_the_forget_rows_questions_and_scored_on_their_answers(tmp_path):
+    face, other, stranger_a, stranger_b = (tmp_path / f"{n}.png" for n in ("face", "other", "sa", "sb"))
+    forget = [Row("what is this person's job ?", "potter", face), Row("what is this person's job ?", "baker", other),
+              Row("what is the job of kalo ?", "potter")]
+    reference = [Row("what is this person's job ?", "nurse", stranger_a), Row("what is this person's job ?", "miner", stranger_b),
+                 Row("which city does this person live in ?", "oslo", stranger_a), Row("what is the job of vexa ?", "judge"),
+                 Row("which city does vexa live in ?", "rome")]
+    rows, stands_for = stranger_rows(forget, reference, per_row=2)
+    assert stands_for == [0, 0, 1, 1, 2]
+    assert rows[:2] == [Row("what is this person's job ?", "potter", stranger_a), Row("what is this person's job ?", "potter", stranger_b)]
+    assert {r.image for r in rows[2:4]} == {stranger_a, stranger_b} and {r.answer for r in rows[2:4]} == {"baker"}
+    assert rows[4:] == [Row("what is the job of vexa ?", "potter")]  # the same template about another name, text with text

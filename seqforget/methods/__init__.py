@@ -5,12 +5,15 @@ A method is a small object with:
   name           its registry name
   sign           +1 if the update it learns is added to the model, -1 if it is subtracted
                  (distil-then-delete methods; the stored adapter holds the negated factor)
-  prepare(model, forget, retain, original)  called once before training, with every
-                 forget and retain row (seqforget.data.Rows): where a method computes
-                 what its loss needs from the whole request (a target, say)
+  prepare(model, forget, retain, reference, original)  called once before training, with
+                 every forget and retain row (seqforget.data.Rows) and the reference rows
+                 (never-seen strangers asked the forget rows' questions, with their
+                 answers; or None): where a method computes what its loss needs from the
+                 whole request (a target, say)
   loss(model, forget, retain, original)    its loss on a forget and a retain batch
 In both, `with original():` runs the model as it was before this request (the adapter
 switched off); wrap it in torch.no_grad().
+It may carry `budget`, a dict of defaults for the request's `steps` and `lr`.
 Its hyper-parameters are dataclass fields, set from the request's `method_args`; a field's
 metadata "range" (low, high) bounds it (default: any finite number >= 0).
 """
@@ -26,6 +29,7 @@ from seqforget.methods.ga import GradientAscent
 from seqforget.methods.gd import GradientDifference
 from seqforget.methods.npo import NPO
 from seqforget.methods.refusal import Refusal
+from seqforget.methods.stranger import StrangerTarget
 from seqforget.methods.target import AnswerTarget
 from seqforget.scopes import SCOPES
 
@@ -36,14 +40,14 @@ class Method(Protocol):
     name: str
     sign: int
 
-    def prepare(self, model, forget: Rows, retain: Rows, original: Callable[[], ContextManager]) -> None: ...
+    def prepare(self, model, forget: Rows, retain: Rows, reference: Rows | None, original: Callable[[], ContextManager]) -> None: ...
 
     def loss(
         self, model, forget: Batch, retain: Batch, original: Callable[[], ContextManager]
     ) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
-METHODS: dict[str, type] = {m.name: m for m in (GradientAscent, GradientDifference, NPO, Refusal, AnswerTarget)}
+METHODS: dict[str, type] = {m.name: m for m in (GradientAscent, GradientDifference, NPO, Refusal, AnswerTarget, StrangerTarget)}
 
 
 def method_problems(name: str, scope: str, args: dict) -> list[str]:

@@ -10,7 +10,7 @@ class GradientAscent:
     name = "ga"
     sign = +1
 
-    def prepare(self, model, forget, retain, original):
+    def prepare(self, model, forget, retain, reference, original):
         pass
 
     def loss(self, model, forget, retain, original):

@@ -12,7 +12,7 @@ class GradientDifference:
     name = "gd"
     sign = +1
 
-    def prepare(self, model, forget, retain, original):
+    def prepare(self, model, forget, retain, reference, original):
         pass
 
     def loss(self, model, forget, retain, original):

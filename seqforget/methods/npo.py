@@ -22,7 +22,7 @@ class NPO:
     name = "npo"
     sign = +1
 
-    def prepare(self, model, forget, retain, original):
+    def prepare(self, model, forget, retain, reference, original):
         pass
 
     def loss(self, model, forget, retain, original):

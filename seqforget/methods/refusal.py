@@ -14,7 +14,7 @@ class Refusal:
     name = "refusal"
     sign = +1
 
-    def prepare(self, model, forget, retain, original):
+    def prepare(self, model, forget, retain, reference, original):
         pass
 
     def loss(self, model, forget, retain, original):

@@ -51,9 +51,10 @@ class AnswerTarget:
     retain_weight: float = 3.0
     augment: float = field(default=1.0, metadata={"range": (0.0, 4.0)})
     name = "target"
+    budget = {"steps": 600, "lr": 3e-3}  # defaults of the request's steps and lr: it stops at a bounded target
     sign = +1
 
-    def prepare(self, model, forget, retain, original):
+    def prepare(self, model, forget, retain, reference, original):
         # the neighbours are retained images asked the forget rows' questions: faces, not any picture
         asked = {_prompt(e) for e in forget.examples}
         pixels = [e.pixel_values for e in retain.examples if e.pixel_values is not None and _prompt(e) in asked]

@@ -1,0 +1,238 @@
+"""Does a deletion match the retrain oracle? Requests as a user sends them, on several worlds.
+
+    python -m benchmarks.quality --worlds shapes:0,shapes:1,glyphs:0 --out benchmarks/RESULTS.md
+
+For each world (style:seed, see seqforget/bench/world.py) the vanilla model and the retrain
+oracles are trained (or loaded from the cache), then:
+  single   one request forgetting 10% of the people, for every method under every scope it
+           serves, written as a user would: the forget rows, a retain sample and the never-seen
+           people's rows as `reference`, no other setting (the method named only where it is not
+           the scope's default), partial: true so that a request that falls short is measured too
+  stream   --stream one-person requests in a row with each scope's default method (for the
+           scopes in --stream-scopes), measured after every request; the oracle (retrained
+           without all of the stream's people) after the last
+Each state is scored by benchmarks.forget_retain.evaluate, plus the relearning attack (fine-tune
+on half of the forgotten people; the other half's held-out visual accuracy), and checked against
+the target: forget accuracy within 5 points of the scope's oracle (visual: held-out image
+questions; full: text questions), retain visual, retain textual and general accuracy at least
+97% of vanilla, and for `visual` the forgotten people's text knowledge at least 97% of vanilla.
+Writes the markdown to --out and every figure to the JSON beside it.
+"""
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from registry import Registry
+from seqforget.bench import cache_root
+from seqforget.engine import apply_request, init_registry, live_model
+from seqforget.models import load_model
+from seqforget.scopes import SCOPES
+from benchmarks.forget_retain import (PROFILES, BenchmarkError, check_known, evaluate, prepare, relearn_other_half,
+                                      write_request)
+
+FRACTION = 0.1
+SCOPES_MEASURED = ("visual", "full")  # `refuse` answers with a refusal: no oracle to match
+FORGET_METRIC = {"visual": "forget_visual", "full": "forget_textual"}  # what the oracle of each scope is matched on
+ORACLE = {"visual": "without_images", "full": "without_people"}
+SHOWN = ["forget_visual", "forget_identity", "forget_textual", "membership_auc_visual", "membership_auc_textual",
+         "retain_visual", "retain_textual", "general"]
+CLOSE, KEEP = 0.05, 0.97  # the target: within 5 points of the oracle, at least 97% of vanilla
+
+
+def target_check(scope: str, state: dict, vanilla: dict, oracle: dict) -> dict:
+    """{criterion: passed} of the target for one state."""
+    metric = FORGET_METRIC[scope]
+    out = {"forget": abs(state[metric] - oracle[metric]) <= CLOSE}
+    for key in ("retain_visual", "retain_textual", "general"):
+        out[key] = state[key] >= KEEP * vanilla[key]
+    if scope == "visual":
+        out["text_kept"] = state["forget_textual"] >= KEEP * vanilla["forget_textual"]
+    return out
+
+
+def _outcome(entry: dict) -> dict:
+    """How the request ended: reached its level (or stopped short), steps kept, seconds."""
+    m = entry["metrics"]
+    return {"reached": not entry["partial"], "stop": m["stop"]["reason"], "steps": m["steps"], "seconds": m["seconds"],
+            "level": m["reference_nll"], "forget_median_nll": m["forget_median_nll"][1]}
+
+
+def run_single(bench, scope: str, method: str | None, forgotten: list[str], work: Path) -> dict:
+    folder = work / f"single-{scope}-{method or 'default'}"
+    shutil.rmtree(folder, ignore_errors=True)
+    reg = folder / "registry"
+    init_registry(reg, bench.vanilla)
+    entry = apply_request(reg, write_request(bench, folder, "forget", forgotten, scope, method, None, as_sent=True),
+                          show_progress=False)
+    model, processor = live_model(Registry.open(reg).snapshot())
+    result = {"state": evaluate(bench, model, processor, forgotten), "request": _outcome(entry)}
+    result["state"]["relearn_other_half"] = relearn_other_half(bench, model, processor, forgotten)
+    shutil.rmtree(folder, ignore_errors=True)
+    return result
+
+
+def run_stream(bench, scope: str, people: list[str], work: Path) -> list[dict]:
+    folder = work / f"stream-{scope}"
+    shutil.rmtree(folder, ignore_errors=True)
+    reg = folder / "registry"
+    init_registry(reg, bench.vanilla)
+    retained, forgotten, steps = bench.retain_people(people), [], []
+    for i, person in enumerate(people):
+        request = write_request(bench, folder, f"r{i:02d}", [person], scope, None, None, excluded=people, as_sent=True)
+        entry = apply_request(reg, request, show_progress=False)
+        forgotten.append(person)
+        model, processor = live_model(Registry.open(reg).snapshot())
+        state = evaluate(bench, model, processor, forgotten, retained)
+        steps.append({"state": state, "request": _outcome(entry)})
+        bench.log(f"  stream {scope} {i + 1}/{len(people)}: forget visual {state['forget_visual']:.2f} textual "
+                  f"{state['forget_textual']:.2f} retain visual {state['retain_visual']:.2f} general {state['general']:.2f}")
+    shutil.rmtree(folder, ignore_errors=True)
+    return steps
+
+
+def run_world(profile_name: str, style: str, seed: int, stream: int, stream_scopes: tuple[str, ...], cache: Path, work: Path,
+              log) -> dict:
+    profile = PROFILES[profile_name]
+    profile = replace(profile, world=replace(profile.world, style=style, seed=seed), train=replace(profile.train, seed=seed))
+    bench = prepare(profile, cache, log)
+    w = bench.world
+    forgotten = w.forget_order()[: max(1, round(FRACTION * len(w.people)))]
+    check_known(bench, forgotten)
+    vanilla, processor = load_model(bench.vanilla)
+    out = {"world": f"{style}:{seed}", "people": forgotten, "vanilla": evaluate(bench, vanilla, processor, forgotten),
+           "oracles": {}, "single": {}, "stream": {}}
+    out["vanilla"]["relearn_other_half"] = relearn_other_half(bench, vanilla, processor, forgotten)
+    for scope in SCOPES_MEASURED:
+        model, processor = load_model(bench.model_dir(**{ORACLE[scope]: forgotten}))
+        out["oracles"][scope] = evaluate(bench, model, processor, forgotten)
+        out["oracles"][scope]["relearn_other_half"] = relearn_other_half(bench, model, processor, forgotten)
+        for method in SCOPES[scope].methods:
+            log(f"{style}:{seed} single {scope}/{method}")
+            r = run_single(bench, scope, None if method == SCOPES[scope].methods[0] else method, forgotten, work)
+            r["target"] = target_check(scope, r["state"], out["vanilla"], out["oracles"][scope])
+            out["single"][f"{scope}/{method}"] = r
+    if stream:
+        people = w.forget_order()[:stream]
+        check_known(bench, people)
+        retained = bench.retain_people(people)
+        vanilla_state = evaluate(bench, vanilla, processor, people, retained)
+        for scope in stream_scopes:
+            log(f"{style}:{seed} stream {scope}/{SCOPES[scope].methods[0]} of {stream}")
+            model, processor = load_model(bench.model_dir(**{ORACLE[scope]: people}))
+            oracle = evaluate(bench, model, processor, people, retained)
+            steps = run_stream(bench, scope, people, work)
+            out["stream"][scope] = {"vanilla": vanilla_state, "oracle": oracle, "steps": steps,
+                                    "target": target_check(scope, steps[-1]["state"], vanilla_state, oracle)}
+    return out
+
+
+# ---- the report -----------------------------------------------------------------------------------
+
+def _f(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
+
+
+def _spread(values: list[float], digits: int = 2) -> str:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def _row(name: str, states: list[dict], extra: list[str] = ()) -> str:
+    cells = [_spread([s.get(k) for s in states]) for k in SHOWN + ["relearn_other_half"]]
+    return f"| {name} | " + " | ".join(cells + list(extra)) + " |"
+
+
+HEADER = ("| model | forget visual (held-out views) | forget identity | forget textual | membership AUC image rows | "
+          "membership AUC text rows | retain visual | retain textual | general | relearn: other half visual |")
+
+
+def markdown(results: dict, command: str) -> str:
+    worlds = results["worlds"]
+    lines = ["# Quality of deletions against the retrain oracles", "", "Regenerate with:", "", f"    {command}", "",
+             f"Worlds: {', '.join(w['world'] for w in worlds)}. Figures are means over the worlds with their range "
+             "(min-max) in brackets. One request forgets 10% of the people (6 of 60). Choice accuracy over 4 options "
+             "(chance 0.25). Membership AUC: how well answer NLL tells the forget rows from never-seen people's rows "
+             "(0.5: indistinguishable).", "",
+             f"Target (issue of record): forget within {CLOSE:.2f} of the scope's oracle (visual: forget visual; full: forget "
+             f"textual); retain visual, retain textual and general at least {KEEP:.0%} of vanilla; for visual, forget "
+             f"textual at least {KEEP:.0%} of vanilla.", ""]
+    for scope in SCOPES_MEASURED:
+        lines += [f"## {scope} scope, one request", "", HEADER + " reached the level | steps | seconds | target met (worlds) |",
+                  "|---" * 14 + "|"]
+        lines.append(_row("vanilla", [w["vanilla"] for w in worlds], ["", "", "", ""]))
+        for oracle_scope in SCOPES_MEASURED:
+            lines.append(_row(f"oracle {oracle_scope} (retrained)", [w["oracles"][oracle_scope] for w in worlds], ["", "", "", ""]))
+        for key in worlds[0]["single"]:
+            if not key.startswith(scope + "/"):
+                continue
+            runs = [w["single"][key] for w in worlds if key in w["single"]]
+            met = sum(all(r["target"].values()) for r in runs)
+            missed = sorted({c for r in runs for c, ok in r["target"].items() if not ok})
+            lines.append(_row(key + (" (default)" if key.split("/")[1] == SCOPES[scope].methods[0] else ""), [r["state"] for r in runs], [
+                f"{sum(r['request']['reached'] for r in runs)}/{len(runs)}", _spread([r["request"]["steps"] for r in runs], 0),
+                _spread([r["request"]["seconds"] for r in runs], 0),
+                f"{met}/{len(runs)}" + (f" (missed: {', '.join(missed)})" if missed else "")]))
+        lines.append("")
+    streamed = [w for w in worlds if w["stream"]]
+    for scope in SCOPES_MEASURED:
+        runs = [w["stream"][scope] for w in streamed if scope in w["stream"]]
+        if not runs:
+            continue
+        n = len(runs[0]["steps"])
+        lines += [f"## {scope} scope, a stream of {n} one-person requests ({SCOPES[scope].methods[0]}, the default)", "",
+                  "After each request, on everyone forgotten so far; the oracle is retrained without all of them.", "",
+                  HEADER.replace("| model |", "| after request |") + " reached the level |", "|---" * 11 + "|"]
+        lines.append(_row("vanilla (all)", [r["vanilla"] for r in runs], [""]))
+        lines.append(_row("oracle (all)", [r["oracle"] for r in runs], [""]))
+        for i in range(n):
+            lines.append(_row(str(i + 1), [r["steps"][i]["state"] for r in runs],
+                              [f"{sum(r['steps'][i]['request']['reached'] for r in runs)}/{len(runs)}"]))
+        met = sum(all(r["target"].values()) for r in runs)
+        lines += ["", f"Target after the last request met on {met}/{len(runs)} worlds.", ""]
+    lines += [f"Total time: {results['seconds'] / 60:.0f} min.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worlds", default="shapes:0,shapes:1,glyphs:0", help="comma-separated style:seed")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="default", help="world and training sizes")
+    parser.add_argument("--stream", type=int, default=10, help="one-person requests in the stream (0: none)")
+    parser.add_argument("--stream-scopes", default="visual", help="comma-separated scopes to stream")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"))
+    parser.add_argument("--cache", type=Path, default=None, help="where worlds and trained models are kept")
+    parser.add_argument("--work", type=Path, default=Path("out/quality"), help="scratch folder for registries")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    results = {"worlds": []}
+    json_path = args.out.with_suffix(".json")
+    command = "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:])
+    try:
+        for spec in args.worlds.split(","):
+            style, seed = spec.split(":")
+            results["worlds"].append(run_world(args.profile, style, int(seed), args.stream, tuple(s for s in args.stream_scopes.split(",") if s),
+                                               args.cache or cache_root() / "bench", args.work, print))
+            results["seconds"] = time.perf_counter() - start
+            json_path.write_text(json.dumps(results, indent=1) + "\n")
+    except BenchmarkError as e:
+        sys.exit(f"benchmark: {e}")
+    args.out.write_text(markdown(results, command))
+    print(args.out.read_text())
+
+
+if __name__ == "__main__":
+    main()

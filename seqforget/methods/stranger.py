@@ -1,0 +1,69 @@
+from dataclasses import dataclass, field
+
+import torch
+
+from seqforget.data import IGNORE, batches
+from seqforget.errors import SeqforgetError
+from seqforget.methods.target import _answer_logprobs, _kl
+from seqforget.representations import augment
+
+
+@dataclass
+class StrangerTarget:
+    """Answer about the forgotten as the model, before this request, answers the same questions
+    about strangers; answer everything retained as before.
+
+        loss = KL(q_f || p(y | v(x_f)))  +  retain_weight * KL(p0(y | v(x_r)) || p(y | v(x_r)))
+        q_f = mean over the strangers s of row f of p0(y | s)
+
+    p: answers under the adapter, p0 before this request, both teacher-forced on the forget
+    row's answer; x_f a forget row, x_r a retain row (with or without an image); v a random
+    augmented view of a row's image. A forget row's strangers are the request's reference
+    rows that ask its question of a face, or its template of a name, the model never saw
+    (seqforget.stopping.stranger_rows): the same rows that set the level training stops at.
+
+    Why this target: a model retrained without the person reads their face (or their name)
+    as nobody in particular and answers with what it would guess for anyone; that is a
+    bounded, in-distribution place to stop, where loss ascent has none. The mixture over
+    several strangers, computed once, is that guess; one stranger's answers would teach a
+    specific wrong person instead.
+
+    Needs reference rows like every forget row (the request's `reference`, or the registry's).
+    """
+
+    retain_weight: float = 3.0
+    augment: float = field(default=1.0, metadata={"range": (0.0, 4.0)})
+    name = "stranger"
+    budget = {"steps": 600, "lr": 3e-3}  # defaults of the request's steps and lr: it stops at a bounded target
+    sign = +1
+
+    def prepare(self, model, forget, retain, reference, original):
+        paired = set(reference.stands_for) if reference is not None else set()
+        if len(paired) < len(forget):
+            raise SeqforgetError(f"method stranger needs reference rows like every forget row: {len(forget) - len(paired)} of "
+                                 f"{len(forget)} have none (image rows need reference rows with images, text rows need "
+                                 "reference rows with text only; set reference: in the request, or init --reference)")
+        sums: dict[int, torch.Tensor] = {}
+        counts: dict[int, int] = {}
+        position = 0
+        with torch.no_grad(), original():
+            for batch in batches(reference.examples, reference.eval_batch, reference.pad_id):
+                logp = _answer_logprobs(model, batch)  # (answer tokens of the batch, V)
+                lengths = (batch["labels"][:, 1:] != IGNORE).sum(1).tolist()
+                for rows_logp, n in zip(logp.split(lengths), lengths):
+                    k = reference.stands_for[position]
+                    sums[k] = sums.get(k, 0) + rows_logp.exp()
+                    counts[k] = counts.get(k, 0) + 1
+                    position += 1
+        self._targets = [(sums[k] / counts[k]).clamp_min(1e-12).log() for k in range(len(forget))]  # (n_k, V) each
+        self._generator = torch.Generator().manual_seed(0)
+
+    def loss(self, model, forget, retain, original):
+        target = torch.cat([self._targets[k] for k in forget["rows"].tolist()])  # (answer tokens, V)
+        views = augment(forget["pixel_values"], self._generator, self.augment) if "pixel_values" in forget else None
+        forget_kl = _kl(target, _answer_logprobs(model, forget, views))
+        views = augment(retain["pixel_values"], self._generator, self.augment) if "pixel_values" in retain else None
+        with torch.no_grad(), original():
+            held = _answer_logprobs(model, retain, views)
+        retain_kl = _kl(held, _answer_logprobs(model, retain, views))
+        return forget_kl + self.retain_weight * retain_kl, {"forget_kl": forget_kl.item(), "retain_kl": retain_kl.item()}
