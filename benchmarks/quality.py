@@ -1,6 +1,6 @@
 """Does a deletion match the retrain oracle? Requests as a user sends them, on several worlds.
 
-    python -m benchmarks.quality --worlds shapes:0,shapes:1,glyphs:0 --out benchmarks/RESULTS.md
+    python -m benchmarks.quality --worlds shapes:0,glyphs:0,shapes:1 --variants --out benchmarks/RESULTS.md
 
 For each world (style:seed, see seqforget/bench/world.py) the vanilla model and the retrain
 oracles are trained (or loaded from the cache), then:
@@ -8,6 +8,8 @@ oracles are trained (or loaded from the cache), then:
            serves, written as a user would: the forget rows, a retain sample and the never-seen
            people's rows as `reference`, no other setting (the method named only where it is not
            the scope's default), partial: true so that a request that falls short is measured too
+  variants with --variants, the same single request with one thing changed (VARIANTS): what
+           else was tried, and what each did
   stream   --stream one-person requests in a row with each scope's default method (for the
            scopes in --stream-scopes), measured after every request; the oracle (retrained
            without all of the stream's people) after the last
@@ -30,6 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import yaml
 
 from registry import Registry
 from seqforget.bench import cache_root
@@ -46,6 +49,18 @@ ORACLE = {"visual": "without_images", "full": "without_people"}
 SHOWN = ["forget_visual", "forget_identity", "forget_textual", "membership_auc_visual", "membership_auc_textual",
          "retain_visual", "retain_textual", "general"]
 CLOSE, KEEP = 0.05, 0.97  # the target: within 5 points of the oracle, at least 97% of vanilla
+
+
+LANGUAGE_MLPS = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # every language-model MLP (the vision tower's are fc1, fc2)
+VARIANTS = {  # name -> (scope, what the request sets besides): what else was tried, run with --variants
+    "gd, no retain guard": ("visual", {"method": "gd", "retain_tolerance": 1.0}),
+    "stranger, no retain guard": ("visual", {"retain_tolerance": 1.0}),
+    "stranger, no retain term": ("visual", {"retain_tolerance": 1.0, "method_args": {"retain_weight": 0.0}}),
+    "stranger on the language model's MLPs": ("visual", {"target_modules": LANGUAGE_MLPS}),
+    "target on the language model's MLPs": ("visual", {"method": "target", "target_modules": LANGUAGE_MLPS}),
+    "full: gd, no retain guard": ("full", {"method": "gd", "retain_tolerance": 1.0}),
+    "full: stranger, no retain guard": ("full", {"retain_tolerance": 1.0}),
+}
 
 
 def target_check(scope: str, state: dict, vanilla: dict, oracle: dict) -> dict:
@@ -66,13 +81,16 @@ def _outcome(entry: dict) -> dict:
             "level": m["reference_nll"], "forget_median_nll": m["forget_median_nll"][1]}
 
 
-def run_single(bench, scope: str, method: str | None, forgotten: list[str], work: Path) -> dict:
+def run_single(bench, scope: str, method: str | None, forgotten: list[str], work: Path, fields: dict | None = None) -> dict:
+    """One request as sent (fields: anything to set besides); its state, relearning, how it ended."""
     folder = work / f"single-{scope}-{method or 'default'}"
     shutil.rmtree(folder, ignore_errors=True)
     reg = folder / "registry"
     init_registry(reg, bench.vanilla)
-    entry = apply_request(reg, write_request(bench, folder, "forget", forgotten, scope, method, None, as_sent=True),
-                          show_progress=False)
+    path = write_request(bench, folder, "forget", forgotten, scope, method, None, as_sent=True)
+    if fields:
+        path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), **fields}, sort_keys=False))
+    entry = apply_request(reg, path, show_progress=False)
     model, processor = live_model(Registry.open(reg).snapshot())
     result = {"state": evaluate(bench, model, processor, forgotten), "request": _outcome(entry)}
     result["state"]["relearn_other_half"] = relearn_other_half(bench, model, processor, forgotten)
@@ -99,8 +117,8 @@ def run_stream(bench, scope: str, people: list[str], work: Path) -> list[dict]:
     return steps
 
 
-def run_world(profile_name: str, style: str, seed: int, stream: int, stream_scopes: tuple[str, ...], cache: Path, work: Path,
-              log) -> dict:
+def run_world(profile_name: str, style: str, seed: int, stream: int, stream_scopes: tuple[str, ...], variants: bool,
+              cache: Path, work: Path, log) -> dict:
     profile = PROFILES[profile_name]
     profile = replace(profile, world=replace(profile.world, style=style, seed=seed), train=replace(profile.train, seed=seed))
     bench = prepare(profile, cache, log)
@@ -109,7 +127,7 @@ def run_world(profile_name: str, style: str, seed: int, stream: int, stream_scop
     check_known(bench, forgotten)
     vanilla, processor = load_model(bench.vanilla)
     out = {"world": f"{style}:{seed}", "people": forgotten, "vanilla": evaluate(bench, vanilla, processor, forgotten),
-           "oracles": {}, "single": {}, "stream": {}}
+           "oracles": {}, "single": {}, "variants": {}, "stream": {}}
     out["vanilla"]["relearn_other_half"] = relearn_other_half(bench, vanilla, processor, forgotten)
     for scope in SCOPES_MEASURED:
         model, processor = load_model(bench.model_dir(**{ORACLE[scope]: forgotten}))
@@ -120,6 +138,11 @@ def run_world(profile_name: str, style: str, seed: int, stream: int, stream_scop
             r = run_single(bench, scope, None if method == SCOPES[scope].methods[0] else method, forgotten, work)
             r["target"] = target_check(scope, r["state"], out["vanilla"], out["oracles"][scope])
             out["single"][f"{scope}/{method}"] = r
+    for name, (scope, fields) in VARIANTS.items() if variants else ():
+        log(f"{style}:{seed} variant {name}")
+        r = run_single(bench, scope, None, forgotten, work, fields)
+        r["target"] = target_check(scope, r["state"], out["vanilla"], out["oracles"][scope])
+        out["variants"][name] = r
     if stream:
         people = w.forget_order()[:stream]
         check_known(bench, people)
@@ -145,7 +168,7 @@ def _spread(values: list[float], digits: int = 2) -> str:
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:
         return "-"
-    if len(values) == 1:
+    if min(values) == max(values):
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
@@ -186,6 +209,21 @@ def markdown(results: dict, command: str) -> str:
                 _spread([r["request"]["seconds"] for r in runs], 0),
                 f"{met}/{len(runs)}" + (f" (missed: {', '.join(missed)})" if missed else "")]))
         lines.append("")
+    names = [n for n in VARIANTS if any(n in w.get("variants", {}) for w in worlds)]
+    if names:
+        lines += ["## What else was tried: variants of one request", "",
+                  "The same single request with one thing changed (see VARIANTS in benchmarks/quality.py).", "",
+                  HEADER.replace("| model |", "| variant | scope |") + " reached the level | steps | target met (worlds) |",
+                  "|---" * 14 + "|"]
+        for name in names:
+            runs = [w["variants"][name] for w in worlds if name in w.get("variants", {})]
+            met = sum(all(r["target"].values()) for r in runs)
+            missed = sorted({c for r in runs for c, ok in r["target"].items() if not ok})
+            row = _row(name, [r["state"] for r in runs], [
+                f"{sum(r['request']['reached'] for r in runs)}/{len(runs)}", _spread([r["request"]["steps"] for r in runs], 0),
+                f"{met}/{len(runs)}" + (f" (missed: {', '.join(missed)})" if missed else "")])
+            lines.append(row.replace(f"| {name} |", f"| {name} | {VARIANTS[name][0]} |", 1))
+        lines.append("")
     streamed = [w for w in worlds if w["stream"]]
     for scope in SCOPES_MEASURED:
         runs = [w["stream"][scope] for w in streamed if scope in w["stream"]]
@@ -212,6 +250,7 @@ def main(argv=None) -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="default", help="world and training sizes")
     parser.add_argument("--stream", type=int, default=10, help="one-person requests in the stream (0: none)")
     parser.add_argument("--stream-scopes", default="visual", help="comma-separated scopes to stream")
+    parser.add_argument("--variants", action="store_true", help="also run the variants of VARIANTS (what else was tried)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"))
     parser.add_argument("--cache", type=Path, default=None, help="where worlds and trained models are kept")
     parser.add_argument("--work", type=Path, default=Path("out/quality"), help="scratch folder for registries")
@@ -225,7 +264,7 @@ def main(argv=None) -> None:
         for spec in args.worlds.split(","):
             style, seed = spec.split(":")
             results["worlds"].append(run_world(args.profile, style, int(seed), args.stream, tuple(s for s in args.stream_scopes.split(",") if s),
-                                               args.cache or cache_root() / "bench", args.work, print))
+                                               args.variants, args.cache or cache_root() / "bench", args.work, print))
             results["seconds"] = time.perf_counter() - start
             json_path.write_text(json.dumps(results, indent=1) + "\n")
     except BenchmarkError as e:

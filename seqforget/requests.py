@@ -173,6 +173,7 @@ def load_request(path: Path, default_retain: str | None = None, default_referenc
         problems.append("forget: a visual request needs rows with an image")
     if scope and not SCOPES[scope].forgets_text_rows and reference and not any(r.image for r in reference):
         problems.append("reference: a visual request needs reference rows with an image (its level is set by image rows)")
+    problems += _reference_problems(method, scope, "method" not in raw, forget, reference)
     shared = set(forget) & set(retain)
     if shared:
         problems.append(f"forget and retain share {len(shared)} row(s): the basis would protect what is to be forgotten")
@@ -201,6 +202,22 @@ def load_request(path: Path, default_retain: str | None = None, default_referenc
         data_sha256={"forget": sha256_file(forget_path), "retain": sha256_file(retain_path),
                      **({"reference": sha256_file(reference_path)} if reference_path else {})},
     )
+
+
+def _reference_problems(method, scope, by_default: bool, forget: list[Row], reference: list[Row]) -> list[str]:
+    """A method that answers the forgotten as it answers strangers needs reference rows like each forget row."""
+    from seqforget.methods import METHODS
+
+    if not (isinstance(method, str) and scope and getattr(METHODS.get(method), "needs_reference", False)):
+        return []
+    kinds = {r.image is not None for r in forget if r.image is not None or SCOPES[scope].forgets_text_rows}
+    missing = kinds - {r.image is not None for r in reference}
+    if not missing:
+        return []
+    which = " and ".join(label for has_image, label in ((True, "with an image"), (False, "with text only")) if has_image in missing)
+    return [f"reference: method {method}{' (the default for ' + scope + ')' if by_default else ''} answers the forgotten as "
+            f"it answers people the model never saw, and needs such rows {which}, like the forget rows: set reference, "
+            "run init --reference, or name another method"]
 
 
 def _data_path(value, request_path: Path, label: str, problems: list[str]) -> Path | None:

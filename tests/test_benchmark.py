@@ -107,3 +107,39 @@ def test_markdown_shows_membership_and_each_forgotten_person():
     text = markdown(results)
     assert "| 0.50 | 0.93 / 0.51 | 0.90 |" in text and "| 0.27 / 0.30 |" in text
     assert "| model | kalo | mire |" in text and "| full/ga/none | 1.00 / 0.25 | 0.00 / 0.75 |" in text
+
+
+def test_the_quality_target_is_within_five_points_of_the_oracle_and_97_percent_of_vanilla():
+    from benchmarks.quality import target_check
+
+    vanilla = {"forget_visual": 0.94, "forget_textual": 1.0, "retain_visual": 0.94, "retain_textual": 1.0, "general": 0.9}
+    oracle = {"forget_visual": 0.44, "forget_textual": 1.0}
+    good = {"forget_visual": 0.48, "forget_textual": 0.98, "retain_visual": 0.92, "retain_textual": 0.97, "general": 0.88}
+    assert all(target_check("visual", good, vanilla, oracle).values())
+    bad = {**good, "forget_visual": 0.50, "retain_visual": 0.91, "forget_textual": 0.96}
+    assert target_check("visual", bad, vanilla, oracle) == {"forget": False, "retain_visual": False, "retain_textual": True,
+                                                           "general": True, "text_kept": False}
+    full_oracle = {"forget_visual": 0.38, "forget_textual": 0.29}
+    assert target_check("full", {**good, "forget_textual": 0.33}, vanilla, full_oracle)["forget"]
+    assert "text_kept" not in target_check("full", good, vanilla, full_oracle)
+
+
+def test_the_quality_report_gives_means_ranges_and_misses():
+    from benchmarks.quality import markdown
+
+    def state(x):
+        return {k: x for k in ("forget_visual", "forget_identity", "forget_textual", "membership_auc_visual", "membership_auc_textual",
+                               "retain_visual", "retain_textual", "general", "relearn_other_half")}
+
+    def world(name, x, met):
+        single = {"state": state(x), "request": {"reached": met, "steps": 100, "seconds": 10.0},
+                  "target": {"forget": met, "retain_visual": True}}
+        return {"world": name, "vanilla": state(1.0), "oracles": {"visual": state(0.4), "full": state(0.3)},
+                "single": {"visual/stranger": single, "full/stranger": single}, "stream": {}}
+
+    text = markdown({"worlds": [world("shapes:0", 0.5, True), world("glyphs:0", 0.7, False)], "seconds": 120},
+                    "python -m benchmarks.quality --worlds shapes:0,glyphs:0")
+    assert "    python -m benchmarks.quality --worlds shapes:0,glyphs:0" in text
+    assert "| visual/stranger (default) | 0.60 (0.50-0.70) |" in text
+    assert "| 1/2 | 100 | 10 | 1/2 (missed: forget) |" in text
+    assert "| oracle visual (retrained) | 0.40 |" in text  # the same on every world: one figure

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from click.testing import CliRunner
 
@@ -98,6 +99,14 @@ def _bad_inputs(world: Path, tmp: Path) -> dict:
         shutil.copy(world / name, tmp / name)
     shutil.copytree(world / "images", tmp / "images", dirs_exist_ok=True)
     req = lambda rid, **f: write_request(tmp, rid, **f)  # noqa: E731
+    lines = (world / "reference.jsonl").read_text().splitlines()
+    (tmp / "reference_images.jsonl").write_text("".join(line + "\n" for line in lines if '"image"' in line))
+
+    def default_method(path: Path) -> Path:
+        body = yaml.safe_load(path.read_text())
+        del body["method"]
+        path.write_text(yaml.safe_dump(body))
+        return path
     return {
         "missing request file": (["apply", tmp / "nope.yaml"], "not found", 1),
         "malformed yaml": (["apply", tmp / "bad.yaml"], "not valid YAML", 1),
@@ -128,6 +137,10 @@ def _bad_inputs(world: Path, tmp: Path) -> dict:
         "unknown rollback": (["rollback", "never-applied"], "no request 'never-applied'", 1),
         "rollback of a rolled-back request": (["rollback", "gone"], "already rolled back; nothing to do", 3),
         "export into a full folder": (["export", world], "not an empty folder", 1),
+        "the default method without reference rows": (["apply", default_method(req("r12", scope="visual"))],
+                                                      "method stranger (the default for visual) answers the forgotten as", 1),
+        "text rows to forget, reference rows with images only": (
+            ["apply", req("r13", method="stranger", reference="reference_images.jsonl")], "needs such rows with text only", 1),
     }
 
 
@@ -144,6 +157,8 @@ CASES = [
     "empty data file",
     "malformed jsonl line",
     "visual request without images",
+    "the default method without reference rows",
+    "text rows to forget, reference rows with images only",
     "image does not decode",
     "missing image file",
     "missing data file",

@@ -13,7 +13,8 @@ A method is a small object with:
   loss(model, forget, retain, original)    its loss on a forget and a retain batch
 In both, `with original():` runs the model as it was before this request (the adapter
 switched off); wrap it in torch.no_grad().
-It may carry `budget`, a dict of defaults for the request's `steps` and `lr`.
+It may carry `budget`, a dict of defaults for the request's `steps` and `lr`, and
+`needs_reference = True` if it cannot train without reference rows like the forget rows.
 Its hyper-parameters are dataclass fields, set from the request's `method_args`; a field's
 metadata "range" (low, high) bounds it (default: any finite number >= 0).
 """

@@ -34,6 +34,7 @@ class StrangerTarget:
     retain_weight: float = 3.0
     augment: float = field(default=1.0, metadata={"range": (0.0, 4.0)})
     name = "stranger"
+    needs_reference = True  # checked when the request is read
     budget = {"steps": 600, "lr": 3e-3}  # defaults of the request's steps and lr: it stops at a bounded target
     sign = +1
 
