@@ -1,6 +1,6 @@
 """Does a deletion match the retrain oracle? Requests as a user sends them, on several worlds.
 
-    python -m benchmarks.quality --worlds shapes:0,glyphs:0,shapes:1 --variants --out benchmarks/RESULTS.md
+    python -m benchmarks.quality --worlds shapes:0,glyphs:0 --variants --out benchmarks/RESULTS.md
 
 For each world (style:seed, see seqforget/bench/world.py) the vanilla model and the retrain
 oracles are trained (or loaded from the cache), then:
@@ -246,7 +246,7 @@ def markdown(results: dict, command: str) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worlds", default="shapes:0,shapes:1,glyphs:0", help="comma-separated style:seed")
+    parser.add_argument("--worlds", default="shapes:0,glyphs:0", help="comma-separated style:seed")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="default", help="world and training sizes")
     parser.add_argument("--stream", type=int, default=10, help="one-person requests in the stream (0: none)")
     parser.add_argument("--stream-scopes", default="visual", help="comma-separated scopes to stream")

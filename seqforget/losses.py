@@ -23,3 +23,19 @@ def answer_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean over rows of the per-token negative log-likelihood of the answer."""
     logp, n, _ = answer_logprob(model, batch)
     return (-logp / n.clamp_min(1)).mean()
+
+
+def answer_logprobs(model, batch: dict[str, torch.Tensor], pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-probabilities over the vocabulary at every answer position, (answer tokens of the batch, V),
+    row after row; `pixel_values` (n_images, 3, H, W), if given, replace the batch's images."""
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    if pixel_values is not None:
+        inputs["pixel_values"] = pixel_values
+    logits = model(**inputs).logits[:, :-1]  # (B, T-1, V)
+    mask = batch["labels"][:, 1:] != IGNORE  # (B, T-1)
+    return F.log_softmax(logits[mask].float(), dim=-1)
+
+
+def answer_kl(target_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """Mean over answer tokens of KL(target || model), from two (tokens, V) log-probability tensors."""
+    return (target_logp.exp() * (target_logp - logp)).sum(-1).mean()

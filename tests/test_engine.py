@@ -230,8 +230,8 @@ def test_the_stored_update_leaves_retained_inputs_nearly_untouched_only_when_pro
         reg_dir = tmp_path / f"reg-{projection}"
         init_registry(reg_dir, world / "model")
         request = write_request(tmp_path, f"p-{projection}", scope=scope, method=method, steps=10, lr=3e-3,
-                                energy_threshold=0.999, projection=projection,
-                                forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl"))
+                                energy_threshold=0.999, projection=projection, reference=str(world / "reference.jsonl"),
+                                partial=True, forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl"))
         entry = apply_request(reg_dir, request, show_progress=False)
         response[projection] = _retained_inputs_response(world, reg_dir, entry)
     # 0.999 of the retained energy lies in the basis: what is left can move dW X by about sqrt(0.001)

@@ -14,7 +14,8 @@ from seqforget.scopes import SCOPES
 def _write(folder, **fields):
     (folder / "forget.jsonl").write_text('{"question": "what is the job of ada ?", "answer": "miner"}\n')
     (folder / "retain.jsonl").write_text('{"question": "what is the job of bo ?", "answer": "baker"}\n')
-    body = {"id": "r1", "scope": "full", "forget": "forget.jsonl", "retain": "retain.jsonl", **fields}
+    (folder / "reference.jsonl").write_text('{"question": "what is the job of cy ?", "answer": "nurse"}\n')
+    body = {"id": "r1", "scope": "full", "forget": "forget.jsonl", "retain": "retain.jsonl", "reference": "reference.jsonl", **fields}
     (folder / "r1.yaml").write_text(yaml.safe_dump(body))
     return folder / "r1.yaml"
 
@@ -22,6 +23,15 @@ def _write(folder, **fields):
 def test_a_request_without_a_method_gets_its_scopes_default(tmp_path):
     for scope in ("full", "refuse"):
         assert load_request(_write(tmp_path, scope=scope)).method == SCOPES[scope].methods[0]
+
+
+def test_steps_and_lr_default_to_the_methods_budget_unless_the_request_sets_them(tmp_path):
+    stranger = load_request(_write(tmp_path, method="stranger")).training
+    assert (stranger.steps, stranger.lr) == (600, 3e-3)
+    gd = load_request(_write(tmp_path, method="gd")).training
+    assert (gd.steps, gd.lr) == (30, 1e-3)
+    mine = load_request(_write(tmp_path, method="stranger", steps=50, lr=1e-4)).training
+    assert (mine.steps, mine.lr) == (50, 1e-4)
 
 
 def test_a_request_is_known_by_its_content_not_by_where_its_files_lie(tmp_path):

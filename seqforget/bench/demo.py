@@ -15,11 +15,12 @@ import click
 
 from seqforget.bench import cache_root
 
-# id suffix, scope, method, settings. The engine's defaults (lr 1e-3, 30 steps) protect retained
-# knowledge but forget little on this world (benchmarks/results); the demo asks for more.
+# id suffix, scope, method (None: the scope's default), settings. partial: true commits a request
+# that stops short of the never-seen level (benchmarks/RESULTS.md: on this world they do), and
+# `status` marks it partial. A refusal has no such level; the demo gives it a larger budget.
 REQUESTS = [
-    ("visual", "visual", "ga", {"lr": 3e-3, "steps": 40}),
-    ("full", "full", "npo", {"lr": 3e-3, "steps": 40}),
+    ("visual", "visual", None, {"partial": True}),
+    ("full", "full", None, {"partial": True}),
     ("refuse", "refuse", "refusal", {"lr": 1e-2, "steps": 40}),
 ]
 
@@ -66,14 +67,16 @@ def run_demo(out: Path) -> None:
     pool = [i for i in world.select(split="train") if i.person not in people]
     world.write_jsonl(out / "retain.jsonl", random.Random(0).sample(pool, 192))
     reg_dir = out / "registry"
-    init_registry(reg_dir, model_dir, default_retain=out / "retain.jsonl")
+    world.write_jsonl(out / "reference.jsonl", world.select({"visual", "identity", "textual", "cloze"}, world.unseen_names))
+    init_registry(reg_dir, model_dir, default_retain=out / "retain.jsonl", default_reference=out / "reference.jsonl")
     ids = []
     for person, (suffix, scope, method, settings) in zip(people, REQUESTS):
         request_id = f"{person}-{suffix}"
         ids.append(request_id)
         world.write_jsonl(out / f"{person}.jsonl", world.select({"visual", "identity", "textual", "cloze"}, [person], "train"))
         path = out / f"{request_id}.yaml"
-        path.write_text(yaml.safe_dump({"id": request_id, "scope": scope, "method": method, "forget": f"{person}.jsonl", **settings}, sort_keys=False))
+        body = {"id": request_id, "scope": scope, **({"method": method} if method else {}), "forget": f"{person}.jsonl", **settings}
+        path.write_text(yaml.safe_dump(body, sort_keys=False))
         click.echo(f"$ seqforget apply {path.name}")
         entry = apply_request(reg_dir, path, show_progress=False)
         m = entry["metrics"]

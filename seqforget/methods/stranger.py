@@ -4,7 +4,7 @@ import torch
 
 from seqforget.data import IGNORE, batches
 from seqforget.errors import SeqforgetError
-from seqforget.methods.target import _answer_logprobs, _kl
+from seqforget.losses import answer_kl, answer_logprobs
 from seqforget.representations import augment
 
 
@@ -49,7 +49,7 @@ class StrangerTarget:
         position = 0
         with torch.no_grad(), original():
             for batch in batches(reference.examples, reference.eval_batch, reference.pad_id):
-                logp = _answer_logprobs(model, batch)  # (answer tokens of the batch, V)
+                logp = answer_logprobs(model, batch)  # (answer tokens of the batch, V)
                 lengths = (batch["labels"][:, 1:] != IGNORE).sum(1).tolist()
                 for rows_logp, n in zip(logp.split(lengths), lengths):
                     k = reference.stands_for[position]
@@ -62,9 +62,9 @@ class StrangerTarget:
     def loss(self, model, forget, retain, original):
         target = torch.cat([self._targets[k] for k in forget["rows"].tolist()])  # (answer tokens, V)
         views = augment(forget["pixel_values"], self._generator, self.augment) if "pixel_values" in forget else None
-        forget_kl = _kl(target, _answer_logprobs(model, forget, views))
+        forget_kl = answer_kl(target, answer_logprobs(model, forget, views))
         views = augment(retain["pixel_values"], self._generator, self.augment) if "pixel_values" in retain else None
         with torch.no_grad(), original():
-            held = _answer_logprobs(model, retain, views)
-        retain_kl = _kl(held, _answer_logprobs(model, retain, views))
+            held = answer_logprobs(model, retain, views)
+        retain_kl = answer_kl(held, answer_logprobs(model, retain, views))
         return forget_kl + self.retain_weight * retain_kl, {"forget_kl": forget_kl.item(), "retain_kl": retain_kl.item()}

@@ -1,32 +1,16 @@
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from seqforget.data import IGNORE
 from seqforget.errors import SeqforgetError
-from seqforget.losses import MODEL_INPUTS
+from seqforget.losses import answer_kl, answer_logprobs
 from seqforget.representations import augment, image_features
-
-
-def _answer_logprobs(model, batch: dict, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-    """Log-probabilities over the vocabulary at every answer position, (n_answer_tokens, V)."""
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    if pixel_values is not None:
-        inputs["pixel_values"] = pixel_values
-    logits = model(**inputs).logits[:, :-1]  # (B, T-1, V)
-    mask = batch["labels"][:, 1:] != IGNORE  # (B, T-1)
-    return F.log_softmax(logits[mask].float(), dim=-1)
 
 
 def _prompt(example) -> tuple[int, ...]:
     """The prompt's token ids (the question, image tokens included)."""
     return tuple(example.input_ids[example.labels == IGNORE].tolist())
-
-
-def _kl(target_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
-    """Mean over answer tokens of KL(target || model)."""
-    return (target_logp.exp() * (target_logp - logp)).sum(-1).mean()
 
 
 @dataclass
@@ -74,12 +58,12 @@ class AnswerTarget:
     def loss(self, model, forget, retain, original):
         pixels = forget["pixel_values"]  # every forget row of a visual request has an image
         with torch.no_grad(), original():
-            target = _answer_logprobs(model, forget, self._neighbours(model, pixels, original))
-        forget_kl = _kl(target, _answer_logprobs(model, forget, augment(pixels, self._generator, self.augment)))
+            target = answer_logprobs(model, forget, self._neighbours(model, pixels, original))
+        forget_kl = answer_kl(target, answer_logprobs(model, forget, augment(pixels, self._generator, self.augment)))
         retain_kl = torch.zeros(())
         if "pixel_values" in retain:
             views = augment(retain["pixel_values"], self._generator, self.augment)
             with torch.no_grad(), original():
-                held = _answer_logprobs(model, retain, views)
-            retain_kl = _kl(held, _answer_logprobs(model, retain, views))
+                held = answer_logprobs(model, retain, views)
+            retain_kl = answer_kl(held, answer_logprobs(model, retain, views))
         return forget_kl + self.retain_weight * retain_kl, {"forget_kl": forget_kl.item(), "retain_kl": retain_kl.item()}
