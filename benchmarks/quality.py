@@ -26,6 +26,7 @@ import json
 import math
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -129,6 +130,7 @@ def run_world(profile_name: str, style: str, seed: int, stream: int, stream_scop
     out = {"world": f"{style}:{seed}", "people": forgotten, "vanilla": evaluate(bench, vanilla, processor, forgotten),
            "oracles": {}, "single": {}, "variants": {}, "stream": {}}
     out["vanilla"]["relearn_other_half"] = relearn_other_half(bench, vanilla, processor, forgotten)
+    vanilla, processor = load_model(bench.vanilla)  # the attack fine-tuned it in place
     for scope in SCOPES_MEASURED:
         model, processor = load_model(bench.model_dir(**{ORACLE[scope]: forgotten}))
         out["oracles"][scope] = evaluate(bench, model, processor, forgotten)
@@ -185,8 +187,11 @@ HEADER = ("| model | forget visual (held-out views) | forget identity | forget t
 def markdown(results: dict, command: str) -> str:
     worlds = results["worlds"]
     lines = ["# Quality of deletions against the retrain oracles", "", "Regenerate with:", "", f"    {command}", "",
+             *([f"Measured at commit {results['commit']}.", ""] if results.get("commit") else []),
+             *([results["erratum"], ""] if results.get("erratum") else []),
              f"Worlds: {', '.join(w['world'] for w in worlds)}. Figures are means over the worlds with their range "
-             "(min-max) in brackets. One request forgets 10% of the people (6 of 60). Choice accuracy over 4 options "
+             "(min-max) in brackets. One request forgets 10% of the people "
+             f"({len(worlds[0]['people'])}). Choice accuracy over 4 options "
              "(chance 0.25). Membership AUC: how well answer NLL tells the forget rows from never-seen people's rows "
              "(0.5: indistinguishable).", "",
              f"Target (issue of record): forget within {CLOSE:.2f} of the scope's oracle (visual: forget visual; full: forget "
@@ -260,6 +265,8 @@ def main(argv=None) -> None:
     results = {"worlds": []}
     json_path = args.out.with_suffix(".json")
     command = "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:])
+    results["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                       cwd=Path(__file__).parent).stdout.strip() or None
     try:
         for spec in args.worlds.split(","):
             style, seed = spec.split(":")

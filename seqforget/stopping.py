@@ -48,9 +48,12 @@ from seqforget.losses import answer_logprob
 def stranger_rows(forget: list[Row], reference: list[Row], per_row: int = 4) -> tuple[list[Row], list[int]]:
     """For each forget row, `per_row` reference rows asking the most similar question (by difflib's
     ratio), each answered with the forget row's answer; and, for each row returned, the position
-    of the forget row it stands for. Successive forget rows with the same question take
-    successive reference rows among the best matches, so that many strangers count. An image row
-    is paired only with image rows, a text row only with text rows."""
+    of the forget row it stands for. The picks are spread evenly over the best matches, and
+    successive forget rows with the same question start one further on, so that many strangers
+    count. An image row is paired only with image rows, a text row only with text rows.
+
+    A text question names its person, so the best match is usually the same template about one
+    stranger whose name is most like the forgotten one's: text rows mostly get one stranger each."""
     out, stands_for, ratio = [], [], {}
     for k, row in enumerate(forget):
         pool = [r for r in reference if (r.image is None) == (row.image is None)]
@@ -61,7 +64,8 @@ def stranger_rows(forget: list[Row], reference: list[Row], per_row: int = 4) -> 
                 ratio[row.question, q] = difflib.SequenceMatcher(None, row.question, q).ratio()
         best = max(ratio[row.question, r.question] for r in pool)
         ties = [r for r in pool if ratio[row.question, r.question] == best]
-        chosen = [ties[(k * per_row + j) % len(ties)] for j in range(min(per_row, len(ties)))]
+        stride = max(1, len(ties) // per_row)  # reference rows come person by person: spread over the people
+        chosen = [ties[(k + j * stride) % len(ties)] for j in range(min(per_row, len(ties)))]
         out += [replace(stranger, answer=row.answer) for stranger in chosen]
         stands_for += [k] * len(chosen)
     return out, stands_for
@@ -93,7 +97,7 @@ class Stop:
 
     rule: str  # "reference" (the oracle's level from reference rows) | "budget" (no reference)
     reason: str  # "reached" | "retain_guard" | "budget"
-    step: int  # optimiser steps the adapter kept
+    step: int  # optimiser steps taken up to the check whose adapter was kept (steps the guard undid before it count)
     checks: list[dict]  # one record per check: step, forget, retain (and the decision)
     reference: dict | None  # the level from the reference rows (stranger_level), before training
 
@@ -120,6 +124,7 @@ class Stopping:
         self.kept_step, self.kept = 0, None
         self.reason = "budget"
         self.shrinks, self.lr_scale = 0, 1.0  # the learning rate is settings.lr * lr_scale
+        self.rolled_back = False  # whether the last check put the kept adapter back
 
     def start(self, params: list[torch.nn.Parameter]) -> None:
         """Keep the untrained adapter: what the guard goes back to if the first check fails."""
@@ -128,13 +133,15 @@ class Stopping:
     def check(self, model, step: int, params: list[torch.nn.Parameter]) -> bool:
         """True when training should stop (the adapter in `params` is then the one to keep)."""
         forget, retain = probe(model, self.forget.fixed), probe(model, self.retain.fixed)
+        self.rolled_back = False
         record = {"step": step, "forget": forget, "retain": retain}
         self.checks.append(record)
         if retain["token_acc"] < self.retain_start - self.settings.retain_tolerance:
             with torch.no_grad():
                 for p, kept in zip(params, self.kept):
                     p.copy_(kept)
-            if self.shrinks < SHRINKS:
+            self.rolled_back = True
+            if self.shrinks < SHRINKS and step < self.settings.steps:
                 self.shrinks += 1
                 self.lr_scale /= 2
                 record["decision"] = f"retain guard: back to step {self.kept_step}, learning rate x{self.lr_scale:g}"

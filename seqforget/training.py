@@ -98,6 +98,8 @@ def train_adapter(model, method, forget: Rows, retain: Rows, reference: Rows | N
                     done = stopping.check(peft_model, step, params)
                 for group in optimizer.param_groups:
                     group["lr"] = settings.lr * stopping.lr_scale
+                if stopping.rolled_back:
+                    optimizer.state.clear()  # AdamW's moments would push straight back where the guard undid
                 peft_model.train()
                 if done:
                     break

@@ -134,7 +134,7 @@ def test_the_quality_report_gives_means_ranges_and_misses():
     def world(name, x, met):
         single = {"state": state(x), "request": {"reached": met, "steps": 100, "seconds": 10.0},
                   "target": {"forget": met, "retain_visual": True}}
-        return {"world": name, "vanilla": state(1.0), "oracles": {"visual": state(0.4), "full": state(0.3)},
+        return {"world": name, "people": ["kalo", "mire"], "vanilla": state(1.0), "oracles": {"visual": state(0.4), "full": state(0.3)},
                 "single": {"visual/stranger": single, "full/stranger": single}, "stream": {}}
 
     text = markdown({"worlds": [world("shapes:0", 0.5, True), world("glyphs:0", 0.7, False)], "seconds": 120},

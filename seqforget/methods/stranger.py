@@ -28,6 +28,11 @@ class StrangerTarget:
     several strangers, computed once, is that guess; one stranger's answers would teach a
     specific wrong person instead.
 
+    For an answer of several tokens, q_f mixes the strangers' distributions token by token (each
+    teacher-forced on the forget answer), an approximation of the mixture's own conditional that
+    weights every stranger alike at every position; the stopping level mixes whole-answer
+    probabilities. For the one-token answers of a word-level vocabulary the two agree.
+
     Needs reference rows like every forget row (the request's `reference`, or the registry's).
     """
 
