@@ -18,14 +18,16 @@ single strangers' NLLs can ask for more than it gives. Six people forgotten on t
 worlds (seed 0), median per-token NLL of their answers:
 
     rows, world        retrained oracle   level (mean probability)   single strangers
-    image, shapes            3.49                  3.11                     4.03
-    image, glyphs            3.85                  2.78                     3.16
+    image, shapes            3.49                  2.22                     4.35
+    image, glyphs            3.85                  1.97                     3.29
     text, shapes             3.32                  3.28                     3.52
     text, glyphs             2.98                  2.01                     2.01
 
 (oracle: retrained without their images for image rows, without them for text rows; the
 other two columns under the original model.) The oracle passes the level in all four; the
-single strangers' median it would fail twice. Scored on their own answers, reference rows
+single strangers' median it would fail twice. On image rows the level is a lenient bound:
+the oracle clears it by 1.3 to 1.9 nats, so a request may stop while it still knows more
+than a model that never saw the person. Scored on their own answers, reference rows
 would compare unlike with unlike: a never-seen person's name is an answer the model was
 never trained to give.
 
