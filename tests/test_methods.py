@@ -36,3 +36,23 @@ def test_each_forget_row_is_trained_towards_its_own_strangers(world):
     # a row that is its own stranger is already at its target, whatever order the batch comes in
     assert _first_kl(world, 0) < 1e-5
     assert _first_kl(world, 1) > 1e-2  # pair each row with another row's answers: far from its target
+
+
+def test_the_stopping_level_is_the_median_of_each_rows_mean_stranger_probability(world):
+    import math
+
+    from seqforget.losses import answer_logprob
+    from seqforget.stopping import stranger_level
+
+    model, processor = load_model(world / "model")
+    strangers = _rows(world, processor, "reference.jsonl", True)
+    owners = [k % 5 for k in range(len(strangers))]  # five forget rows, strangers dealt round-robin
+    level = stranger_level(model, data.Rows(strangers.examples, strangers.pad_id, stands_for=owners))
+    per_row = {}
+    with torch.no_grad():
+        for example, k in zip(strangers.examples, owners):  # one row at a time, in float64
+            logp, n, _ = answer_logprob(model, data.collate([example], strangers.pad_id))
+            per_row.setdefault(k, []).append((float(logp), int(n)))
+    expected = [-math.log(sum(math.exp(lp) for lp, _ in rows) / len(rows)) / rows[0][1] for rows in per_row.values()]
+    assert level["rows"] == 5 and level["strangers"] == len(strangers)
+    assert abs(level["median_nll"] - sorted(expected)[(len(expected) - 1) // 2]) < 1e-4, (level, expected)
