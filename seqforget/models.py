@@ -123,18 +123,10 @@ class TinySpec:
     seed: int = 0
 
 
-def build_word_tokenizer(texts: list[str]):
-    """A word-level tokenizer over `texts` (whitespace and punctuation split), as a fast HF tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def _fast(tok):
+    """A `tokenizers.Tokenizer` as the HF fast tokenizer LLaVA's processor expects, with our special tokens."""
     from transformers import PreTrainedTokenizerFast
 
-    pre = pre_tokenizers.Whitespace()
-    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t)} | {"USER", "ASSISTANT", ":"})
-    words = [w for w in words if w not in SPECIAL_TOKENS]
-    vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
@@ -143,6 +135,19 @@ def build_word_tokenizer(texts: list[str]):
         eos_token="</s>",
         extra_special_tokens={"image_token": "<image>"},
     )
+
+
+def build_word_tokenizer(texts: list[str]):
+    """A word-level tokenizer over `texts` (whitespace and punctuation split), as a fast HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    pre = pre_tokenizers.Whitespace()
+    words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t)} | {"USER", "ASSISTANT", ":"})
+    words = [w for w in words if w not in SPECIAL_TOKENS]
+    vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
+    return _fast(tok)
 
 
 def build_bpe_tokenizer(texts: list[str], vocab_size: int = 500):
@@ -153,7 +158,6 @@ def build_bpe_tokenizer(texts: list[str], vocab_size: int = 500):
     ones: names take about five tokens, a third of the answers two to five.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)  # " word" and "word" differ, as in GPT-2
@@ -161,14 +165,7 @@ def build_bpe_tokenizer(texts: list[str], vocab_size: int = 500):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([f"USER: {t} ASSISTANT:" for t in texts], trainer)  # merges as the chat template frames them
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        extra_special_tokens={"image_token": "<image>"},
-    )
+    return _fast(tok)
 
 
 def build_tiny_llava(out_dir: Path, texts: list[str], spec: TinySpec = TinySpec(), tokenizer=None):
