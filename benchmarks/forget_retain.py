@@ -352,7 +352,8 @@ def run(profile: Profile, out: Path, cache: Path, log=print) -> dict:
     return results
 
 
-def _f(x) -> str:
+def cell(x) -> str:
+    """A figure for a markdown table: two decimals, or "-" for none."""
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
 
 
@@ -366,7 +367,7 @@ def per_person(rows: list[tuple[str, dict, dict]]) -> list[str]:
              "| model | " + " | ".join(people) + " |", "|---|" + "---|" * len(people)]
     for name, m, _ in rows:
         visual, textual = m.get("forget_visual_by_person", {}), m.get("forget_textual_by_person", {})
-        lines.append(f"| {name} | " + " | ".join(f"{_f(visual.get(p))} / {_f(textual.get(p))}" for p in people) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{cell(visual.get(p))} / {cell(textual.get(p))}" for p in people) + " |")
     return lines + [""]
 
 
@@ -383,12 +384,12 @@ def markdown(results: dict) -> str:
         for name, m, r in rows:
             relearn_value = r.get("relearn_other_half", m.get("relearn_other_half"))
             cost = r.get("request")
-            cost_cells = f"{_f(cost['seconds'])} | {cost['peak_rss_mb']:.0f}" if cost else "- | -"
-            lines.append(f"| {name} | {_f(m.get('forget_visual'))} | {_f(m.get('forget_visual_seen'))} | {_f(m.get('forget_identity'))} | "
-                         f"{_f(m.get('forget_textual'))} | {_f(m.get('forget_cloze_exact'))} | "
-                         f"{_f(m.get('membership_auc_visual'))} / {_f(m.get('membership_auc_textual'))} | {_f(m['retain_visual'])} | "
-                         f"{_f(m['retain_textual'])} | {_f(m['general'])} | {_f(m.get('unseen_visual'))} / {_f(m.get('unseen_textual'))} | "
-                         f"{_f(r.get('leakage_base_projector'))} | {_f(relearn_value)} | {cost_cells} |")
+            cost_cells = f"{cell(cost['seconds'])} | {cost['peak_rss_mb']:.0f}" if cost else "- | -"
+            lines.append(f"| {name} | {cell(m.get('forget_visual'))} | {cell(m.get('forget_visual_seen'))} | {cell(m.get('forget_identity'))} | "
+                         f"{cell(m.get('forget_textual'))} | {cell(m.get('forget_cloze_exact'))} | "
+                         f"{cell(m.get('membership_auc_visual'))} / {cell(m.get('membership_auc_textual'))} | {cell(m['retain_visual'])} | "
+                         f"{cell(m['retain_textual'])} | {cell(m['general'])} | {cell(m.get('unseen_visual'))} / {cell(m.get('unseen_textual'))} | "
+                         f"{cell(r.get('leakage_base_projector'))} | {cell(relearn_value)} | {cost_cells} |")
         seconds = [r["request"]["seconds"] for r in runs.values()]
         if seconds:
             lines += ["", f"retrain oracle (full) cost: {oracles['full']['train_seconds']:.0f} s; one request: "
@@ -400,13 +401,13 @@ def markdown(results: dict) -> str:
                   "| config | forget visual | forget textual | membership AUC | retain visual | retain textual | general | rolled-back people: visual / textual | others: visual / textual |",
                   "|---|---|---|---|---|---|---|---|---|"]
         o = results["stream_oracle_full"]
-        lines.append(f"| oracle full | {_f(o['forget_visual'])} | {_f(o['forget_textual'])} | {_f(o.get('membership_auc'))} | {_f(o['retain_visual'])} | "
-                     f"{_f(o['retain_textual'])} | {_f(o['general'])} | | |")
+        lines.append(f"| oracle full | {cell(o['forget_visual'])} | {cell(o['forget_textual'])} | {cell(o.get('membership_auc'))} | {cell(o['retain_visual'])} | "
+                     f"{cell(o['retain_textual'])} | {cell(o['general'])} | | |")
         for name, s in results["stream"].items():
             last, rb = s["steps"][-1], s["rollback"]
-            lines.append(f"| {name} | {_f(last['forget_visual'])} | {_f(last['forget_textual'])} | {_f(last.get('membership_auc'))} | {_f(last['retain_visual'])} | "
-                         f"{_f(last['retain_textual'])} | {_f(last['general'])} | {_f(rb['returned_visual'])} / {_f(rb['returned_textual'])} | "
-                         f"{_f(rb['others_visual'])} / {_f(rb['others_textual'])} |")
+            lines.append(f"| {name} | {cell(last['forget_visual'])} | {cell(last['forget_textual'])} | {cell(last.get('membership_auc'))} | {cell(last['retain_visual'])} | "
+                         f"{cell(last['retain_textual'])} | {cell(last['general'])} | {cell(rb['returned_visual'])} / {cell(rb['returned_textual'])} | "
+                         f"{cell(rb['others_visual'])} / {cell(rb['others_textual'])} |")
     lines += ["", "Accuracies are 4-way choice by likelihood (chance 0.25) unless marked EM. The membership AUC tells the "
               "forget set's rows from never-seen people's rows of the same kinds by answer NLL: 0.5 reads as never seen "
               "(a retrain oracle's level), 1 as remembered. Never-seen people: the accuracy a model gets on people it "

@@ -162,10 +162,6 @@ def run_world(profile_name: str, style: str, seed: int, stream: int, stream_scop
 
 # ---- the report -----------------------------------------------------------------------------------
 
-def _f(x) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.2f}"
-
-
 def _spread(values: list[float], digits: int = 2) -> str:
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:

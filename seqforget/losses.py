@@ -39,3 +39,11 @@ def answer_logprobs(model, batch: dict[str, torch.Tensor], pixel_values: torch.T
 def answer_kl(target_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     """Mean over answer tokens of KL(target || model), from two (tokens, V) log-probability tensors."""
     return (target_logp.exp() * (target_logp - logp)).sum(-1).mean()
+
+
+def kl_to_original(model, batch: dict[str, torch.Tensor], original, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    """answer_kl from the model's answers before this request (`with original():`) to its answers now,
+    on `batch` (its images replaced by `pixel_values` if given): the usual retain term."""
+    with torch.no_grad(), original():
+        held = answer_logprobs(model, batch, pixel_values)
+    return answer_kl(held, answer_logprobs(model, batch, pixel_values))

@@ -4,7 +4,7 @@ import torch
 
 from seqforget.data import IGNORE, batches
 from seqforget.errors import SeqforgetError
-from seqforget.losses import answer_kl, answer_logprobs
+from seqforget.losses import answer_kl, answer_logprobs, kl_to_original
 from seqforget.representations import augment
 
 
@@ -69,7 +69,5 @@ class StrangerTarget:
         views = augment(forget["pixel_values"], self._generator, self.augment) if "pixel_values" in forget else None
         forget_kl = answer_kl(target, answer_logprobs(model, forget, views))
         views = augment(retain["pixel_values"], self._generator, self.augment) if "pixel_values" in retain else None
-        with torch.no_grad(), original():
-            held = answer_logprobs(model, retain, views)
-        retain_kl = answer_kl(held, answer_logprobs(model, retain, views))
+        retain_kl = kl_to_original(model, retain, original, views)
         return forget_kl + self.retain_weight * retain_kl, {"forget_kl": forget_kl.item(), "retain_kl": retain_kl.item()}

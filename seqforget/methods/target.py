@@ -4,7 +4,7 @@ import torch
 
 from seqforget.data import IGNORE
 from seqforget.errors import SeqforgetError
-from seqforget.losses import answer_kl, answer_logprobs
+from seqforget.losses import answer_kl, answer_logprobs, kl_to_original
 from seqforget.representations import augment, image_features
 
 
@@ -62,8 +62,5 @@ class AnswerTarget:
         forget_kl = answer_kl(target, answer_logprobs(model, forget, augment(pixels, self._generator, self.augment)))
         retain_kl = torch.zeros(())
         if "pixel_values" in retain:
-            views = augment(retain["pixel_values"], self._generator, self.augment)
-            with torch.no_grad(), original():
-                held = answer_logprobs(model, retain, views)
-            retain_kl = answer_kl(held, answer_logprobs(model, retain, views))
+            retain_kl = kl_to_original(model, retain, original, augment(retain["pixel_values"], self._generator, self.augment))
         return forget_kl + self.retain_weight * retain_kl, {"forget_kl": forget_kl.item(), "retain_kl": retain_kl.item()}
