@@ -170,14 +170,13 @@ def _encode(request: Request, processor) -> tuple[data.Rows, data.Rows, data.Row
         retain += [r for r in forget if r.image is None]
         forget = [r for r in forget if r.image is not None]
         reference = [r for r in reference if r.image is not None]
-    reference, stands_for = stranger_rows(forget, reference)
+    reference, stands_for = stranger_rows(forget, reference) if not scope.answers_refusal else ([], [])
     answer = request.refusal if scope.answers_refusal else None
     pad = processor.tokenizer.pad_token_id
     try:
         encoded = (data.Rows([data.encode(processor, r, answer) for r in forget], pad),
                    data.Rows([data.encode(processor, r) for r in retain], pad),
-                   data.Rows([data.encode(processor, r) for r in reference], pad, stands_for=stands_for)
-                   if reference and not scope.answers_refusal else None)
+                   data.Rows([data.encode(processor, r) for r in reference], pad, stands_for=stands_for) if reference else None)
     except (ValueError, OSError) as e:
         raise SeqforgetError(f"request {request.id}: the model's processor cannot encode its rows ({e})") from e
     return encoded

@@ -57,8 +57,9 @@ def stranger_rows(forget: list[Row], reference: list[Row], per_row: int = 4) -> 
     A text question names its person, so the best match is usually the same template about one
     stranger whose name is most like the forgotten one's: text rows mostly get one stranger each."""
     out, stands_for, ratio = [], [], {}
+    pools = {has_image: [r for r in reference if (r.image is not None) == has_image] for has_image in (True, False)}
     for k, row in enumerate(forget):
-        pool = [r for r in reference if (r.image is None) == (row.image is None)]
+        pool = pools[row.image is not None]
         if not pool:
             continue
         for q in {r.question for r in pool}:
