@@ -1,6 +1,6 @@
 """Does a deletion match the retrain oracle? Requests as a user sends them, on several worlds.
 
-    python -m benchmarks.quality --worlds shapes:0,glyphs:0 --variants --out benchmarks/RESULTS.md
+    python -m benchmarks.quality --worlds shapes:0,glyphs:0,shapes:1,shapes:2 --deep shapes:0,glyphs:0 --jobs 2 --out benchmarks/RESULTS.md
 
 For each world (style:seed, see seqforget/bench/world.py) the vanilla model and the retrain
 oracles are trained (or loaded from the cache), then:
@@ -8,11 +8,12 @@ oracles are trained (or loaded from the cache), then:
            serves, written as a user would: the forget rows, a retain sample and the never-seen
            people's rows as `reference`, no other setting (the method named only where it is not
            the scope's default), partial: true so that a request that falls short is measured too
-  variants with --variants, the same single request with one thing changed (VARIANTS): what
+  stream   --stream one-person requests in a row, for each scope in --stream-scopes, measured
+           after every request; the oracle (retrained without all of the stream's people) after
+           the last. The scope's default method on every world; every method on --deep worlds
+  variants on --deep worlds, the same single request with one thing changed (VARIANTS): what
            else was tried, and what each did
-  stream   --stream one-person requests in a row with each scope's default method (for the
-           scopes in --stream-scopes), measured after every request; the oracle (retrained
-           without all of the stream's people) after the last
+Worlds run --jobs at a time, each in its own process with its share of the CPU threads.
 Each state is scored by benchmarks.forget_retain.evaluate, plus the relearning attack (fine-tune
 on half of the forgotten people; the other half's held-out visual accuracy), and checked against
 the target: forget accuracy within 5 points of the scope's oracle (visual: held-out image
@@ -24,11 +25,14 @@ Writes the markdown to --out and every figure to the JSON beside it.
 import argparse
 import json
 import math
+import multiprocessing
+import os
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,6 +65,10 @@ VARIANTS = {  # name -> (scope, what the request sets besides): what else was tr
     "target on the language model's MLPs": ("visual", {"method": "target", "target_modules": LANGUAGE_MLPS}),
     "full: gd, no retain guard": ("full", {"method": "gd", "retain_tolerance": 1.0}),
     "full: stranger, no retain guard": ("full", {"retain_tolerance": 1.0}),
+    "stranger, guard on the trained retain rows": ("visual", {"guard_share": 0.0}),
+    "stranger + retain term on image features (weight 10)": ("visual", {"method_args": {"feature_weight": 10.0}}),
+    "gd with stranger's budget (600 steps, lr 3e-3), no retain guard": (
+        "visual", {"method": "gd", "steps": 600, "lr": 3e-3, "retain_tolerance": 1.0}),
 }
 
 
@@ -99,27 +107,33 @@ def run_single(bench, scope: str, method: str | None, forgotten: list[str], work
     return result
 
 
-def run_stream(bench, scope: str, people: list[str], work: Path) -> list[dict]:
-    folder = work / f"stream-{scope}"
+def run_stream(bench, scope: str, method: str | None, people: list[str], work: Path) -> list[dict]:
+    """One-person requests for `people` in a row (method None: the scope's default), each state measured."""
+    folder = work / f"stream-{scope}-{method or 'default'}"
     shutil.rmtree(folder, ignore_errors=True)
     reg = folder / "registry"
     init_registry(reg, bench.vanilla)
     retained, forgotten, steps = bench.retain_people(people), [], []
     for i, person in enumerate(people):
-        request = write_request(bench, folder, f"r{i:02d}", [person], scope, None, None, excluded=people, as_sent=True)
+        request = write_request(bench, folder, f"r{i:02d}", [person], scope, method, None, excluded=people, as_sent=True)
         entry = apply_request(reg, request, show_progress=False)
         forgotten.append(person)
         model, processor = live_model(Registry.open(reg).snapshot())
         state = evaluate(bench, model, processor, forgotten, retained)
         steps.append({"state": state, "request": _outcome(entry)})
-        bench.log(f"  stream {scope} {i + 1}/{len(people)}: forget visual {state['forget_visual']:.2f} textual "
-                  f"{state['forget_textual']:.2f} retain visual {state['retain_visual']:.2f} general {state['general']:.2f}")
+        bench.log(f"  stream {scope}/{method or 'default'} {i + 1}/{len(people)}: forget visual {state['forget_visual']:.2f} "
+                  f"textual {state['forget_textual']:.2f} retain visual {state['retain_visual']:.2f} general {state['general']:.2f}")
     shutil.rmtree(folder, ignore_errors=True)
     return steps
 
 
-def run_world(profile_name: str, style: str, seed: int, stream: int, stream_scopes: tuple[str, ...], variants: bool,
-              cache: Path, work: Path, log) -> dict:
+def run_world(profile_name: str, world: str, stream: int, stream_scopes: tuple[str, ...], deep: bool,
+              cache: Path, work: Path, threads: int = 2, log=print) -> dict:
+    """Every measurement of one world ("style:seed"); `deep` adds the variants and every method's stream."""
+    torch.set_num_threads(threads)
+    style, seed = world.split(":")
+    seed = int(seed)
+    work = work / f"{style}-{seed}"
     profile = PROFILES[profile_name]
     profile = replace(profile, world=replace(profile.world, style=style, seed=seed), train=replace(profile.train, seed=seed))
     bench = prepare(profile, cache, log)
@@ -127,7 +141,7 @@ def run_world(profile_name: str, style: str, seed: int, stream: int, stream_scop
     forgotten = w.forget_order()[: max(1, round(FRACTION * len(w.people)))]
     check_known(bench, forgotten)
     vanilla, processor = load_model(bench.vanilla)
-    out = {"world": f"{style}:{seed}", "people": forgotten, "vanilla": evaluate(bench, vanilla, processor, forgotten),
+    out = {"world": world, "people": forgotten, "vanilla": evaluate(bench, vanilla, processor, forgotten),
            "oracles": {}, "single": {}, "variants": {}, "stream": {}}
     out["vanilla"]["relearn_other_half"] = relearn_other_half(bench, vanilla, processor, forgotten)
     vanilla, processor = load_model(bench.vanilla)  # the attack fine-tuned it in place
@@ -136,12 +150,12 @@ def run_world(profile_name: str, style: str, seed: int, stream: int, stream_scop
         out["oracles"][scope] = evaluate(bench, model, processor, forgotten)
         out["oracles"][scope]["relearn_other_half"] = relearn_other_half(bench, model, processor, forgotten)
         for method in SCOPES[scope].methods:
-            log(f"{style}:{seed} single {scope}/{method}")
+            log(f"{world} single {scope}/{method}")
             r = run_single(bench, scope, None if method == SCOPES[scope].methods[0] else method, forgotten, work)
             r["target"] = target_check(scope, r["state"], out["vanilla"], out["oracles"][scope])
             out["single"][f"{scope}/{method}"] = r
-    for name, (scope, fields) in VARIANTS.items() if variants else ():
-        log(f"{style}:{seed} variant {name}")
+    for name, (scope, fields) in VARIANTS.items() if deep else ():
+        log(f"{world} variant {name}")
         r = run_single(bench, scope, None, forgotten, work, fields)
         r["target"] = target_check(scope, r["state"], out["vanilla"], out["oracles"][scope])
         out["variants"][name] = r
@@ -151,12 +165,13 @@ def run_world(profile_name: str, style: str, seed: int, stream: int, stream_scop
         retained = bench.retain_people(people)
         vanilla_state = evaluate(bench, vanilla, processor, people, retained)
         for scope in stream_scopes:
-            log(f"{style}:{seed} stream {scope}/{SCOPES[scope].methods[0]} of {stream}")
             model, processor = load_model(bench.model_dir(**{ORACLE[scope]: people}))
             oracle = evaluate(bench, model, processor, people, retained)
-            steps = run_stream(bench, scope, people, work)
-            out["stream"][scope] = {"vanilla": vanilla_state, "oracle": oracle, "steps": steps,
-                                    "target": target_check(scope, steps[-1]["state"], vanilla_state, oracle)}
+            for method in SCOPES[scope].methods[: None if deep else 1]:
+                log(f"{world} stream {scope}/{method} of {stream}")
+                steps = run_stream(bench, scope, None if method == SCOPES[scope].methods[0] else method, people, work)
+                out["stream"][f"{scope}/{method}"] = {"vanilla": vanilla_state, "oracle": oracle, "steps": steps,
+                                                      "target": target_check(scope, steps[-1]["state"], vanilla_state, oracle)}
     return out
 
 
@@ -203,12 +218,9 @@ def markdown(results: dict, command: str) -> str:
             if not key.startswith(scope + "/"):
                 continue
             runs = [w["single"][key] for w in worlds if key in w["single"]]
-            met = sum(all(r["target"].values()) for r in runs)
-            missed = sorted({c for r in runs for c, ok in r["target"].items() if not ok})
             lines.append(_row(key + (" (default)" if key.split("/")[1] == SCOPES[scope].methods[0] else ""), [r["state"] for r in runs], [
                 f"{sum(r['request']['reached'] for r in runs)}/{len(runs)}", _spread([r["request"]["steps"] for r in runs], 0),
-                _spread([r["request"]["seconds"] for r in runs], 0),
-                f"{met}/{len(runs)}" + (f" (missed: {', '.join(missed)})" if missed else "")]))
+                _spread([r["request"]["seconds"] for r in runs], 0), _met(runs)]))
         lines.append("")
     names = [n for n in VARIANTS if any(n in w.get("variants", {}) for w in worlds)]
     if names:
@@ -218,16 +230,14 @@ def markdown(results: dict, command: str) -> str:
                   "|---" * 14 + "|"]
         for name in names:
             runs = [w["variants"][name] for w in worlds if name in w.get("variants", {})]
-            met = sum(all(r["target"].values()) for r in runs)
-            missed = sorted({c for r in runs for c, ok in r["target"].items() if not ok})
             row = _row(name, [r["state"] for r in runs], [
                 f"{sum(r['request']['reached'] for r in runs)}/{len(runs)}", _spread([r["request"]["steps"] for r in runs], 0),
-                f"{met}/{len(runs)}" + (f" (missed: {', '.join(missed)})" if missed else "")])
+                _met(runs)])
             lines.append(row.replace(f"| {name} |", f"| {name} | {VARIANTS[name][0]} |", 1))
         lines.append("")
-    streamed = [w for w in worlds if w["stream"]]
     for scope in SCOPES_MEASURED:
-        runs = [w["stream"][scope] for w in streamed if scope in w["stream"]]
+        default = f"{scope}/{SCOPES[scope].methods[0]}"
+        runs = [w["stream"][default] for w in worlds if default in w["stream"]]
         if not runs:
             continue
         n = len(runs[0]["steps"])
@@ -239,40 +249,102 @@ def markdown(results: dict, command: str) -> str:
         for i in range(n):
             lines.append(_row(str(i + 1), [r["steps"][i]["state"] for r in runs],
                               [f"{sum(r['steps'][i]['request']['reached'] for r in runs)}/{len(runs)}"]))
-        met = sum(all(r["target"].values()) for r in runs)
-        lines += ["", f"Target after the last request met on {met}/{len(runs)} worlds.", ""]
+        lines += ["", f"Worlds where the target holds after the last request: {_met(runs)}.", ""]
+        keys = [k for k in worlds[0]["stream"] if k.startswith(scope + "/")]
+        keys += [k for w in worlds for k in w["stream"] if k.startswith(scope + "/") and k not in keys]
+        if len(keys) > 1:
+            lines += [f"### every {scope} method's stream: after the first and the last request", "",
+                      HEADER.replace("| model |", "| method | after request |") + " reached the level | target met (worlds) |",
+                      "|---" * 13 + "|"]
+            for key in keys:
+                runs = [w["stream"][key] for w in worlds if key in w["stream"]]
+                for i, label in ((0, "1"), (n - 1, str(n))):
+                    extra = [f"{sum(r['steps'][i]['request']['reached'] for r in runs)}/{len(runs)}", _met(runs) if i else ""]
+                    lines.append(_row(key, [r["steps"][i]["state"] for r in runs], extra).replace(f"| {key} |", f"| {key} | {label} |", 1))
+            lines.append("")
+    lines += _by_world(worlds)
     lines += [f"Total time: {results['seconds'] / 60:.0f} min.", ""]
     return "\n".join(lines)
+
+
+def _met(runs: list[dict]) -> str:
+    met = sum(all(r["target"].values()) for r in runs)
+    missed = sorted({c for r in runs for c, ok in r["target"].items() if not ok})
+    return f"{met}/{len(runs)}" + (f" (missed: {', '.join(missed)})" if missed else "")
+
+
+def _by_world(worlds: list[dict]) -> list[str]:
+    """The scopes' defaults world by world: each figure the target compares, beside what it is compared with."""
+    lines = ["## The defaults world by world", "",
+             "Forget: the scope's forget metric (visual: forget visual; full: forget textual) against the oracle's; "
+             "the rest against vanilla. Streams: after the last request, on all of the stream's people.", "",
+             "| world | scope | request | forget (oracle) | retain visual (vanilla) | retain textual (vanilla) | general (vanilla) | "
+             "forget textual (vanilla) | target missed on |", "|---" * 9 + "|"]
+    for w in worlds:
+        for scope in SCOPES_MEASURED:
+            key = f"{scope}/{SCOPES[scope].methods[0]}"
+            runs = [("one request", w["single"].get(key), w["vanilla"], w["oracles"].get(scope))]
+            if key in w["stream"]:
+                st = w["stream"][key]
+                runs.append((f"stream of {len(st['steps'])}", {**st, "state": st["steps"][-1]["state"]}, st["vanilla"], st["oracle"]))
+            for label, run, vanilla, oracle in runs:
+                if run is None:
+                    continue
+                state, metric = run["state"], FORGET_METRIC[scope]
+                cells = [f"{state[metric]:.2f} ({oracle[metric]:.2f})"] + [
+                    f"{state[k]:.2f} ({vanilla[k]:.2f})" for k in ("retain_visual", "retain_textual", "general", "forget_textual")]
+                missed = ", ".join(c for c, ok in run["target"].items() if not ok) or "-"
+                lines.append(f"| {w['world']} | {scope} | {label} | " + " | ".join(cells) + f" | {missed} |")
+    return lines + [""]
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worlds", default="shapes:0,glyphs:0", help="comma-separated style:seed")
+    parser.add_argument("--deep", default="shapes:0,glyphs:0",
+                        help="comma-separated worlds that also get the variants and every method's stream")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="default", help="world and training sizes")
     parser.add_argument("--stream", type=int, default=10, help="one-person requests in the stream (0: none)")
-    parser.add_argument("--stream-scopes", default="visual", help="comma-separated scopes to stream")
-    parser.add_argument("--variants", action="store_true", help="also run the variants of VARIANTS (what else was tried)")
+    parser.add_argument("--stream-scopes", default="visual,full", help="comma-separated scopes to stream")
+    parser.add_argument("--jobs", type=int, default=1, help="worlds measured at once, each in its own process")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"))
     parser.add_argument("--cache", type=Path, default=None, help="where worlds and trained models are kept")
     parser.add_argument("--work", type=Path, default=Path("out/quality"), help="scratch folder for registries")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    worlds = [w for w in args.worlds.split(",") if w]
+    bad = [w for w in worlds if len(w.split(":")) != 2 or not w.split(":")[1].isdigit()]
+    if bad or args.jobs < 1:
+        parser.error(f"worlds are style:seed, jobs at least 1 (got {', '.join(bad) or args.jobs})")
     start = time.perf_counter()
-    results = {"worlds": []}
-    json_path = args.out.with_suffix(".json")
     command = "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:])
-    results["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                       cwd=Path(__file__).parent).stdout.strip() or None
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or None
+    deep = set(args.deep.split(","))
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    calls = {w: (args.profile, w, args.stream, tuple(s for s in args.stream_scopes.split(",") if s), w in deep,
+                 args.cache or cache_root() / "bench", args.work, threads) for w in worlds}
+    done: dict[str, dict] = {}
+    json_path = args.out.with_suffix(".json")
+
+    def save():
+        results = {"commit": commit, "worlds": [done[w] for w in worlds if w in done], "seconds": time.perf_counter() - start}
+        json_path.write_text(json.dumps(results, indent=1) + "\n")
+        return results
+
     try:
-        for spec in args.worlds.split(","):
-            style, seed = spec.split(":")
-            results["worlds"].append(run_world(args.profile, style, int(seed), args.stream, tuple(s for s in args.stream_scopes.split(",") if s),
-                                               args.variants, args.cache or cache_root() / "bench", args.work, print))
-            results["seconds"] = time.perf_counter() - start
-            json_path.write_text(json.dumps(results, indent=1) + "\n")
+        if args.jobs == 1:
+            for w in worlds:
+                done[w] = run_world(*calls[w])
+                save()
+        else:
+            with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = {pool.submit(run_world, *calls[w]): w for w in worlds}
+                for future in as_completed(futures):
+                    done[futures[future]] = future.result()
+                    save()
     except BenchmarkError as e:
         sys.exit(f"benchmark: {e}")
-    args.out.write_text(markdown(results, command))
+    args.out.write_text(markdown(save(), command))
     print(args.out.read_text())
 
 

@@ -88,6 +88,18 @@ def prompt_text(processor, question: str, has_image: bool) -> str:
     return f"USER: {image}{question} ASSISTANT:"
 
 
+def hold_out(rows: list[Row], share: float) -> tuple[list[Row], list[Row]]:
+    """(kept, held): about `share` of the rows held out, whole images at a time (every row that
+    shows a held image is held; a text row is its own group), spread evenly over the rows' order."""
+    groups: dict = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row.image if row.image is not None else i, []).append(row)
+    kept, held = [], []
+    for g, members in enumerate(groups.values()):
+        (held if int((g + 1) * share) > int(g * share) else kept).extend(members)
+    return kept, held
+
+
 @dataclass
 class Example:
     input_ids: torch.Tensor  # (T,)

@@ -82,14 +82,15 @@ def apply_request(root: Path, request_path: Path, model_dir: Path | None = None,
         _refuse_if_present(state, request)
         model, processor = live_model(state, model_dir)
         targets = _targets(request, model)
-        forget, retain, reference = _encode(request, processor)
+        forget, retain, guard, reference = _encode(request, processor)
         start = time.perf_counter()
         _reset_peak_rss()
         bases = state.bases()
         added, growth = _grow_bases(model, retain, targets, bases, request)
         nullspaces = _nullspaces(request, targets, bases, added)
         with writer.begin(request.id, method=request.method, scope=request.scope) as txn:
-            adapter, metrics = _unlearn(model, method, request, forget, retain, reference, targets, nullspaces, show_progress)
+            adapter, metrics = _unlearn(model, method, request, forget, retain, guard, reference, targets, nullspaces,
+                                       show_progress)
             metrics.update(basis=growth, seconds=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb())
             txn.put_adapter(adapter)
             txn.put_bases(added)
@@ -160,12 +161,16 @@ def _targets(request: Request, model) -> list[str]:
     return match_layers(model, request.target_modules)
 
 
-def _encode(request: Request, processor) -> tuple[data.Rows, data.Rows, data.Rows | None]:
-    """Forget, retain and reference rows as the scope means them: a `visual` request keeps
-    text-only knowledge (those forget rows join the retain set, and only image rows of the
-    reference count); a `refuse` request trains its forget rows towards the refusal."""
+def _encode(request: Request, processor) -> tuple[data.Rows, data.Rows, data.Rows | None, data.Rows | None]:
+    """Forget, retain, guard and reference rows as the scope means them: a `visual` request
+    keeps text-only knowledge (those forget rows join the retain set, and only image rows of the
+    reference count); a `refuse` request trains its forget rows towards the refusal. The guard
+    rows are the share of the request's retain rows (whole images) that training never sees:
+    the retain guard watches them, as it would watch retained data the request did not bring
+    (None when the share is 0 or the retain rows are too few to split)."""
     scope = SCOPES[request.scope]
-    forget, retain, reference = list(request.forget), list(request.retain), list(request.reference)
+    forget, reference = list(request.forget), list(request.reference)
+    retain, guard = data.hold_out(list(request.retain), request.training.guard_share)
     if not scope.forgets_text_rows:
         retain += [r for r in forget if r.image is None]
         forget = [r for r in forget if r.image is not None]
@@ -176,25 +181,28 @@ def _encode(request: Request, processor) -> tuple[data.Rows, data.Rows, data.Row
     try:
         encoded = (data.Rows([data.encode(processor, r, answer) for r in forget], pad),
                    data.Rows([data.encode(processor, r) for r in retain], pad),
+                   data.Rows([data.encode(processor, r) for r in guard], pad) if guard else None,
                    data.Rows([data.encode(processor, r) for r in reference], pad, stands_for=stands_for) if reference else None)
     except (ValueError, OSError) as e:
         raise SeqforgetError(f"request {request.id}: the model's processor cannot encode its rows ({e})") from e
     return encoded
 
 
-def _unlearn(model, method, request: Request, forget: data.Rows, retain: data.Rows, reference: data.Rows | None,
-             targets: list[str], nullspaces: dict[str, NullSpace], show_progress: bool):
+def _unlearn(model, method, request: Request, forget: data.Rows, retain: data.Rows, guard: data.Rows | None,
+             reference: data.Rows | None, targets: list[str], nullspaces: dict[str, NullSpace], show_progress: bool):
     """Train the adapter under the null spaces, probe before and after: (adapter, metrics).
     `model` ends with the adapter composed in."""
     settings = request.training
-    before = _probes(model, forget, retain)
+    before = _probes(model, forget, retain, guard)
     with Progress(settings.steps, f"apply {request.id}", show_progress) as progress:
-        trained = train_adapter(model, method, forget, retain, reference, targets, nullspaces, settings, progress)
+        trained = train_adapter(model, method, forget, retain, guard, reference, targets, nullspaces, settings,
+                                progress)
     _refuse_if_diverged(request, trained.adapter)
     _refuse_if_short(request, trained.stop)
     compose(model, [trained.adapter])
-    after = _probes(model, forget, retain)
-    metrics = {"before": before, "after": after, "rows": {"forget": len(forget), "retain": len(retain)},
+    after = _probes(model, forget, retain, guard)
+    metrics = {"before": before, "after": after,
+               "rows": {"forget": len(forget), "retain": len(retain), "guard": len(guard) if guard else 0},
                "targets": len(targets), "projection": settings.projection,
                "stop": {**trained.stop.record(), "reached": trained.stop.reached},
                "trajectory": trained.trajectory, "train_seconds": trained.seconds}
@@ -228,8 +236,11 @@ def _nullspaces(request: Request, targets: list[str], bases: dict[str, Basis], a
     return nullspaces
 
 
-def _probes(model, forget: data.Rows, retain: data.Rows) -> dict:
-    return {"forget": probe(model, forget.fixed), "retain": probe(model, retain.fixed)}
+def _probes(model, forget: data.Rows, retain: data.Rows, guard: data.Rows | None) -> dict:
+    out = {"forget": probe(model, forget.fixed), "retain": probe(model, retain.fixed)}
+    if guard is not None:
+        out["guard"] = probe(model, guard.fixed)
+    return out
 
 
 def _refuse_if_diverged(request: Request, adapter) -> None:
@@ -260,6 +271,7 @@ def _summary(metrics: dict) -> dict:
         "retain_nll": [before["retain"]["nll"], after["retain"]["nll"]],
         "forget_acc": [before["forget"]["token_acc"], after["forget"]["token_acc"]],
         "retain_acc": [before["retain"]["token_acc"], after["retain"]["token_acc"]],
+        "held_out_retain_acc": [before["guard"]["token_acc"], after["guard"]["token_acc"]] if "guard" in before else None,
         "reference_nll": stop["reference"]["median_nll"] if stop["reference"] else None,
         "stop": {"rule": stop["rule"], "reason": stop["reason"], "step": stop["step"]},
         "steps": stop["step"],

@@ -39,11 +39,12 @@ def _lora_layers(peft_model, targets: list[str]) -> dict[str, torch.nn.Module]:
     return layers
 
 
-def train_adapter(model, method, forget: Rows, retain: Rows, reference: Rows | None, targets: list[str],
-                  nullspaces: dict[str, NullSpace], settings, progress=None) -> Trained:
+def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None, reference: Rows | None,
+                  targets: list[str], nullspaces: dict[str, NullSpace], settings, progress=None) -> Trained:
     """Train a LoRA adapter on `model` (left unchanged on return) and give it back.
 
-    forget, retain: the request's encoded rows, as the scope means them; reference: rows
+    forget, retain: the request's encoded rows, as the scope means them; guard: retain rows
+    kept out of training that the retain guard watches (None: it watches `retain`); reference: rows
     the model never saw, which set the level to stop at (seqforget.stopping), or None.
     nullspaces: {module: NullSpace} for the projected layers, or {} for none.
     settings: seqforget.requests.Training. progress: a seqforget.progress.Progress, or None.
@@ -77,7 +78,7 @@ def train_adapter(model, method, forget: Rows, retain: Rows, reference: Rows | N
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     with torch.no_grad(), original():
-        stopping = Stopping(peft_model, forget, retain, reference, settings)
+        stopping = Stopping(peft_model, forget, guard if guard is not None else retain, reference, settings)
     stopping.start(params)
     trajectory = []
     peft_model.train()

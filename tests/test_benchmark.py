@@ -131,15 +131,22 @@ def test_the_quality_report_gives_means_ranges_and_misses():
         return {k: x for k in ("forget_visual", "forget_identity", "forget_textual", "membership_auc_visual", "membership_auc_textual",
                                "retain_visual", "retain_textual", "general", "relearn_other_half")}
 
-    def world(name, x, met):
+    def world(name, x, met, methods):
         single = {"state": state(x), "request": {"reached": met, "steps": 100, "seconds": 10.0},
                   "target": {"forget": met, "retain_visual": True}}
+        stream = {"vanilla": state(1.0), "oracle": state(0.4), "target": {"forget": met, "retain_visual": False},
+                  "steps": [{"state": state(x + i / 10), "request": {"reached": True}} for i in range(3)]}
         return {"world": name, "people": ["kalo", "mire"], "vanilla": state(1.0), "oracles": {"visual": state(0.4), "full": state(0.3)},
-                "single": {"visual/stranger": single, "full/stranger": single}, "stream": {}}
+                "single": {"visual/stranger": single, "full/stranger": single},
+                "stream": {f"visual/{m}": stream for m in methods}}
 
-    text = markdown({"worlds": [world("shapes:0", 0.5, True), world("glyphs:0", 0.7, False)], "seconds": 120},
-                    "python -m benchmarks.quality --worlds shapes:0,glyphs:0")
+    text = markdown({"worlds": [world("shapes:0", 0.5, True, ["stranger", "gd"]), world("glyphs:0", 0.7, False, ["stranger"])],
+                     "seconds": 120}, "python -m benchmarks.quality --worlds shapes:0,glyphs:0")
     assert "    python -m benchmarks.quality --worlds shapes:0,glyphs:0" in text
     assert "| visual/stranger (default) | 0.60 (0.50-0.70) |" in text
     assert "| 1/2 | 100 | 10 | 1/2 (missed: forget) |" in text
     assert "| oracle visual (retrained) | 0.40 |" in text  # the same on every world: one figure
+    assert "## visual scope, a stream of 3 one-person requests (stranger, the default)" in text
+    assert "| 3 | 0.80 (0.70-0.90) |" in text and "target holds after the last request: 0/2 (missed: forget, retain_visual)." in text
+    assert "| visual/gd | 3 | 0.70 |" in text  # every method's stream, on the worlds that ran it
+    assert "| shapes:0 | visual | stream of 3 | 0.70 (0.40) | 0.70 (1.00) |" in text and "| glyphs:0 | full | one request |" in text

@@ -18,6 +18,10 @@ from seqforget.engine import apply_request, export_model, init_registry, live_mo
 from seqforget.models import load_model
 from seqforget.scopes import SCOPES
 
+# PEFT runs the LoRA as a path beside the weights, the engine merges it into them: float32 rounds
+# the two differently, by up to a few 1e-5 on logits of size 10
+UNMERGED = 5e-5
+
 
 @pytest.fixture(scope="module")
 def two_requests(world, tmp_path_factory):
@@ -142,7 +146,7 @@ def test_peft_loads_a_stored_adapter_with_the_engines_logits(world, two_requests
     peft_model.eval()
     plain, _ = load_model(world / "model")
     assert (logits(peft_model, batch) - logits(plain, batch)).abs().max() > 1e-4  # the adapter does something
-    assert (logits(peft_model, batch) - logits(engine, batch)).abs().max() < 1e-5
+    assert (logits(peft_model, batch) - logits(engine, batch)).abs().max() < UNMERGED
 
 
 def test_export_loads_with_transformers_and_matches_the_engine(world, two_requests, tmp_path):
@@ -177,7 +181,7 @@ def test_every_method_applies_stores_exports_loads_in_peft_and_rolls_back(world,
     batch = fixed_batch(world, processor)
     live, _ = live_model(state)
     peft = PeftModel.from_pretrained(load_model(world / "model")[0], state.folder(entry)).eval()
-    assert (logits(peft, batch) - logits(live, batch)).abs().max() < 1e-5
+    assert (logits(peft, batch) - logits(live, batch)).abs().max() < UNMERGED
     assert (logits(live, batch) - logits(base, batch)).abs().max() > 1e-4
 
     exported = AutoModelForImageTextToText.from_pretrained(export_model(reg_dir, tmp_path / "out")).eval()

@@ -7,7 +7,7 @@ import pytest
 from conftest import snapshot, write_request
 from registry import Registry
 from seqforget.engine import apply_request, init_registry
-from seqforget.data import Row
+from seqforget.data import Row, hold_out
 from seqforget.errors import SeqforgetError
 from seqforget.status import status_rows, status_table
 from seqforget.stopping import stranger_rows
@@ -71,8 +71,8 @@ def test_a_partial_request_commits_what_the_guard_kept_and_says_so(world, reg_di
     assert [c["decision"].split(", ")[1] for c in refused] == ["learning rate x0.5", "learning rate x0.25",
                                                                 "learning rate x0.125", "stopped"]  # shrink three times, then stop
     accepted = [c for c in checks if c not in refused]
-    assert all(c["retain"]["token_acc"] >= metrics["before"]["retain"]["token_acc"] for c in accepted if c["step"] <= kept)
-    assert metrics["after"]["retain"]["token_acc"] >= metrics["before"]["retain"]["token_acc"] - 0.01
+    assert all(c["guard"]["token_acc"] >= metrics["before"]["guard"]["token_acc"] for c in accepted if c["step"] <= kept)
+    assert metrics["after"]["guard"]["token_acc"] >= metrics["before"]["guard"]["token_acc"] - 0.01
     table = status_table(status_rows(Registry.open(reg_dir).snapshot()))
     assert "active (partial)" in table and f"retain guard, step {kept}" in table
 
@@ -97,3 +97,29 @@ def test_strangers_are_asked_the_forget_rows_questions_and_scored_on_their_answe
     assert rows[:2] == [Row("what is this person's job ?", "potter", stranger_a), Row("what is this person's job ?", "potter", stranger_b)]
     assert {r.image for r in rows[2:4]} == {stranger_a, stranger_b} and {r.answer for r in rows[2:4]} == {"baker"}
     assert rows[4:] == [Row("what is the job of vexa ?", "potter")]  # the same template about another name, text with text
+
+
+def test_the_guard_watches_retain_images_that_training_never_sees(world, reg_dir, tmp_path):
+    """The retain term holds the rows it trains on whatever becomes of the rest, so the guard
+    watches a held-out share of the retain images, every row of a held image held with it."""
+    retain = [Row(r["question"], r["answer"], (world / r["image"]).resolve() if "image" in r else None)
+              for r in map(json.loads, (world / "retain.jsonl").read_text().splitlines())]
+    kept, held = hold_out(retain, 0.2)
+    assert sorted(map(repr, kept + held)) == sorted(map(repr, retain)) and 0 < len(held) < len(retain) / 2
+    assert not {r.image for r in held if r.image} & {r.image for r in kept if r.image}
+    request = write_request(tmp_path, "r", method="gd", steps=5, check_every=5,
+                            forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl"))
+    metrics = Registry.open(reg_dir).snapshot().record(apply_request(reg_dir, request, show_progress=False), "metrics.json")
+    assert metrics["rows"]["guard"] == len(held)
+    checked, guard, retain = metrics["stop"]["checks"][0]["guard"], metrics["after"]["guard"], metrics["after"]["retain"]
+    assert checked["nll"] == pytest.approx(guard["nll"], rel=1e-4) != retain["nll"]  # the check probed the held-out rows
+
+
+def test_hold_out_spreads_whole_images_over_the_rows(tmp_path):
+    images = [tmp_path / f"{i}.png" for i in range(10)]
+    rows = [Row(q, "a", image) for image in images for q in ("who ?", "where ?")] + [Row(f"text {i}", "b") for i in range(5)]
+    kept, held = hold_out(rows, 0.2)  # 15 groups (10 images, 5 text rows): every fifth is held
+    assert held == [Row("who ?", "a", images[4]), Row("where ?", "a", images[4]),
+                    Row("who ?", "a", images[9]), Row("where ?", "a", images[9]), Row("text 4", "b")]
+    assert kept == [r for r in rows if r not in held]
+    assert hold_out(rows, 0.0) == (rows, [])

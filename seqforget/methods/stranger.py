@@ -5,7 +5,7 @@ import torch
 from seqforget.data import IGNORE, batches
 from seqforget.errors import SeqforgetError
 from seqforget.losses import answer_kl, answer_logprobs, kl_to_original
-from seqforget.representations import augment
+from seqforget.representations import augment, image_features
 
 
 @dataclass
@@ -33,11 +33,17 @@ class StrangerTarget:
     weights every stranger alike at every position; the stopping level mixes whole-answer
     probabilities. For the one-token answers of a word-level vocabulary the two agree.
 
+    feature_weight adds a retain term on what the language model reads: the mean squared
+    change of the projector's outputs for the retain views, relative to their mean square. Off
+    by default: at weight 10 (shapes:0, six people) it forgot less (forget visual 0.83 against
+    0.77) and kept no more (retain visual 0.91 against 0.92).
+
     Needs reference rows like every forget row (the request's `reference`, or the registry's).
     """
 
     retain_weight: float = 3.0
     augment: float = field(default=1.0, metadata={"range": (0.0, 4.0)})
+    feature_weight: float = 0.0
     name = "stranger"
     needs_reference = True  # checked when the request is read
     budget = {"steps": 600, "lr": 3e-3}  # defaults of the request's steps and lr: it stops at a bounded target
@@ -70,4 +76,11 @@ class StrangerTarget:
         forget_kl = answer_kl(target, answer_logprobs(model, forget, views))
         views = augment(retain["pixel_values"], self._generator, self.augment) if "pixel_values" in retain else None
         retain_kl = kl_to_original(model, retain, original, views)
-        return forget_kl + self.retain_weight * retain_kl, {"forget_kl": forget_kl.item(), "retain_kl": retain_kl.item()}
+        loss, logs = forget_kl + self.retain_weight * retain_kl, {"forget_kl": forget_kl.item(), "retain_kl": retain_kl.item()}
+        if self.feature_weight and views is not None:
+            with torch.no_grad(), original():
+                held = image_features(model, views)
+            drift = (image_features(model, views) - held).pow(2).mean() / held.pow(2).mean()
+            loss = loss + self.feature_weight * drift
+            logs["feature_drift"] = drift.item()
+        return loss, logs
