@@ -51,7 +51,7 @@ FRACTION = 0.1
 SCOPES_MEASURED = ("visual", "full")  # `refuse` answers with a refusal: no oracle to match
 FORGET_METRIC = {"visual": "forget_visual", "full": "forget_textual"}  # what the oracle of each scope is matched on
 ORACLE = {"visual": "without_images", "full": "without_people"}
-SHOWN = ["forget_visual", "forget_identity", "forget_textual", "membership_auc_visual", "membership_auc_textual",
+SHOWN = ["forget_visual", "forget_visual_rouge_l", "forget_identity", "forget_textual", "membership_auc_visual", "membership_auc_textual",
          "retain_visual", "retain_textual", "general"]
 CLOSE, KEEP = 0.05, 0.97  # the target: within 5 points of the oracle, at least 97% of vanilla
 
@@ -191,8 +191,13 @@ def _row(name: str, states: list[dict], extra: list[str] = ()) -> str:
     return f"| {name} | " + " | ".join(cells + list(extra)) + " |"
 
 
-HEADER = ("| model | forget visual (held-out views) | forget identity | forget textual | membership AUC image rows | "
+HEADER = ("| model | forget visual (held-out views) | ROUGE-L of its greedy answers | forget identity | forget textual | membership AUC image rows | "
           "membership AUC text rows | retain visual | retain textual | general | relearn: other half visual |")
+
+
+def _head(header: str) -> list[str]:
+    """A table's header line and its separator."""
+    return [header, "|---" * (header.count("|") - 1) + "|"]
 
 
 def markdown(results: dict, command: str) -> str:
@@ -209,8 +214,7 @@ def markdown(results: dict, command: str) -> str:
              f"textual); retain visual, retain textual and general at least {KEEP:.0%} of vanilla; for visual, forget "
              f"textual at least {KEEP:.0%} of vanilla.", ""]
     for scope in SCOPES_MEASURED:
-        lines += [f"## {scope} scope, one request", "", HEADER + " reached the level | steps | seconds | target met (worlds) |",
-                  "|---" * 14 + "|"]
+        lines += [f"## {scope} scope, one request", "", *_head(HEADER + " reached the level | steps | seconds | target met (worlds) |")]
         lines.append(_row("vanilla", [w["vanilla"] for w in worlds], ["", "", "", ""]))
         for oracle_scope in SCOPES_MEASURED:
             lines.append(_row(f"oracle {oracle_scope} (retrained)", [w["oracles"][oracle_scope] for w in worlds], ["", "", "", ""]))
@@ -226,8 +230,7 @@ def markdown(results: dict, command: str) -> str:
     if names:
         lines += ["## What else was tried: variants of one request", "",
                   "The same single request with one thing changed (see VARIANTS in benchmarks/quality.py).", "",
-                  HEADER.replace("| model |", "| variant | scope |") + " reached the level | steps | target met (worlds) |",
-                  "|---" * 14 + "|"]
+                  *_head(HEADER.replace("| model |", "| variant | scope |") + " reached the level | steps | target met (worlds) |")]
         for name in names:
             runs = [w["variants"][name] for w in worlds if name in w.get("variants", {})]
             row = _row(name, [r["state"] for r in runs], [
@@ -243,7 +246,7 @@ def markdown(results: dict, command: str) -> str:
         n = len(runs[0]["steps"])
         lines += [f"## {scope} scope, a stream of {n} one-person requests ({SCOPES[scope].methods[0]}, the default)", "",
                   "After each request, on everyone forgotten so far; the oracle is retrained without all of them.", "",
-                  HEADER.replace("| model |", "| after request |") + " reached the level |", "|---" * 11 + "|"]
+                  *_head(HEADER.replace("| model |", "| after request |") + " reached the level |")]
         lines.append(_row("vanilla (all)", [r["vanilla"] for r in runs], [""]))
         lines.append(_row("oracle (all)", [r["oracle"] for r in runs], [""]))
         for i in range(n):
@@ -254,8 +257,7 @@ def markdown(results: dict, command: str) -> str:
         keys += [k for w in worlds for k in w["stream"] if k.startswith(scope + "/") and k not in keys]
         if len(keys) > 1:
             lines += [f"### every {scope} method's stream: after the first and the last request", "",
-                      HEADER.replace("| model |", "| method | after request |") + " reached the level | target met (worlds) |",
-                      "|---" * 13 + "|"]
+                      *_head(HEADER.replace("| model |", "| method | after request |") + " reached the level | target met (worlds) |")]
             for key in keys:
                 runs = [w["stream"][key] for w in worlds if key in w["stream"]]
                 for i, label in ((0, "1"), (n - 1, str(n))):
@@ -263,8 +265,25 @@ def markdown(results: dict, command: str) -> str:
                     lines.append(_row(key, [r["steps"][i]["state"] for r in runs], extra).replace(f"| {key} |", f"| {key} | {label} |", 1))
             lines.append("")
     lines += _by_world(worlds)
+    lines += _by_person(worlds)
     lines += [f"Total time: {results['seconds'] / 60:.0f} min.", ""]
     return "\n".join(lines)
+
+
+def _by_person(worlds: list[dict]) -> list[str]:
+    """Each forgotten person's accuracy on the scope's forget metric, one request with the default."""
+    lines = ["## Per person: one request with each scope's default", "",
+             "Visual: accuracy on the person's held-out views; full: on questions about the person in text.", "",
+             *_head("| world | scope | model | " + " | ".join(f"person {i + 1}" for i in range(len(worlds[0]["people"]))) + " |")]
+    for w in worlds:
+        for scope in SCOPES_MEASURED:
+            key, metric = f"{scope}/{SCOPES[scope].methods[0]}", FORGET_METRIC[scope] + "_by_person"
+            models = [("vanilla", w["vanilla"]), ("oracle", w["oracles"].get(scope)), (key, w["single"].get(key, {}).get("state"))]
+            for name, state in models:
+                if state and metric in state:
+                    cells = [f"{person} {value:.2f}" for person, value in state[metric].items()]
+                    lines.append(f"| {w['world']} | {scope} | {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _met(runs: list[dict]) -> str:
@@ -278,8 +297,8 @@ def _by_world(worlds: list[dict]) -> list[str]:
     lines = ["## The defaults world by world", "",
              "Forget: the scope's forget metric (visual: forget visual; full: forget textual) against the oracle's; "
              "the rest against vanilla. Streams: after the last request, on all of the stream's people.", "",
-             "| world | scope | request | forget (oracle) | retain visual (vanilla) | retain textual (vanilla) | general (vanilla) | "
-             "forget textual (vanilla) | target missed on |", "|---" * 9 + "|"]
+             *_head("| world | scope | request | forget (oracle) | retain visual (vanilla) | retain textual (vanilla) | "
+                    "general (vanilla) | forget textual (vanilla) | target missed on |")]
     for w in worlds:
         for scope in SCOPES_MEASURED:
             key = f"{scope}/{SCOPES[scope].methods[0]}"
@@ -310,7 +329,13 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"))
     parser.add_argument("--cache", type=Path, default=None, help="where worlds and trained models are kept")
     parser.add_argument("--work", type=Path, default=Path("out/quality"), help="scratch folder for registries")
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help="measure nothing: write the markdown of figures saved by an earlier run")
     args = parser.parse_args(argv)
+    if args.render is not None:
+        saved = json.loads(args.render.read_text())
+        args.out.write_text(markdown(saved, saved.get("command", "python -m benchmarks.quality")))
+        return
     worlds = [w for w in args.worlds.split(",") if w]
     bad = [w for w in worlds if len(w.split(":")) != 2 or not w.split(":")[1].isdigit()]
     if bad or args.jobs < 1:
@@ -327,7 +352,7 @@ def main(argv=None) -> None:
     json_path = args.out.with_suffix(".json")
 
     def save():
-        results = {"commit": commit, "worlds": [done[w] for w in worlds if w in done], "seconds": time.perf_counter() - start}
+        results = {"commit": commit, "command": command, "worlds": [done[w] for w in worlds if w in done], "seconds": time.perf_counter() - start}
         json_path.write_text(json.dumps(results, indent=1) + "\n")
         return results
 
