@@ -173,6 +173,27 @@ def status(registry_path, as_json):
 
 
 @cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of objects instead of a table.")
+def methods(as_json):
+    """List the unlearning methods: scopes, adapter kind, arguments, source."""
+    from seqforget.methods import describe
+    from seqforget.requests import Training
+
+    rows = describe()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    for m in rows:
+        scopes = ", ".join(s + (" (default)" if s in m["default_for"] else "") for s in m["scopes"])
+        budget = {"steps": Training.steps, "lr": Training.lr, **m["budget"]}
+        args = ", ".join(f"{a['name']}={a['default']:g}" for a in m["args"]) or "none"
+        click.echo(f"{m['name']}: {m['summary']}\n  scopes: {scopes}\n  adapter: {m['adapter_kind']}"
+                   f"{' (subtracted)' if m['sign'] < 0 else ''}\n  budget: {budget['steps']} steps at lr {budget['lr']:g}"
+                   f"{'; needs reference rows' if m['needs_reference'] else ''}\n  method_args: {args}\n"
+                   f"  source: {m['paper']}\n")
+
+
+@cli.command()
 @registry_option
 def verify(registry_path):
     """Re-hash every committed file and the base model; report damage (exit 5 if any)."""

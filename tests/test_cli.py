@@ -1,5 +1,6 @@
 """The `seqforget` command end to end, as a user runs it, on temporary folders."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -114,7 +115,7 @@ def _bad_inputs(world: Path, tmp: Path) -> dict:
         "unknown field": (["apply", req("r0", colour="blue")], "unknown field 'colour'", 1),
         "malformed id": (["apply", req("no spaces allowed")], "id: required, 1-128 letters", 1),
         "unknown method": (["apply", req("r2", method="telepathy")], "unknown 'telepathy'", 1),
-        "method not valid for the scope": (["apply", req("r2b", scope="refuse", method="ga")], "ga does not serve scope 'refuse'", 1),
+        "method not valid for the scope": (["apply", req("r2b", scope="refuse", method="ga")], "ga does not serve scope 'refuse' (ga serves: visual, full;", 1),
         "unknown scope": (["apply", req("r3", scope="everything")], "scope: expected one of", 1),
         "unknown method argument": (["apply", req("r3b", method="ga", method_args={"beta": 0.1})], "ga has no argument 'beta'", 1),
         "empty data file": (["apply", req("r3c", forget="empty.jsonl")], "empty.jsonl has no rows", 1),
@@ -289,3 +290,21 @@ def test_kill_at_each_step_of_apply_leaves_the_request_whole_or_absent(world, ap
     if point != "journaled":
         outcome = "committed" if committed else "discarded"
         assert ("recovered", f"killed-{point}", outcome) in [(r["event"], r.get("id"), r.get("outcome")) for r in Registry.open(reg).journal()]
+
+
+def test_methods_lists_every_method_with_its_scopes_kind_arguments_and_source():
+    from seqforget.methods import METHODS
+    from seqforget.scopes import SCOPES
+
+    listed = json.loads(invoke("methods", "--json").output)
+    assert sorted(m["name"] for m in listed) == sorted(METHODS)
+    for m in listed:
+        assert m["scopes"] == [s for s, scope in SCOPES.items() if m["name"] in scope.methods] and m["scopes"]
+        assert m["adapter_kind"] == "lora" and m["paper"] and m["summary"]
+        assert [a["name"] for a in m["args"]] == [f.name for f in dataclasses.fields(METHODS[m["name"]])]
+    stranger = next(m for m in listed if m["name"] == "stranger")
+    assert stranger["default_for"] == ["visual", "full"] and stranger["budget"] == {"steps": 600, "lr": 3e-3}
+    assert {"name": "retain_weight", "default": 3.0, "range": [0.0, None]} in stranger["args"]  # None: unbounded
+    table = invoke("methods").output
+    assert "stranger: Answer about the forgotten" in table and "scopes: visual (default), full (default)" in table
+    assert "budget: 30 steps at lr 0.001" in table  # a method without a budget of its own: the request's defaults

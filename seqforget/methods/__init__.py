@@ -3,6 +3,8 @@ serves are listed in seqforget.scopes.SCOPES.
 
 A method is a small object with:
   name           its registry name
+  adapter_kind   what the registry stores for it ("lora")
+  paper          where its mechanism comes from
   sign           +1 if the update it learns is added to the model, -1 if it is subtracted
                  (distil-then-delete methods; the stored adapter holds the negated factor)
   prepare(model, forget, retain, reference, original)  called once before training, with
@@ -58,7 +60,8 @@ def method_problems(name: str, scope: str, args: dict) -> list[str]:
         return [f"method: unknown {name!r} (known: {', '.join(sorted(METHODS))})"]
     problems = []
     if scope in SCOPES and name not in SCOPES[scope].methods:
-        problems.append(f"method: {name} does not serve scope {scope!r} (methods for {scope}: {', '.join(SCOPES[scope].methods)})")
+        problems.append(f"method: {name} does not serve scope {scope!r} ({name} serves: {', '.join(scopes_of(name)) or 'none'}; "
+                        f"methods for {scope}: {', '.join(SCOPES[scope].methods)})")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in args.items():
         if key not in fields:
@@ -70,6 +73,27 @@ def method_problems(name: str, scope: str, args: dict) -> list[str]:
             if not low <= value <= high:
                 problems.append(f"method_args.{key}: {value} is outside [{low}, {high}]")
     return problems
+
+
+def scopes_of(name: str) -> list[str]:
+    return [scope for scope, s in SCOPES.items() if name in s.methods]
+
+
+def describe() -> list[dict]:
+    """Every method as `seqforget methods` shows it: scopes (and those it is the default of),
+    adapter kind, arguments with defaults and bounds, step budget, and its source."""
+    out = []
+    for name, cls in sorted(METHODS.items()):
+        args = [{"name": f.name, "default": f.default,
+                 "range": [None if math.isinf(b) else b for b in f.metadata.get("range", (0.0, math.inf))]}
+                for f in dataclasses.fields(cls)]  # None: unbounded
+        summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split()).rstrip(":")
+        out.append({"name": name, "scopes": scopes_of(name),
+                    "default_for": [scope for scope, s in SCOPES.items() if s.methods[0] == name],
+                    "adapter_kind": cls.adapter_kind, "sign": cls.sign, "args": args,
+                    "budget": dict(getattr(cls, "budget", {})), "needs_reference": getattr(cls, "needs_reference", False),
+                    "summary": summary, "paper": cls.paper})
+    return out
 
 
 def make_method(name: str, args: dict) -> Method:

@@ -8,6 +8,9 @@ class GradientAscent:
     """Raise the forget answers' negative log-likelihood: loss = -NLL(forget)."""
 
     name = "ga"
+    adapter_kind = "lora"
+    paper = ('Jang et al., "Knowledge Unlearning for Mitigating Privacy Risks in Language Models", ACL '
+             '2023 (arXiv 2210.01504)')
     sign = +1
 
     def prepare(self, model, forget, retain, reference, original):

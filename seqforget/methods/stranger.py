@@ -45,6 +45,8 @@ class StrangerTarget:
     augment: float = field(default=1.0, metadata={"range": (0.0, 4.0)})
     feature_weight: float = 0.0
     name = "stranger"
+    adapter_kind = "lora"
+    paper = 'seqforget: a bounded target (answers the model gives never-seen people) in place of ascent'
     needs_reference = True  # checked when the request is read
     budget = {"steps": 600, "lr": 3e-3}  # defaults of the request's steps and lr: it stops at a bounded target
     sign = +1
