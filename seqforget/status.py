@@ -26,7 +26,7 @@ def status_rows(state: Snapshot) -> list[dict]:
 
 def status_table(rows: list[dict]) -> str:
     header = ["#", "id", "state", "method", "scope", "stopped", "forget median NLL", "reference", "retain NLL",
-              "forget acc", "retain acc", "applied"]
+              "forget acc", "retain acc", "held-out retain acc", "applied"]
     lines = [header]
     for r in rows:
         m = r["metrics"]
@@ -38,6 +38,7 @@ def status_table(rows: list[dict]) -> str:
             "{:.2f} -> {:.2f}".format(*m["forget_median_nll"]),
             "-" if m["reference_nll"] is None else f"{m['reference_nll']:.2f}", "{:.2f} -> {:.2f}".format(*m["retain_nll"]),
             "{:.2f} -> {:.2f}".format(*m["forget_acc"]), "{:.2f} -> {:.2f}".format(*m["retain_acc"]),
+            "{:.2f} -> {:.2f}".format(*m["held_out_retain_acc"]) if m.get("held_out_retain_acc") else "-",  # what the guard watched
             r["applied_at"],
         ])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]

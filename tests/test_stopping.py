@@ -113,6 +113,9 @@ def test_the_guard_watches_retain_images_that_training_never_sees(world, reg_dir
     assert metrics["rows"]["guard"] == len(held)
     checked, guard, retain = metrics["stop"]["checks"][0]["guard"], metrics["after"]["guard"], metrics["after"]["retain"]
     assert checked["nll"] == pytest.approx(guard["nll"], rel=1e-4) != retain["nll"]  # the check probed the held-out rows
+    table = status_table(status_rows(Registry.open(reg_dir).snapshot()))
+    assert "held-out retain acc" in table
+    assert "{:.2f} -> {:.2f}".format(metrics["before"]["guard"]["token_acc"], guard["token_acc"]) in table.splitlines()[-1]
 
 
 def test_hold_out_spreads_whole_images_over_the_rows(tmp_path):
