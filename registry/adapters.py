@@ -5,6 +5,14 @@
                   module's weight is (lora_alpha / r) * B @ A. Stored in PEFT's layout:
                   adapter_config.json + adapter_model.safetensors, which
                   `peft.PeftModel.from_pretrained(base_model, folder)` loads.
+    kind "sine"   weights[module] = {"dW": (d_out, d_in)}; the update of the module's weight
+                  is sin(dW), elementwise (SineProject: bounded in [-1, 1] per weight).
+                  Stored as sine_config.json + sine_model.safetensors ("<module>.dW").
+    kind "masked" weights[module] = {"indices": (n,) int64, "values": (n,)}; the update is
+                  zero but at the flat (row-major) positions `indices` of the weight, where it
+                  is `values` (a saliency-masked dense update, stored sparse); config["shapes"]
+                  gives each module's (d_out, d_in). Stored as masked_config.json +
+                  masked_model.safetensors ("<module>.indices", "<module>.values").
 
 An adapter means what it stores: a method that subtracts what it learned (distil-then-
 delete) stores a negated factor, so plain PEFT and seqforget apply the same update.
@@ -72,8 +80,40 @@ def _read_lora(folder: Path) -> Adapter:
     return Adapter("lora", weights, config)
 
 
+def _writer(kind: str, parts: dict[str, str]):
+    """Writer of a kind stored as <kind>_config.json + <kind>_model.safetensors ("<module>.<part>")."""
+
+    def write(folder: Path, adapter: Adapter) -> None:
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        tensors = {f"{module}.{part}": np.ascontiguousarray(values[part], dtype=dtype)
+                   for module, values in adapter.weights.items() for part, dtype in parts.items()}
+        (folder / f"{kind}_config.json").write_text(json.dumps(adapter.config, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, str(folder / f"{kind}_model.safetensors"))
+
+    return write
+
+
+def _reader(kind: str, parts: dict[str, str]):
+    def read(folder: Path) -> Adapter:
+        from safetensors.numpy import load_file
+
+        config = json.loads((folder / f"{kind}_config.json").read_text())
+        tensors = load_file(str(folder / f"{kind}_model.safetensors"))
+        modules = {key.rsplit(".", 1)[0] for key in tensors}
+        return Adapter(kind, {m: {part: tensors[f"{m}.{part}"] for part in parts} for m in modules}, config)
+
+    return read
+
+
+_SINE = {"dW": "float32"}
+_MASKED = {"indices": "int64", "values": "float32"}
+
 # kind -> (write into a folder, read from a folder)
-KINDS = {"lora": (_write_lora, _read_lora)}
+KINDS = {"lora": (_write_lora, _read_lora),
+         "sine": (_writer("sine", _SINE), _reader("sine", _SINE)),
+         "masked": (_writer("masked", _MASKED), _reader("masked", _MASKED))}
 
 
 def write_adapter(folder: Path, adapter: Adapter) -> None:

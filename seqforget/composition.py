@@ -19,7 +19,18 @@ def _lora_delta(adapter: Adapter, module: str) -> torch.Tensor:
     return adapter.scale * (b @ a)  # (d_out, d_in)
 
 
-DELTAS = {"lora": _lora_delta}  # adapter kind -> (adapter, module) -> float64 delta of the module's weight
+def _sine_delta(adapter: Adapter, module: str) -> torch.Tensor:
+    return torch.from_numpy(adapter.weights[module]["dW"]).double().sin()  # (d_out, d_in)
+
+
+def _masked_delta(adapter: Adapter, module: str) -> torch.Tensor:
+    parts, shape = adapter.weights[module], adapter.config["shapes"][module]
+    out = torch.zeros(shape[0] * shape[1], dtype=torch.float64)
+    out[torch.from_numpy(parts["indices"])] = torch.from_numpy(parts["values"]).double()
+    return out.view(shape[0], shape[1])  # (d_out, d_in)
+
+
+DELTAS = {"lora": _lora_delta, "sine": _sine_delta, "masked": _masked_delta}  # kind -> (adapter, module) -> float64 delta
 
 
 def delta(adapter: Adapter, module: str) -> torch.Tensor:

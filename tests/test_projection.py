@@ -276,6 +276,34 @@ def test_a_projected_adapter_leaves_retained_inputs_untouched():
     assert (model.up(y).detach() - before_y).abs().max() > 0.1
 
 
+def test_sine_and_masked_terms_compose_with_lora_in_any_order_and_come_off_again():
+    """sin(dW) and a sparse delta are terms of the same float64 sum as a LoRA's: the live
+    weight is the same in every order, and removing all of them gives the base back."""
+    gen = torch.Generator().manual_seed(14)
+    lora = adapter(gen, +1, 8.0, {"up": (D, 2 * D), "down": (2 * D, D)})
+    d_w = 3.0 * torch.randn(2 * D, D, generator=gen, dtype=torch.float64)  # large enough that sin is not linear
+    sine = Adapter("sine", {"up": {"dW": d_w.float().numpy()}}, {})
+    indices = torch.randperm(D * 2 * D, generator=gen)[:9]
+    values = torch.randn(9, generator=gen)
+    masked = Adapter("masked", {"down": {"indices": indices.numpy(), "values": values.numpy()}}, {"shapes": {"down": [D, 2 * D]}})
+    model = TwoLayers(torch.float64)
+    original = weights(model)
+    expected = reference(model, [lora])
+    expected["up"] += np.sin(d_w.float().double().numpy())
+    expected["down"].reshape(-1)[indices.numpy()] += values.double().numpy()
+
+    for order in ([lora, sine, masked], [masked, lora, sine], [sine, masked, lora]):
+        compose(model, order)
+        for name in ("up", "down"):
+            np.testing.assert_allclose(getattr(model, name).weight.detach().numpy(), expected[name], rtol=0, atol=1e-12)
+        compose(model, order, direction=-1)
+        for name, value in weights(model).items():
+            torch.testing.assert_close(value, original[name], rtol=0, atol=1e-12)
+    untouched = np.ones(D * 2 * D, dtype=bool)
+    untouched[indices.numpy()] = False
+    assert np.abs(delta(masked, "down").numpy().reshape(-1)[untouched]).max() == 0  # sparse: nothing else moves
+
+
 @pytest.mark.parametrize("target", ["act", "missing"])
 def test_compose_refuses_a_target_that_is_not_a_linear_layer(target):
     gen = torch.Generator().manual_seed(13)

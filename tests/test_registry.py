@@ -210,6 +210,30 @@ def test_an_adapter_round_trips_and_loads_in_peft_layout(tmp_path):
     np.testing.assert_array_equal(peft_weights[f"base_model.model.{MODULES[0]}.lora_A.weight"].numpy(), adapter.weights[MODULES[0]]["A"])
 
 
+@pytest.mark.parametrize("kind", ["sine", "masked"])
+def test_sine_and_masked_adapters_round_trip_bit_for_bit(tmp_path, kind):
+    rng = np.random.default_rng(2)
+    if kind == "sine":
+        weights = {m: {"dW": rng.standard_normal((D_OUT, D_IN)).astype(np.float32)} for m in MODULES}
+        config = {}
+    else:
+        weights = {m: {"indices": np.sort(rng.choice(D_OUT * D_IN, 7, replace=False)).astype(np.int64),
+                       "values": rng.standard_normal(7).astype(np.float32)} for m in MODULES}
+        config = {"shapes": {m: [D_OUT, D_IN] for m in MODULES}}
+    reg = make_registry(tmp_path / "reg")
+    with reg.writer() as w, w.begin("r1") as txn:
+        txn.put_adapter(Adapter(kind, weights, config))
+        txn.put_record("request.json", {"id": "r1"})
+        entry = txn.commit(entry_for())
+    assert set(entry["files"]) == {f"{kind}_config.json", f"{kind}_model.safetensors", "request.json"}
+    loaded = reg.snapshot().adapter(entry)
+    assert (loaded.kind, loaded.config, loaded.modules) == (kind, config, sorted(MODULES))
+    for module, parts in weights.items():
+        for part, value in parts.items():
+            assert loaded.weights[module][part].dtype == value.dtype
+            np.testing.assert_array_equal(loaded.weights[module][part], value)
+
+
 def test_a_lora_config_the_registry_would_scale_wrongly_is_refused(tmp_path):
     reg = make_registry(tmp_path / "reg")
     adapter = lora(np.random.default_rng(0))
