@@ -87,7 +87,8 @@ def _outcome(entry: dict) -> dict:
     """How the request ended: reached its level (or stopped short), steps kept, seconds."""
     m = entry["metrics"]
     return {"reached": not entry["partial"], "stop": m["stop"]["reason"], "steps": m["steps"], "seconds": m["seconds"],
-            "level": m["reference_nll"], "forget_median_nll": m["forget_median_nll"][1]}
+            "level": m["reference_nll"], "forget_median_nll": m["forget_median_nll"][1],
+            "projector_condition": (m.get("projector_condition") or [None, None])[1]}
 
 
 def run_single(bench, scope: str, method: str | None, forgotten: list[str], work: Path, fields: dict | None = None) -> dict:
@@ -214,17 +215,18 @@ def markdown(results: dict, command: str) -> str:
              f"textual); retain visual, retain textual and general at least {KEEP:.0%} of vanilla; for visual, forget "
              f"textual at least {KEEP:.0%} of vanilla.", ""]
     for scope in SCOPES_MEASURED:
-        lines += [f"## {scope} scope, one request", "", *_head(HEADER + " reached the level | steps | seconds | target met (worlds) |")]
-        lines.append(_row("vanilla", [w["vanilla"] for w in worlds], ["", "", "", ""]))
+        lines += [f"## {scope} scope, one request", "", *_head(HEADER + " reached the level | steps | seconds | projector condition number | target met (worlds) |")]
+        lines.append(_row("vanilla", [w["vanilla"] for w in worlds], [""] * 5))
         for oracle_scope in SCOPES_MEASURED:
-            lines.append(_row(f"oracle {oracle_scope} (retrained)", [w["oracles"][oracle_scope] for w in worlds], ["", "", "", ""]))
+            lines.append(_row(f"oracle {oracle_scope} (retrained)", [w["oracles"][oracle_scope] for w in worlds], [""] * 5))
         for key in worlds[0]["single"]:
             if not key.startswith(scope + "/"):
                 continue
             runs = [w["single"][key] for w in worlds if key in w["single"]]
             lines.append(_row(key + (" (default)" if key.split("/")[1] == SCOPES[scope].methods[0] else ""), [r["state"] for r in runs], [
                 f"{sum(r['request']['reached'] for r in runs)}/{len(runs)}", _spread([r["request"]["steps"] for r in runs], 0),
-                _spread([r["request"]["seconds"] for r in runs], 0), _met(runs)]))
+                _spread([r["request"]["seconds"] for r in runs], 0),
+                _spread([r["request"].get("projector_condition") for r in runs], 0), _met(runs)]))
         lines.append("")
     names = [n for n in VARIANTS if any(n in w.get("variants", {}) for w in worlds)]
     if names:

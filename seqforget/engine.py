@@ -20,6 +20,7 @@ from registry import Basis, Registry, Snapshot, new_folder, sha256_file
 from seqforget import data
 from seqforget.activations import input_grams
 from seqforget.composition import compose
+from seqforget.conditioning import IMAGES, projector_condition
 from seqforget.errors import AlreadyDone, SeqforgetError
 from seqforget.evaluation import probe
 from seqforget.methods import make_method
@@ -240,6 +241,8 @@ def _probes(model, forget: data.Rows, retain: data.Rows, guard: data.Rows | None
     out = {"forget": probe(model, forget.fixed), "retain": probe(model, retain.fixed)}
     if guard is not None:
         out["guard"] = probe(model, guard.fixed)
+    images = [e.pixel_values for rows in (forget, retain) for e in rows.examples if e.pixel_values is not None][:IMAGES]
+    out["projector_condition"] = projector_condition(model, torch.stack(images)) if images else None
     return out
 
 
@@ -272,6 +275,7 @@ def _summary(metrics: dict) -> dict:
         "forget_acc": [before["forget"]["token_acc"], after["forget"]["token_acc"]],
         "retain_acc": [before["retain"]["token_acc"], after["retain"]["token_acc"]],
         "held_out_retain_acc": [before["guard"]["token_acc"], after["guard"]["token_acc"]] if "guard" in before else None,
+        "projector_condition": [before.get("projector_condition"), after.get("projector_condition")],
         "reference_nll": stop["reference"]["median_nll"] if stop["reference"] else None,
         "stop": {"rule": stop["rule"], "reason": stop["reason"], "step": stop["step"]},
         "steps": stop["step"],

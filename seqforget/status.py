@@ -26,7 +26,7 @@ def status_rows(state: Snapshot) -> list[dict]:
 
 def status_table(rows: list[dict]) -> str:
     header = ["#", "id", "state", "method", "scope", "stopped", "forget median NLL", "reference", "retain NLL",
-              "forget acc", "retain acc", "held-out retain acc", "applied"]
+              "forget acc", "retain acc", "held-out retain acc", "projector cond.", "applied"]
     lines = [header]
     for r in rows:
         m = r["metrics"]
@@ -39,6 +39,7 @@ def status_table(rows: list[dict]) -> str:
             "-" if m["reference_nll"] is None else f"{m['reference_nll']:.2f}", "{:.2f} -> {:.2f}".format(*m["retain_nll"]),
             "{:.2f} -> {:.2f}".format(*m["forget_acc"]), "{:.2f} -> {:.2f}".format(*m["retain_acc"]),
             "{:.2f} -> {:.2f}".format(*m["held_out_retain_acc"]) if m.get("held_out_retain_acc") else "-",  # what the guard watched
+            "{:.3g} -> {:.3g}".format(*m["projector_condition"]) if None not in m.get("projector_condition", [None]) else "-",
             r["applied_at"],
         ])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]

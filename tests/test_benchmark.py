@@ -132,7 +132,7 @@ def test_the_quality_report_gives_means_ranges_and_misses():
                                "retain_visual", "retain_textual", "general", "relearn_other_half")}
 
     def world(name, x, met, methods):
-        single = {"state": state(x), "request": {"reached": met, "steps": 100, "seconds": 10.0},
+        single = {"state": state(x), "request": {"reached": met, "steps": 100, "seconds": 10.0, "projector_condition": 120.0},
                   "target": {"forget": met, "retain_visual": True}}
         stream = {"vanilla": state(1.0), "oracle": state(0.4), "target": {"forget": met, "retain_visual": False},
                   "steps": [{"state": state(x + i / 10), "request": {"reached": True}} for i in range(3)]}
@@ -144,7 +144,7 @@ def test_the_quality_report_gives_means_ranges_and_misses():
                      "seconds": 120}, "python -m benchmarks.quality --worlds shapes:0,glyphs:0")
     assert "    python -m benchmarks.quality --worlds shapes:0,glyphs:0" in text
     assert "| visual/stranger (default) | 0.60 (0.50-0.70) |" in text
-    assert "| 1/2 | 100 | 10 | 1/2 (missed: forget) |" in text
+    assert "| 1/2 | 100 | 10 | 120 | 1/2 (missed: forget) |" in text
     assert "| oracle visual (retrained) | 0.40 |" in text  # the same on every world: one figure
     assert "## visual scope, a stream of 3 one-person requests (stranger, the default)" in text
     assert "| 3 | 0.80 (0.70-0.90) |" in text and "target holds after the last request: 0/2 (missed: forget, retain_visual)." in text
