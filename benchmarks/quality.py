@@ -342,11 +342,13 @@ def main(argv=None) -> None:
     bad = [w for w in worlds if len(w.split(":")) != 2 or not w.split(":")[1].isdigit()]
     if bad or args.jobs < 1:
         parser.error(f"worlds are style:seed, jobs at least 1 (got {', '.join(bad) or args.jobs})")
+    deep = {w for w in args.deep.split(",") if w}
+    if deep - set(worlds):
+        parser.error(f"--deep names worlds not in --worlds: {', '.join(sorted(deep - set(worlds)))}")
     start = time.perf_counter()
     command = "python -m benchmarks.quality " + " ".join(argv if argv is not None else sys.argv[1:])
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip() or None
-    deep = set(args.deep.split(","))
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     calls = {w: (args.profile, w, args.stream, tuple(s for s in args.stream_scopes.split(",") if s), w in deep,
                  args.cache or cache_root() / "bench", args.work, threads) for w in worlds}

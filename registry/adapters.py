@@ -10,7 +10,8 @@
                   Stored as sine_config.json + sine_model.safetensors ("<module>.dW").
     kind "masked" weights[module] = {"indices": (n,) int64, "values": (n,)}; the update is
                   zero but at the flat (row-major) positions `indices` of the weight, where it
-                  is `values` (a saliency-masked dense update, stored sparse); config["shapes"]
+                  adds `values` (a repeated index adds twice; a saliency-masked dense update,
+                  stored sparse); config["shapes"]
                   gives each module's (d_out, d_in). Stored as masked_config.json +
                   masked_model.safetensors ("<module>.indices", "<module>.values").
 

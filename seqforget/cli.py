@@ -190,7 +190,7 @@ def methods(as_json):
         click.echo(f"{m['name']}: {m['summary']}\n  scopes: {scopes}\n  adapter: {m['adapter_kind']}"
                    f"{' (subtracted)' if m['sign'] < 0 else ''}\n  budget: {budget['steps']} steps at lr {budget['lr']:g}"
                    f"{'; needs reference rows' if m['needs_reference'] else ''}\n  method_args: {args}\n"
-                   f"  source: {m['paper']}\n")
+                   f"  source: {m['source']}\n")
 
 
 @cli.command()

@@ -24,9 +24,13 @@ def _sine_delta(adapter: Adapter, module: str) -> torch.Tensor:
 
 
 def _masked_delta(adapter: Adapter, module: str) -> torch.Tensor:
-    parts, shape = adapter.weights[module], adapter.config["shapes"][module]
+    parts, shape = adapter.weights[module], adapter.config.get("shapes", {}).get(module)
+    indices = parts["indices"]
+    if shape is None or indices.ndim != 1 or indices.shape != parts["values"].shape or (
+            len(indices) and not 0 <= indices.min() <= indices.max() < shape[0] * shape[1]):
+        raise SeqforgetError(f"masked adapter of {module}: indices must be flat positions in its weight's shape, one per value")
     out = torch.zeros(shape[0] * shape[1], dtype=torch.float64)
-    out[torch.from_numpy(parts["indices"])] = torch.from_numpy(parts["values"]).double()
+    out.index_add_(0, torch.from_numpy(parts["indices"]), torch.from_numpy(parts["values"]).double())  # a repeated index adds
     return out.view(shape[0], shape[1])  # (d_out, d_in)
 
 
@@ -53,4 +57,6 @@ def compose(model: nn.Module, adapters: list[Adapter], direction: int = +1) -> N
             totals[name] = totals[name] + delta(adapter, name) if name in totals else delta(adapter, name)
     for name, total in totals.items():
         w = modules[name].weight
+        if total.shape != w.shape:
+            raise SeqforgetError(f"an adapter's update of {name} is {tuple(total.shape)}, its weight {tuple(w.shape)}")
         w.copy_((w.double() + direction * total).to(w.dtype))

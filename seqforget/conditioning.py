@@ -37,7 +37,8 @@ def projector_inputs(model: nn.Module, projector: nn.Module, pixel_values: torch
 
 def projector_condition(model: nn.Module, pixel_values: torch.Tensor) -> float | None:
     """Median condition number of the projector's Jacobian at tokens of these images
-    (pixel_values (n_images, 3, H, W)); None for a model without a projector."""
+    (pixel_values (n_images, 3, H, W)); None for a model without a projector (one named
+    `multi_modal_projector`, as LLaVA's) or where a Jacobian is singular."""
     projector = find_projector(model)
     if projector is None:
         return None
@@ -48,5 +49,7 @@ def projector_condition(model: nn.Module, pixel_values: torch.Tensor) -> float |
     for x in tokens:
         jacobian = torch.autograd.functional.jacobian(lambda v: projector(v[None, None])[0, 0], x, vectorize=True)  # (d_out, d_in)
         s = torch.linalg.svdvals(jacobian.double())
-        out.append((s[0] / s[-1]).item())
+        out.append((s[0] / s[-1]).item() if s[-1] > 0 else None)
+    if None in out:
+        return None  # a singular Jacobian: no finite condition number to record
     return float(torch.tensor(out).median())

@@ -162,7 +162,7 @@ def endless(examples: list[Example], batch_size: int, pad_id: int, seed: int):
 
 @dataclass
 class Rows:
-    """Encoded rows of one side of a request (forget, retain or reference) and their batches."""
+    """Encoded rows of one part of a request (forget, retain, guard or reference) and their batches."""
 
     examples: list[Example]
     pad_id: int

@@ -87,7 +87,8 @@ def apply_request(root: Path, request_path: Path, model_dir: Path | None = None,
         start = time.perf_counter()
         _reset_peak_rss()
         bases = state.bases()
-        added, growth = _grow_bases(model, retain, targets, bases, request)
+        brought = data.Rows(retain.examples + (guard.examples if guard else []), retain.pad_id)
+        added, growth = _grow_bases(model, brought, targets, bases, request)  # the guard's rows are retained inputs too
         nullspaces = _nullspaces(request, targets, bases, added)
         with writer.begin(request.id, method=request.method, scope=request.scope) as txn:
             adapter, metrics = _unlearn(model, method, request, forget, retain, guard, reference, targets, nullspaces,
@@ -166,9 +167,10 @@ def _encode(request: Request, processor) -> tuple[data.Rows, data.Rows, data.Row
     """Forget, retain, guard and reference rows as the scope means them: a `visual` request
     keeps text-only knowledge (those forget rows join the retain set, and only image rows of the
     reference count); a `refuse` request trains its forget rows towards the refusal. The guard
-    rows are the share of the request's retain rows (whole images) that training never sees:
-    the retain guard watches them, as it would watch retained data the request did not bring
-    (None when the share is 0 or the retain rows are too few to split)."""
+    rows are the share of the request's retain rows (whole images) that the loss never sees:
+    the retain guard watches them, as it would watch retained data the request did not bring.
+    None when the share is 0, or when they hold too few answer tokens for one wrong token to
+    stay within a `retain_tolerance` above 0 (the guard then watches the trained rows)."""
     scope = SCOPES[request.scope]
     forget, reference = list(request.forget), list(request.reference)
     retain, guard = data.hold_out(list(request.retain), request.training.guard_share)
@@ -180,13 +182,16 @@ def _encode(request: Request, processor) -> tuple[data.Rows, data.Rows, data.Row
     answer = request.refusal if scope.answers_refusal else None
     pad = processor.tokenizer.pad_token_id
     try:
-        encoded = (data.Rows([data.encode(processor, r, answer) for r in forget], pad),
-                   data.Rows([data.encode(processor, r) for r in retain], pad),
-                   data.Rows([data.encode(processor, r) for r in guard], pad) if guard else None,
-                   data.Rows([data.encode(processor, r) for r in reference], pad, stands_for=stands_for) if reference else None)
+        forget, retain, guard, reference = ([data.encode(processor, r, answer) for r in forget],
+                                            [data.encode(processor, r) for r in retain], [data.encode(processor, r) for r in guard],
+                                            [data.encode(processor, r) for r in reference])
     except (ValueError, OSError) as e:
         raise SeqforgetError(f"request {request.id}: the model's processor cannot encode its rows ({e})") from e
-    return encoded
+    tolerance = request.training.retain_tolerance
+    if 0 < tolerance and sum(int((e.labels != data.IGNORE).sum()) for e in guard) * tolerance < 1:
+        retain, guard = retain + guard, []
+    return (data.Rows(forget, pad), data.Rows(retain, pad), data.Rows(guard, pad) if guard else None,
+            data.Rows(reference, pad, stands_for=stands_for) if reference else None)
 
 
 def _unlearn(model, method, request: Request, forget: data.Rows, retain: data.Rows, guard: data.Rows | None,
@@ -203,7 +208,8 @@ def _unlearn(model, method, request: Request, forget: data.Rows, retain: data.Ro
     compose(model, [trained.adapter])
     after = _probes(model, forget, retain, guard)
     metrics = {"before": before, "after": after,
-               "rows": {"forget": len(forget), "retain": len(retain), "guard": len(guard) if guard else 0},
+               "rows": {"forget": len(forget), "retain": len(retain), "guard": len(guard) if guard else 0,
+                        "guard_tokens": sum(int((e.labels != data.IGNORE).sum()) for e in guard.examples) if guard else 0},
                "targets": len(targets), "projection": settings.projection,
                "stop": {**trained.stop.record(), "reached": trained.stop.reached},
                "trajectory": trained.trajectory, "train_seconds": trained.seconds}
@@ -241,7 +247,10 @@ def _probes(model, forget: data.Rows, retain: data.Rows, guard: data.Rows | None
     out = {"forget": probe(model, forget.fixed), "retain": probe(model, retain.fixed)}
     if guard is not None:
         out["guard"] = probe(model, guard.fixed)
-    images = [e.pixel_values for rows in (forget, retain) for e in rows.examples if e.pixel_values is not None][:IMAGES]
+    images = []  # distinct images: a forget set asks several questions of each
+    for e in (e for rows in (forget, retain) for e in rows.examples if e.pixel_values is not None):
+        if len(images) < IMAGES and not any(torch.equal(e.pixel_values, seen) for seen in images):
+            images.append(e.pixel_values)
     out["projector_condition"] = projector_condition(model, torch.stack(images)) if images else None
     return out
 
@@ -258,7 +267,7 @@ def _refuse_if_short(request: Request, stop) -> None:
     last = stop.checks[-1] if stop.checks else None
     where = (f"forget median NLL {last['forget']['median_nll']:.2f} against the reference's "
              f"{stop.reference['median_nll']:.2f}" if last and stop.reference else "no reference rows")
-    why = ("the retain guard stopped it (retain accuracy fell more than "
+    why = ("the retain guard stopped it (the retain accuracy it watches fell more than "
            f"{request.training.retain_tolerance} at step {last['step']})" if stop.reason == "retain_guard" and last
            else f"its budget of {request.training.steps} steps ran out")
     raise SeqforgetError(f"request {request.id} did not reach the level of a model that never saw its rows: {why}; "

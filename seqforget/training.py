@@ -16,6 +16,7 @@ from peft import LoraConfig, get_peft_model
 
 from registry import Adapter, pause_point
 from seqforget.data import Rows
+from seqforget.errors import SeqforgetError
 from seqforget.projection import NullSpace
 from seqforget.stopping import Stop, Stopping
 
@@ -49,6 +50,8 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
     nullspaces: {module: NullSpace} for the projected layers, or {} for none.
     settings: seqforget.requests.Training. progress: a seqforget.progress.Progress, or None.
     """
+    if method.adapter_kind != "lora":
+        raise SeqforgetError(f"method {method.name} stores a {method.adapter_kind!r} adapter, which training cannot build yet")
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
     for p in model.parameters():

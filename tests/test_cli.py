@@ -300,7 +300,7 @@ def test_methods_lists_every_method_with_its_scopes_kind_arguments_and_source():
     assert sorted(m["name"] for m in listed) == sorted(METHODS)
     for m in listed:
         assert m["scopes"] == [s for s, scope in SCOPES.items() if m["name"] in scope.methods] and m["scopes"]
-        assert m["adapter_kind"] == "lora" and m["paper"] and m["summary"]
+        assert m["adapter_kind"] == "lora" and m["source"] and m["summary"]
         assert [a["name"] for a in m["args"]] == [f.name for f in dataclasses.fields(METHODS[m["name"]])]
     stranger = next(m for m in listed if m["name"] == "stranger")
     assert stranger["default_for"] == ["visual", "full"] and stranger["budget"] == {"steps": 600, "lr": 3e-3}

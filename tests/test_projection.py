@@ -281,27 +281,49 @@ def test_sine_and_masked_terms_compose_with_lora_in_any_order_and_come_off_again
     weight is the same in every order, and removing all of them gives the base back."""
     gen = torch.Generator().manual_seed(14)
     lora = adapter(gen, +1, 8.0, {"up": (D, 2 * D), "down": (2 * D, D)})
-    d_w = 3.0 * torch.randn(2 * D, D, generator=gen, dtype=torch.float64)  # large enough that sin is not linear
-    sine = Adapter("sine", {"up": {"dW": d_w.float().numpy()}}, {})
-    indices = torch.randperm(D * 2 * D, generator=gen)[:9]
-    values = torch.randn(9, generator=gen)
-    masked = Adapter("masked", {"down": {"indices": indices.numpy(), "values": values.numpy()}}, {"shapes": {"down": [D, 2 * D]}})
+    d_w = 3.0 * torch.randn(2 * D, D, generator=gen)  # large enough that sin is far from linear
+    sine = Adapter("sine", {"up": {"dW": d_w.numpy()}}, {})
+    indices = torch.cat([torch.randperm(2 * D * D, generator=gen)[:9], torch.tensor([5, 5])])  # a repeated index adds
+    values = torch.randn(11, generator=gen)
+    masked = Adapter("masked", {"up": {"indices": indices.numpy(), "values": values.numpy()}}, {"shapes": {"up": [2 * D, D]}})
     model = TwoLayers(torch.float64)
     original = weights(model)
     expected = reference(model, [lora])
-    expected["up"] += np.sin(d_w.float().double().numpy())
-    expected["down"].reshape(-1)[indices.numpy()] += values.double().numpy()
+    expected["up"] += np.sin(d_w.double().numpy())
+    np.add.at(expected["up"].reshape(-1), indices.numpy(), values.double().numpy())
 
-    for order in ([lora, sine, masked], [masked, lora, sine], [sine, masked, lora]):
+    for order in ([lora, sine, masked], [masked, lora, sine], [sine, masked, lora]):  # three terms on "up"
         compose(model, order)
         for name in ("up", "down"):
             np.testing.assert_allclose(getattr(model, name).weight.detach().numpy(), expected[name], rtol=0, atol=1e-12)
         compose(model, order, direction=-1)
         for name, value in weights(model).items():
             torch.testing.assert_close(value, original[name], rtol=0, atol=1e-12)
-    untouched = np.ones(D * 2 * D, dtype=bool)
+    untouched = np.ones(2 * D * D, dtype=bool)
     untouched[indices.numpy()] = False
-    assert np.abs(delta(masked, "down").numpy().reshape(-1)[untouched]).max() == 0  # sparse: nothing else moves
+    assert np.abs(delta(masked, "up").numpy().reshape(-1)[untouched]).max() == 0  # sparse: nothing else moves
+
+
+@pytest.mark.parametrize("bad", ["out of range", "negative", "lengths", "no shape", "wrong shape"])
+def test_a_masked_or_sine_update_that_does_not_fit_its_layer_is_refused(bad):
+    model = TwoLayers(torch.float64)
+    original = weights(model)
+    indices, values, shapes = np.array([0, 3]), np.array([1.0, 2.0], dtype=np.float32), {"up": [2 * D, D]}
+    if bad == "out of range":
+        indices = np.array([0, 2 * D * D])
+    elif bad == "negative":
+        indices = np.array([-1, 3])
+    elif bad == "lengths":
+        values = values[:1]
+    elif bad == "no shape":
+        shapes = {}
+    ad = Adapter("masked", {"up": {"indices": indices, "values": values}}, {"shapes": shapes})
+    if bad == "wrong shape":
+        ad = Adapter("sine", {"up": {"dW": np.ones((1, D), dtype=np.float32)}}, {})  # would broadcast over every row
+    with pytest.raises(SeqforgetError, match="up"):
+        compose(model, [ad])
+    for name, value in weights(model).items():
+        assert torch.equal(value, original[name])
 
 
 @pytest.mark.parametrize("target", ["act", "missing"])

@@ -4,7 +4,7 @@ serves are listed in seqforget.scopes.SCOPES.
 A method is a small object with:
   name           its registry name
   adapter_kind   what the registry stores for it ("lora")
-  paper          where its mechanism comes from
+  source         where its mechanism comes from
   sign           +1 if the update it learns is added to the model, -1 if it is subtracted
                  (distil-then-delete methods; the stored adapter holds the negated factor)
   prepare(model, forget, retain, reference, original)  called once before training, with
@@ -42,6 +42,8 @@ Batch = dict[str, torch.Tensor]
 class Method(Protocol):
     name: str
     sign: int
+    adapter_kind: str
+    source: str
 
     def prepare(self, model, forget: Rows, retain: Rows, reference: Rows | None, original: Callable[[], ContextManager]) -> None: ...
 
@@ -92,7 +94,7 @@ def describe() -> list[dict]:
                     "default_for": [scope for scope, s in SCOPES.items() if s.methods[0] == name],
                     "adapter_kind": cls.adapter_kind, "sign": cls.sign, "args": args,
                     "budget": dict(getattr(cls, "budget", {})), "needs_reference": getattr(cls, "needs_reference", False),
-                    "summary": summary, "paper": cls.paper})
+                    "summary": summary, "source": cls.source})
     return out
 
 

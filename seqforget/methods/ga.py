@@ -9,7 +9,7 @@ class GradientAscent:
 
     name = "ga"
     adapter_kind = "lora"
-    paper = ('Jang et al., "Knowledge Unlearning for Mitigating Privacy Risks in Language Models", ACL '
+    source = ('Jang et al., "Knowledge Unlearning for Mitigating Privacy Risks in Language Models", ACL '
              '2023 (arXiv 2210.01504)')
     sign = +1
 

@@ -11,7 +11,7 @@ class GradientDifference:
     retain_weight: float = 1.0
     name = "gd"
     adapter_kind = "lora"
-    paper = ('Liu, Liu and Stone, "Continual Learning and Private Unlearning", CoLLAs 2022 (arXiv '
+    source = ('Liu, Liu and Stone, "Continual Learning and Private Unlearning", CoLLAs 2022 (arXiv '
              "2203.12817); TOFU's gradient difference")
     sign = +1
 

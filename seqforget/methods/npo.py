@@ -21,7 +21,7 @@ class NPO:
     retain_weight: float = 1.0
     name = "npo"
     adapter_kind = "lora"
-    paper = ('Zhang et al., "Negative Preference Optimization: From Catastrophic Collapse to Effective '
+    source = ('Zhang et al., "Negative Preference Optimization: From Catastrophic Collapse to Effective '
              'Unlearning", COLM 2024 (arXiv 2404.05868)')
     sign = +1
 

@@ -13,7 +13,7 @@ class Refusal:
     retain_weight: float = 1.0
     name = "refusal"
     adapter_kind = "lora"
-    paper = ('cross-entropy towards a fixed refusal, the "I don\'t know" baseline of TOFU (Maini et al., '
+    source = ('cross-entropy towards a fixed refusal, the "I don\'t know" baseline of TOFU (Maini et al., '
              'arXiv 2401.06121)')
     sign = +1
 

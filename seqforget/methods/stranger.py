@@ -46,7 +46,7 @@ class StrangerTarget:
     feature_weight: float = 0.0
     name = "stranger"
     adapter_kind = "lora"
-    paper = 'seqforget: a bounded target (answers the model gives never-seen people) in place of ascent'
+    source = 'seqforget: a bounded target (answers the model gives never-seen people) in place of ascent'
     needs_reference = True  # checked when the request is read
     budget = {"steps": 600, "lr": 3e-3}  # defaults of the request's steps and lr: it stops at a bounded target
     sign = +1
@@ -81,8 +81,8 @@ class StrangerTarget:
         loss, logs = forget_kl + self.retain_weight * retain_kl, {"forget_kl": forget_kl.item(), "retain_kl": retain_kl.item()}
         if self.feature_weight and views is not None:
             with torch.no_grad(), original():
-                held = image_features(model, views)
-            drift = (image_features(model, views) - held).pow(2).mean() / held.pow(2).mean()
+                before = image_features(model, views)
+            drift = (image_features(model, views) - before).pow(2).mean() / before.pow(2).mean()
             loss = loss + self.feature_weight * drift
             logs["feature_drift"] = drift.item()
         return loss, logs
