@@ -57,7 +57,7 @@ CLOSE, KEEP = 0.05, 0.97  # the target: within 5 points of the oracle, at least 
 
 
 LANGUAGE_MLPS = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # every language-model MLP (the vision tower's are fc1, fc2)
-VARIANTS = {  # name -> (scope, what the request sets besides): what else was tried, run with --variants
+VARIANTS = {  # name -> (scope, what the request sets besides): what else was tried, run on --deep worlds
     "gd, no retain guard": ("visual", {"method": "gd", "retain_tolerance": 1.0}),
     "stranger, no retain guard": ("visual", {"retain_tolerance": 1.0}),
     "stranger, no retain term": ("visual", {"retain_tolerance": 1.0, "method_args": {"retain_weight": 0.0}}),
