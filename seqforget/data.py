@@ -172,6 +172,11 @@ class Rows:
     def __len__(self) -> int:
         return len(self.examples)
 
+    @property
+    def answer_tokens(self) -> int:
+        """Answer tokens over all rows: what a token accuracy of these rows counts."""
+        return sum(int((e.labels != IGNORE).sum()) for e in self.examples)
+
     @cached_property
     def fixed(self) -> list[dict[str, torch.Tensor]]:
         """Every row once, in order: for probes and statistics."""

@@ -182,16 +182,16 @@ def _encode(request: Request, processor) -> tuple[data.Rows, data.Rows, data.Row
     answer = request.refusal if scope.answers_refusal else None
     pad = processor.tokenizer.pad_token_id
     try:
-        forget, retain, guard, reference = ([data.encode(processor, r, answer) for r in forget],
-                                            [data.encode(processor, r) for r in retain], [data.encode(processor, r) for r in guard],
-                                            [data.encode(processor, r) for r in reference])
+        forget, retain, guard, reference = (data.Rows([data.encode(processor, r, answer) for r in forget], pad),
+                                            data.Rows([data.encode(processor, r) for r in retain], pad),
+                                            data.Rows([data.encode(processor, r) for r in guard], pad),
+                                            data.Rows([data.encode(processor, r) for r in reference], pad, stands_for=stands_for))
     except (ValueError, OSError) as e:
         raise SeqforgetError(f"request {request.id}: the model's processor cannot encode its rows ({e})") from e
     tolerance = request.training.retain_tolerance
-    if 0 < tolerance and sum(int((e.labels != data.IGNORE).sum()) for e in guard) * tolerance < 1:
-        retain, guard = retain + guard, []
-    return (data.Rows(forget, pad), data.Rows(retain, pad), data.Rows(guard, pad) if guard else None,
-            data.Rows(reference, pad, stands_for=stands_for) if reference else None)
+    if 0 < tolerance and guard.answer_tokens * tolerance < 1:
+        retain, guard = data.Rows(retain.examples + guard.examples, pad), data.Rows([], pad)
+    return forget, retain, guard if len(guard) else None, reference if len(reference) else None
 
 
 def _unlearn(model, method, request: Request, forget: data.Rows, retain: data.Rows, guard: data.Rows | None,
@@ -209,7 +209,7 @@ def _unlearn(model, method, request: Request, forget: data.Rows, retain: data.Ro
     after = _probes(model, forget, retain, guard)
     metrics = {"before": before, "after": after,
                "rows": {"forget": len(forget), "retain": len(retain), "guard": len(guard) if guard else 0,
-                        "guard_tokens": sum(int((e.labels != data.IGNORE).sum()) for e in guard.examples) if guard else 0},
+                        "guard_tokens": guard.answer_tokens if guard else 0},
                "targets": len(targets), "projection": settings.projection,
                "stop": {**trained.stop.record(), "reached": trained.stop.reached},
                "trajectory": trained.trajectory, "train_seconds": trained.seconds}

@@ -10,8 +10,8 @@ A method is a small object with:
   prepare(model, forget, retain, reference, original)  called once before training, with
                  every forget and retain row (seqforget.data.Rows) and the reference rows
                  (never-seen strangers asked the forget rows' questions, answered with
-                 the forget rows' answers, Rows.stands_for saying which; or None): where a method computes what its loss needs from the
-                 whole request (a target, say)
+                 the forget rows' answers, Rows.stands_for saying which; or None): where
+                 a method computes what its loss needs from the whole request (a target, say)
   loss(model, forget, retain, original)    its loss on a forget and a retain batch
 In both, `with original():` runs the model as it was before this request (the adapter
 switched off); wrap it in torch.no_grad().

@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from seqforget.data import IGNORE, batches
+from seqforget.data import IGNORE
 from seqforget.errors import SeqforgetError
 from seqforget.losses import answer_kl, answer_logprobs, kl_to_original
 from seqforget.representations import augment, image_features
@@ -61,7 +61,7 @@ class StrangerTarget:
         counts: dict[int, int] = {}
         position = 0
         with torch.no_grad(), original():
-            for batch in batches(reference.examples, reference.eval_batch, reference.pad_id):
+            for batch in reference.fixed:
                 logp = answer_logprobs(model, batch)  # (answer tokens of the batch, V)
                 lengths = (batch["labels"][:, 1:] != IGNORE).sum(1).tolist()
                 for rows_logp, n in zip(logp.split(lengths), lengths):
