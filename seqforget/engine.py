@@ -31,6 +31,7 @@ from seqforget.requests import Request, load_request
 from seqforget.scopes import SCOPES, match_layers, scope_layers
 from seqforget.stopping import stranger_rows
 from seqforget.training import train_adapter
+from seqforget.updates import UPDATES
 
 def init_registry(root: Path, model_dir: Path, default_retain: Path | None = None,
                   default_reference: Path | None = None) -> Registry:
@@ -82,7 +83,7 @@ def apply_request(root: Path, request_path: Path, model_dir: Path | None = None,
         state = writer.snapshot()
         _refuse_if_present(state, request)
         model, processor = live_model(state, model_dir)
-        targets = _targets(request, model)
+        targets = _targets(request, method, model)
         forget, retain, guard, reference = _encode(request, processor)
         start = time.perf_counter()
         _reset_peak_rss()
@@ -153,10 +154,11 @@ def _refuse_if_present(state: Snapshot, request: Request) -> None:
     raise SeqforgetError(f"request {request.id} was applied and then rolled back; to apply it again, give it a new id")
 
 
-def _targets(request: Request, model) -> list[str]:
-    """The layers this request trains; every pattern it names must match at least one."""
+def _targets(request: Request, method, model) -> list[str]:
+    """The layers this request trains: those it names (every pattern must match at least one),
+    else the method's own, else its scope's."""
     if not request.target_modules:
-        return scope_layers(model, request.scope)
+        return scope_layers(model, request.scope, getattr(method, "layers", None))
     unmatched = [p for p in request.target_modules if not match_layers(model, [p])]
     if unmatched:
         raise SeqforgetError(f"request {request.id}: no linear layer of the model matches {', '.join(unmatched)}")
@@ -210,7 +212,7 @@ def _unlearn(model, method, request: Request, forget: data.Rows, retain: data.Ro
     metrics = {"before": before, "after": after,
                "rows": {"forget": len(forget), "retain": len(retain), "guard": len(guard) if guard else 0,
                         "guard_tokens": guard.answer_tokens if guard else 0},
-               "targets": len(targets), "projection": settings.projection,
+               "targets": len(targets), "projection": settings.projection and UPDATES[method.adapter_kind].projected,
                "stop": {**trained.stop.record(), "reached": trained.stop.reached},
                "trajectory": trained.trajectory, "train_seconds": trained.seconds}
     return trained.adapter, metrics

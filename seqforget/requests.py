@@ -124,7 +124,7 @@ def read_request_file(path: Path) -> dict:
 
 def load_request(path: Path, default_retain: str | None = None, default_reference: str | None = None) -> Request:
     """Parse and validate a request file and the data it names; raise with every problem at once."""
-    from seqforget.methods import method_problems
+    from seqforget.methods import make_method, method_problems
 
     path = Path(path).absolute()
     raw = read_request_file(path)
@@ -146,10 +146,13 @@ def load_request(path: Path, default_retain: str | None = None, default_referenc
         method_args = {}
     if not isinstance(method, str):
         problems.append("method: expected a method name" if "method" in raw else "method: required when the scope is not known")
-    else:
-        problems += method_problems(method, scope, method_args)
+    chosen = None  # the method, built from its arguments, once they are known to be valid
+    if isinstance(method, str):
+        found = method_problems(method, scope, method_args)
+        problems += found
+        chosen = None if found or scope is None else make_method(method, method_args)
 
-    training = _training(raw, problems, _budget(method))
+    training = _training(raw, problems, dict(getattr(chosen, "budget", {})))
     targets = raw.get("target_modules")
     if targets is not None and (not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets) or not targets):
         problems.append("target_modules: expected a non-empty list of layer names")
@@ -174,7 +177,7 @@ def load_request(path: Path, default_retain: str | None = None, default_referenc
         problems.append("forget: a visual request needs rows with an image")
     if scope and not SCOPES[scope].forgets_text_rows and reference and not any(r.image for r in reference):
         problems.append("reference: a visual request needs reference rows with an image (its level is set by image rows)")
-    problems += _reference_problems(method, scope, "method" not in raw, forget, reference)
+    problems += _reference_problems(chosen, scope, "method" not in raw, forget, reference)
     shared = set(forget) & set(retain)
     if shared:
         problems.append(f"forget and retain share {len(shared)} row(s): the basis would protect what is to be forgotten")
@@ -207,16 +210,14 @@ def load_request(path: Path, default_retain: str | None = None, default_referenc
 
 def _reference_problems(method, scope, by_default: bool, forget: list[Row], reference: list[Row]) -> list[str]:
     """A method that answers the forgotten as it answers strangers needs reference rows like each forget row."""
-    from seqforget.methods import METHODS
-
-    if not (isinstance(method, str) and scope and getattr(METHODS.get(method), "needs_reference", False)):
+    if method is None or not getattr(method, "needs_reference", False):
         return []
     kinds = {r.image is not None for r in forget if r.image is not None or SCOPES[scope].forgets_text_rows}
     missing = kinds - {r.image is not None for r in reference}
     if not missing:
         return []
     which = " and ".join(label for has_image, label in ((True, "with an image"), (False, "with text only")) if has_image in missing)
-    return [f"reference: method {method}{' (the default for ' + scope + ')' if by_default else ''} answers the forgotten as "
+    return [f"reference: method {method.name}{' (the default for ' + scope + ')' if by_default else ''} answers the forgotten as "
             f"it answers people the model never saw, and needs such rows {which}, like the forget rows: set reference, "
             "run init --reference, or name another method"]
 
@@ -227,14 +228,6 @@ def _data_path(value, request_path: Path, label: str, problems: list[str]) -> Pa
         return None
     p = Path(value)
     return p if p.is_absolute() else (request_path.parent / p).resolve()
-
-
-def _budget(method) -> dict:
-    """The method's own defaults for the step budget and learning rate, if it has any: a method
-    that moves towards a bounded target takes longer, safely; one that ascends a loss must not."""
-    from seqforget.methods import METHODS
-
-    return dict(getattr(METHODS.get(method), "budget", {})) if isinstance(method, str) else {}
 
 
 def _training(raw: dict, problems: list[str], budget: dict) -> Training:

@@ -54,9 +54,10 @@ def linear_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def scope_layers(model: nn.Module, scope: str) -> list[str]:
+def scope_layers(model: nn.Module, scope: str, layers: tuple[Layers, ...] | None = None) -> list[str]:
+    """The linear layers a request of `scope` trains: the scope's, or `layers` (a method's own) if given."""
     names = linear_layers(model)
-    return [n for layers in SCOPES[scope].layers for n in layers.select(names)]
+    return [n for part in (layers or SCOPES[scope].layers) for n in part.select(names)]
 
 
 def match_layers(model: nn.Module, patterns: list[str]) -> list[str]:

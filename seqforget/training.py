@@ -1,26 +1,26 @@
-"""The training loop of one request's adapter, top to bottom.
+"""The training loop of one request's update, top to bottom.
 
-A PEFT LoRA adapter is put on the target layers of the live model. Its A matrices
-are kept in the null space of the retained inputs: projected at initialisation,
-on every gradient, and again after every optimiser step (AdamW rescales each
-coordinate, which would otherwise leave the null space).
+The method's adapter kind says what trains (seqforget.updates): a PEFT LoRA, a sine residual
+or a masked dense delta on the target layers of the live model. Its updates are kept in the
+null space of the retained inputs: projected at the start, on every gradient, and again
+after every optimiser step (AdamW rescales each coordinate, which would otherwise leave the
+null space). A method with a `step_guard` has each step checked on its retain batch: a step
+that raises the retain loss by more than the bound is halved, and undone if halving is not
+enough (MMUnlearner's guard).
 """
 
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig, get_peft_model
 
 from registry import Adapter, pause_point
 from seqforget.data import Rows
-from seqforget.errors import SeqforgetError
+from seqforget.losses import answer_nll
 from seqforget.projection import NullSpace
 from seqforget.stopping import Stop, Stopping
-
-_PREFIX = "base_model.model."
+from seqforget.updates import UPDATES
 
 
 @dataclass
@@ -31,18 +31,9 @@ class Trained:
     seconds: float
 
 
-def _lora_layers(peft_model, targets: list[str]) -> dict[str, torch.nn.Module]:
-    layers = {}
-    for name, module in peft_model.named_modules():
-        short = name[len(_PREFIX) :] if name.startswith(_PREFIX) else name
-        if short in targets and hasattr(module, "lora_A"):
-            layers[short] = module
-    return layers
-
-
 def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None, reference: Rows | None,
                   targets: list[str], nullspaces: dict[str, NullSpace], settings, progress=None) -> Trained:
-    """Train a LoRA adapter on `model` (left unchanged on return) and give it back.
+    """Train the method's update on `model` (left unchanged on return) and give back its adapter.
 
     forget, retain: the request's encoded rows, as the scope means them; guard: retain rows
     kept out of training that the retain guard watches (None: it watches `retain`); reference: rows
@@ -50,109 +41,94 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
     nullspaces: {module: NullSpace} for the projected layers, or {} for none.
     settings: seqforget.requests.Training. progress: a seqforget.progress.Progress, or None.
     """
-    if method.adapter_kind != "lora":
-        raise SeqforgetError(f"method {method.name} stores a {method.adapter_kind!r} adapter, which training cannot build yet")
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
     for p in model.parameters():
         p.requires_grad_(False)
-    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, target_modules=list(targets), lora_dropout=0.0)
-    with warnings.catch_warnings():  # PEFT asks transformers a deprecated question
-        warnings.simplefilter("ignore", FutureWarning)
-        peft_model = get_peft_model(model, config)
-    layers = _lora_layers(peft_model, targets)
-    a_weights = {name: layer.lora_A["default"].weight for name, layer in layers.items()}  # (r, d_in)
-    b_weights = [layer.lora_B["default"].weight for layer in layers.values()]  # (d_out, r)
-
-    def project_all():
-        with torch.no_grad():
-            for name, a in a_weights.items():
-                if name in nullspaces:
-                    a.copy_(nullspaces[name].project(a))
-
-    project_all()
-    hooks = [a.register_hook(nullspaces[name].project) for name, a in a_weights.items() if name in nullspaces]
-
-    original = peft_model.disable_adapter  # `with original():` runs the model as it was before this request
-    peft_model.eval()
-    method.prepare(peft_model, forget, retain, reference, original)
-    forget_batches = forget.endless(settings.batch_size, settings.seed)
-    retain_batches = retain.endless(settings.batch_size, settings.seed + 1)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    with torch.no_grad(), original():
-        stopping = Stopping(peft_model, forget, guard if guard is not None else retain, reference, settings)
-    stopping.start(params)
-    trajectory = []
-    peft_model.train()
+    update = UPDATES[method.adapter_kind](model, targets, settings, nullspaces)
+    net, original = update.model, update.original  # `with original():` runs the model as it was before this request
+    net.eval()
     try:
+        method.prepare(net, forget, retain, reference, original, update)
+        forget_batches = forget.endless(settings.batch_size, settings.seed)
+        retain_batches = retain.endless(settings.batch_size, settings.seed + 1)
+        optimizer = torch.optim.AdamW(update.parameters, lr=settings.lr, weight_decay=0.0)
+        with torch.no_grad(), original():
+            stopping = Stopping(net, forget, guard if guard is not None else retain, reference, settings)
+        stopping.start(update.parameters)
+        trajectory = []
+        bound = getattr(method, "step_guard", None)
+        net.train()
         for step in range(1, settings.steps + 1):
-            loss, logs = method.loss(peft_model, next(forget_batches), next(retain_batches), original)
+            retain_batch = next(retain_batches)
+            loss, logs = method.loss(net, next(forget_batches), retain_batch, original)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            project_all()
+            if bound is None:
+                optimizer.step()
+                update.project()
+            else:
+                logs["step_guard"] = guarded_step(net, update, optimizer, retain_batch, bound)
             trajectory.append({"step": step, "loss": loss.item(), **logs})
             if progress is not None:
                 progress.update(loss=loss.item())
             pause_point("training")
             if step % settings.check_every == 0 or step == settings.steps:
-                peft_model.eval()
-                with signed(b_weights, method.sign):  # probe the update the registry will store
-                    done = stopping.check(peft_model, step, params)
+                net.eval()
+                with signed(update.signed, method.sign):  # probe the update the registry will store
+                    done = stopping.check(net, step, update.parameters)
                 for group in optimizer.param_groups:
                     group["lr"] = settings.lr * stopping.lr_scale
                 if stopping.rolled_back:
                     optimizer.state.clear()  # AdamW's moments would push straight back where the guard undid
-                peft_model.train()
+                net.train()
                 if done:
                     break
+        net.eval()
+        adapter = update.adapter(method.sign)
     finally:
-        for h in hooks:
-            h.remove()
-        peft_model.eval()
-    weights = {
-        name: {"A": layer.lora_A["default"].weight.detach().numpy().copy(),
-               "B": method.sign * layer.lora_B["default"].weight.detach().numpy().copy()}
-        for name, layer in layers.items()
-    }
-    peft_model.unload()  # removes the LoRA layers, restoring the model's own modules
+        net.eval()
+        update.remove()
     stop = stopping.result()
     del trajectory[stop.step:]  # steps after the kept check were undone by the retain guard (checks say which before it)
-    return Trained(Adapter("lora", weights, _peft_config(config)), trajectory, stop, time.perf_counter() - start)
+    return Trained(adapter, trajectory, stop, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def guarded_step(model, update, optimizer, retain: dict, bound: float) -> str:
+    """Take the optimiser's step unless it raises the retain batch's answer NLL by more than
+    `bound` (nats per token): then take half of it, or none if half is still too much.
+    Returns "taken", "halved" or "undone"."""
+    before = [p.detach().clone() for p in update.parameters]
+    model.eval()
+    start = answer_nll(model, retain).item()
+    optimizer.step()
+    update.project()
+    outcome = "taken"
+    if answer_nll(model, retain).item() > start + bound:
+        for p, old in zip(update.parameters, before):
+            p.copy_(old + 0.5 * (p - old))
+        outcome = "halved"
+        if answer_nll(model, retain).item() > start + bound:
+            for p, old in zip(update.parameters, before):
+                p.copy_(old)
+            outcome = "undone"
+    model.train()
+    return outcome
 
 
 @contextmanager
-def signed(b_weights: list[torch.Tensor], sign: int):
-    """The LoRA's B factors multiplied by `sign` inside the block: what a subtracting method stores."""
+def signed(parts: list[torch.Tensor], sign: int):
+    """The update's signed parts multiplied by `sign` inside the block: what a subtracting method stores."""
     if sign > 0:
         yield
         return
     with torch.no_grad():
-        for b in b_weights:
-            b.mul_(-1)
+        for t in parts:
+            t.mul_(-1)
     try:
         yield
     finally:
         with torch.no_grad():
-            for b in b_weights:
-                b.mul_(-1)
-
-
-def _peft_config(config: LoraConfig) -> dict:
-    """The adapter_config.json PEFT writes for `config`, with no base model path."""
-    out = _jsonable(config.to_dict())
-    out["target_modules"] = sorted(out["target_modules"])
-    out["base_model_name_or_path"] = None
-    out["inference_mode"] = True
-    return out
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [_jsonable(v) for v in (sorted(obj) if isinstance(obj, set) else obj)]
-    if hasattr(obj, "value") and not isinstance(obj, (int, float, str, bool)):  # enums
-        return obj.value
-    return obj
+            for t in parts:
+                t.mul_(-1)

@@ -26,7 +26,7 @@ def _first_kl(world, stands_for_shift: int) -> float:
     n = len(forget)
     reference = data.Rows(forget.examples, forget.pad_id, stands_for=[(k - stands_for_shift) % n for k in range(n)])
     method = StrangerTarget(augment=0.0)
-    method.prepare(model, forget, retain, reference, nullcontext)
+    method.prepare(model, forget, retain, reference, nullcontext, None)
     with torch.no_grad():
         _, logs = method.loss(model, next(forget.endless(5, seed=3)), next(retain.endless(5, seed=4)), nullcontext)
     return logs["forget_kl"]

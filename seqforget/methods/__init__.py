@@ -3,22 +3,30 @@ serves are listed in seqforget.scopes.SCOPES.
 
 A method is a small object with:
   name           its registry name
-  adapter_kind   what the registry stores for it ("lora")
+  adapter_kind   what trains and what the registry stores for it: "lora", "sine" or "masked"
+                 (seqforget.updates)
   source         where its mechanism comes from
   sign           +1 if the update it learns is added to the model, -1 if it is subtracted
                  (distil-then-delete methods; the stored adapter holds the negated factor)
-  prepare(model, forget, retain, reference, original)  called once before training, with
-                 every forget and retain row (seqforget.data.Rows) and the reference rows
+  prepare(model, forget, retain, reference, original, update)  called once before training,
+                 with every forget and retain row (seqforget.data.Rows), the reference rows
                  (never-seen strangers asked the forget rows' questions, answered with
-                 the forget rows' answers, Rows.stands_for saying which; or None): where
-                 a method computes what its loss needs from the whole request (a target, say)
+                 the forget rows' answers, Rows.stands_for saying which; or None) and the
+                 trainable update (seqforget.updates): where a method computes what its loss
+                 needs from the whole request (a target, say), or restricts the update (a mask)
   loss(model, forget, retain, original)    its loss on a forget and a retain batch
-In both, `with original():` runs the model as it was before this request (the adapter
+In both, `with original():` runs the model as it was before this request (the update
 switched off); wrap it in torch.no_grad().
-It may carry `budget`, a dict of defaults for the request's `steps` and `lr`, and
-`needs_reference = True` if it cannot train without reference rows like the forget rows.
-Its hyper-parameters are dataclass fields, set from the request's `method_args`; a field's
-metadata "range" (low, high) bounds it (default: any finite number >= 0).
+It may carry:
+  budget           a dict of defaults for the request's `steps` and `lr`
+  needs_reference  True if it cannot train without reference rows like the forget rows
+  layers           a tuple of seqforget.scopes.Layers: the layers it trains, in place of the
+                   scope's (a request's target_modules still override both)
+  step_guard       a bound (nats per answer token): each optimiser step that raises the retain
+                   batch's loss by more is halved or undone (seqforget.training.guarded_step)
+Its hyper-parameters are dataclass fields, set from the request's `method_args`; a number's
+metadata "range" (low, high) bounds it (default: any finite number >= 0); a string field
+lists its allowed values in metadata "choices".
 """
 
 import dataclasses
@@ -45,7 +53,8 @@ class Method(Protocol):
     adapter_kind: str
     source: str
 
-    def prepare(self, model, forget: Rows, retain: Rows, reference: Rows | None, original: Callable[[], ContextManager]) -> None: ...
+    def prepare(self, model, forget: Rows, retain: Rows, reference: Rows | None, original: Callable[[], ContextManager],
+                update) -> None: ...
 
     def loss(
         self, model, forget: Batch, retain: Batch, original: Callable[[], ContextManager]
@@ -68,6 +77,9 @@ def method_problems(name: str, scope: str, args: dict) -> list[str]:
     for key, value in args.items():
         if key not in fields:
             problems.append(f"method_args: {name} has no argument {key!r} (it has {', '.join(fields) or 'none'})")
+        elif "choices" in fields[key].metadata:
+            if value not in fields[key].metadata["choices"]:
+                problems.append(f"method_args.{key}: expected one of {', '.join(fields[key].metadata['choices'])}, got {value!r}")
         elif not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
             problems.append(f"method_args.{key}: expected a finite number, got {value!r}")
         else:
@@ -86,8 +98,8 @@ def describe() -> list[dict]:
     adapter kind, arguments with defaults and bounds, step budget, and its source."""
     out = []
     for name, cls in sorted(METHODS.items()):
-        args = [{"name": f.name, "default": f.default,
-                 "range": [None if math.isinf(b) else b for b in f.metadata.get("range", (0.0, math.inf))]}
+        args = [{"name": f.name, "default": f.default, **({"choices": list(f.metadata["choices"])} if "choices" in f.metadata else
+                 {"range": [None if math.isinf(b) else b for b in f.metadata.get("range", (0.0, math.inf))]})}
                 for f in dataclasses.fields(cls)]  # None: unbounded
         summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split()).rstrip(":")
         out.append({"name": name, "scopes": scopes_of(name),

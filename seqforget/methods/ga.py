@@ -13,7 +13,7 @@ class GradientAscent:
              '2023 (arXiv 2210.01504)')
     sign = +1
 
-    def prepare(self, model, forget, retain, reference, original):
+    def prepare(self, model, forget, retain, reference, original, update):
         pass
 
     def loss(self, model, forget, retain, original):

@@ -15,7 +15,7 @@ class GradientDifference:
              "2203.12817); TOFU's gradient difference")
     sign = +1
 
-    def prepare(self, model, forget, retain, reference, original):
+    def prepare(self, model, forget, retain, reference, original, update):
         pass
 
     def loss(self, model, forget, retain, original):

@@ -25,7 +25,7 @@ class NPO:
              'Unlearning", COLM 2024 (arXiv 2404.05868)')
     sign = +1
 
-    def prepare(self, model, forget, retain, reference, original):
+    def prepare(self, model, forget, retain, reference, original, update):
         pass
 
     def loss(self, model, forget, retain, original):

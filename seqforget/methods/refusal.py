@@ -17,7 +17,7 @@ class Refusal:
              'arXiv 2401.06121)')
     sign = +1
 
-    def prepare(self, model, forget, retain, reference, original):
+    def prepare(self, model, forget, retain, reference, original, update):
         pass
 
     def loss(self, model, forget, retain, original):

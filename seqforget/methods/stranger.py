@@ -51,7 +51,7 @@ class StrangerTarget:
     budget = {"steps": 600, "lr": 3e-3}  # defaults of the request's steps and lr: it stops at a bounded target
     sign = +1
 
-    def prepare(self, model, forget, retain, reference, original):
+    def prepare(self, model, forget, retain, reference, original, update):
         paired = set(reference.stands_for) if reference is not None else set()
         if len(paired) < len(forget):
             raise SeqforgetError(f"method stranger needs reference rows like every forget row: {len(forget) - len(paired)} of "

@@ -40,7 +40,7 @@ class AnswerTarget:
     budget = {"steps": 600, "lr": 3e-3}  # defaults of the request's steps and lr: it stops at a bounded target
     sign = +1
 
-    def prepare(self, model, forget, retain, reference, original):
+    def prepare(self, model, forget, retain, reference, original, update):
         # the neighbours are retained images asked the forget rows' questions: faces, not any picture
         asked = {_prompt(e) for e in forget.examples}
         pixels = [e.pixel_values for e in retain.examples if e.pixel_values is not None and _prompt(e) in asked]
