@@ -42,7 +42,9 @@ import yaml
 from registry import Registry
 from seqforget.bench import cache_root
 from seqforget.engine import apply_request, init_registry, live_model
+from seqforget.bench.scoring import refusal_rate
 from seqforget.models import load_model
+from seqforget.requests import Request
 from seqforget.scopes import SCOPES
 from benchmarks.forget_retain import (PROFILES, BenchmarkError, check_known, evaluate, prepare, relearn_other_half,
                                       write_request)
@@ -54,6 +56,9 @@ ORACLE = {"visual": "without_images", "full": "without_people"}
 SHOWN = ["forget_visual", "forget_visual_rouge_l", "forget_identity", "forget_textual", "membership_auc_visual", "membership_auc_textual",
          "retain_visual", "retain_textual", "general"]
 CLOSE, KEEP = 0.05, 0.97  # the target: within 5 points of the oracle, at least 97% of vanilla
+REFUSALS = {"refuse/refusal": {}, "refuse/refusal (dpo)": {"method_args": {"objective": "dpo"}}}  # the refuse requests measured
+REFUSED = ["refused_forget_visual", "refused_forget_textual", "refused_benign_visual", "refused_benign_textual",
+           "refused_general", "retain_visual", "retain_textual", "general"]
 
 
 LANGUAGE_MLPS = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]  # every language-model MLP (the vision tower's are fc1, fc2)
@@ -108,6 +113,38 @@ def run_single(bench, scope: str, method: str | None, forgotten: list[str], work
     return result
 
 
+def run_refuse(bench, forgotten: list[str], work: Path, fields: dict) -> dict:
+    """One `refuse` request as sent (fields: anything to set besides): how often the model now refuses the
+    forgotten people's questions, and how often benign ones (SineProject's SARR), beside retained accuracy."""
+    folder = work / "single-refuse"
+    shutil.rmtree(folder, ignore_errors=True)
+    reg = folder / "registry"
+    init_registry(reg, bench.vanilla)
+    path = write_request(bench, folder, "forget", forgotten, "refuse", None, None, as_sent=True)
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), **fields}, sort_keys=False))
+    entry = apply_request(reg, path, show_progress=False)
+    model, processor = live_model(Registry.open(reg).snapshot())
+    result = {"state": refusal_state(bench, model, processor, forgotten), "request": _outcome(entry)}
+    shutil.rmtree(folder, ignore_errors=True)
+    return result
+
+
+def refusal_state(bench, model, processor, forgotten: list[str]) -> dict:
+    """Refusal rates on the forgotten people's held-out image questions and their text questions, and on
+    benign ones: the same image questions of retained faces (the prompt-decoupled pairs), retained names,
+    general questions; with evaluate()'s retained accuracies."""
+    w, refusal = bench.world, Request.refusal
+    retained = bench.retain_people(forgotten)
+    out = {key: evaluate(bench, model, processor, [], retained)[key] for key in ("retain_visual", "retain_textual", "general")}
+    for key, items in (("refused_forget_visual", w.select({"visual"}, forgotten, "test")),
+                       ("refused_forget_textual", w.select({"textual"}, forgotten)),
+                       ("refused_benign_visual", w.select({"visual"}, retained, "test")),
+                       ("refused_benign_textual", w.select({"textual"}, retained)),
+                       ("refused_general", w.select({"general"}, None, "test"))):
+        out[key] = refusal_rate(model, processor, w.root, items, refusal)
+    return out
+
+
 def run_stream(bench, scope: str, method: str | None, people: list[str], work: Path) -> list[dict]:
     """One-person requests for `people` in a row (method None: the scope's default), each state measured."""
     folder = work / f"stream-{scope}-{method or 'default'}"
@@ -129,8 +166,9 @@ def run_stream(bench, scope: str, method: str | None, people: list[str], work: P
 
 
 def run_world(profile_name: str, world: str, stream: int, stream_scopes: tuple[str, ...], deep: bool,
-              cache: Path, work: Path, threads: int = 2, log=print) -> dict:
-    """Every measurement of one world ("style:seed"); `deep` adds the variants and every method's stream."""
+              cache: Path, work: Path, threads: int = 2, methods: tuple[str, ...] | None = None, log=print) -> dict:
+    """Every measurement of one world ("style:seed"); `deep` adds the variants and every method's stream;
+    `methods` (None: all) limits the requests to those methods."""
     torch.set_num_threads(threads)
     style, seed = world.split(":")
     seed = int(seed)
@@ -143,7 +181,7 @@ def run_world(profile_name: str, world: str, stream: int, stream_scopes: tuple[s
     check_known(bench, forgotten)
     vanilla, processor = load_model(bench.vanilla)
     out = {"world": world, "people": forgotten, "vanilla": evaluate(bench, vanilla, processor, forgotten),
-           "oracles": {}, "single": {}, "variants": {}, "stream": {}}
+           "oracles": {}, "single": {}, "variants": {}, "stream": {}, "refuse": {}}
     out["vanilla"]["relearn_other_half"] = relearn_other_half(bench, vanilla, processor, forgotten)
     vanilla, processor = load_model(bench.vanilla)  # the attack fine-tuned it in place
     for scope in SCOPES_MEASURED:
@@ -151,10 +189,17 @@ def run_world(profile_name: str, world: str, stream: int, stream_scopes: tuple[s
         out["oracles"][scope] = evaluate(bench, model, processor, forgotten)
         out["oracles"][scope]["relearn_other_half"] = relearn_other_half(bench, model, processor, forgotten)
         for method in SCOPES[scope].methods:
+            if methods is not None and method not in methods:
+                continue
             log(f"{world} single {scope}/{method}")
             r = run_single(bench, scope, None if method == SCOPES[scope].methods[0] else method, forgotten, work)
             r["target"] = target_check(scope, r["state"], out["vanilla"], out["oracles"][scope])
             out["single"][f"{scope}/{method}"] = r
+    if methods is None or "refusal" in methods:
+        out["refuse"]["vanilla"] = refusal_state(bench, vanilla, processor, forgotten)
+        for key, fields in REFUSALS.items():
+            log(f"{world} single {key}")
+            out["refuse"][key] = run_refuse(bench, forgotten, work, fields)
     for name, (scope, fields) in VARIANTS.items() if deep else ():
         log(f"{world} variant {name}")
         r = run_single(bench, scope, None, forgotten, work, fields)
@@ -169,6 +214,8 @@ def run_world(profile_name: str, world: str, stream: int, stream_scopes: tuple[s
             model, processor = load_model(bench.model_dir(**{ORACLE[scope]: people}))
             oracle = evaluate(bench, model, processor, people, retained)
             for method in SCOPES[scope].methods[: None if deep else 1]:
+                if methods is not None and method not in methods:
+                    continue
                 log(f"{world} stream {scope}/{method} of {stream}")
                 steps = run_stream(bench, scope, None if method == SCOPES[scope].methods[0] else method, people, work)
                 out["stream"][f"{scope}/{method}"] = {"vanilla": vanilla_state, "oracle": oracle, "steps": steps,
@@ -228,6 +275,7 @@ def markdown(results: dict, command: str) -> str:
                 _spread([r["request"]["seconds"] for r in runs], 0),
                 _spread([r["request"].get("projector_condition") for r in runs], 0), _met(runs)]))
         lines.append("")
+    lines += _refuse_table(worlds)
     names = [n for n in VARIANTS if any(n in w.get("variants", {}) for w in worlds)]
     if names:
         lines += ["## What else was tried: variants of one request", "",
@@ -270,6 +318,30 @@ def markdown(results: dict, command: str) -> str:
     lines += _by_person(worlds)
     lines += [f"Total time: {results['seconds'] / 60:.0f} min.", ""]
     return "\n".join(lines)
+
+
+def _refuse_table(worlds: list[dict]) -> list[str]:
+    """The refuse requests: refusal rates on forget and benign questions, retained accuracy, how the request ended."""
+    keys = [k for k in REFUSALS if any(k in w.get("refuse", {}) for w in worlds)]
+    if not keys:
+        return []
+    lines = ["## refuse scope, one request", "",
+             f"Refusal rate: share of greedy answers that are the refusal ({Request.refusal!r}). Benign image questions are "
+             "the forgotten people's questions asked of retained faces (SineProject's SARR); benign text questions ask about "
+             "retained people by name. The refusal has no oracle: the aim is forget questions refused, benign ones answered.", "",
+             *_head("| model | refused: forget image questions (held-out views) | refused: forget text questions | "
+                    "refused: benign image questions (SARR) | refused: benign text questions | refused: general questions | "
+                    "retain visual | retain textual | general | steps | seconds | projector condition number |")]
+    rows = [("vanilla", [w["refuse"]["vanilla"] for w in worlds if "vanilla" in w.get("refuse", {})], None)]
+    rows += [(k, [w["refuse"][k]["state"] for w in worlds if k in w.get("refuse", {})],
+              [w["refuse"][k]["request"] for w in worlds if k in w.get("refuse", {})]) for k in keys]
+    for name, states, requests in rows:
+        cells = [_spread([s.get(k) for s in states]) for k in REFUSED]
+        extra = ["", "", ""] if requests is None else [_spread([r["steps"] for r in requests], 0),
+                                                      _spread([r["seconds"] for r in requests], 0),
+                                                      _spread([r.get("projector_condition") for r in requests], 0)]
+        lines.append(f"| {name} | " + " | ".join(cells + extra) + " |")
+    return lines + [""]
 
 
 def _by_person(worlds: list[dict]) -> list[str]:
@@ -328,6 +400,7 @@ def main(argv=None) -> None:
     parser.add_argument("--stream", type=int, default=10, help="one-person requests in the stream (0: none)")
     parser.add_argument("--stream-scopes", default="visual,full", help="comma-separated scopes to stream")
     parser.add_argument("--jobs", type=int, default=1, help="worlds measured at once, each in its own process")
+    parser.add_argument("--methods", default=None, help="comma-separated methods to measure (default: every method)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/RESULTS.md"))
     parser.add_argument("--cache", type=Path, default=None, help="where worlds and trained models are kept")
     parser.add_argument("--work", type=Path, default=Path("out/quality"), help="scratch folder for registries")
@@ -351,7 +424,8 @@ def main(argv=None) -> None:
                             cwd=Path(__file__).parent).stdout.strip() or None
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     calls = {w: (args.profile, w, args.stream, tuple(s for s in args.stream_scopes.split(",") if s), w in deep,
-                 args.cache or cache_root() / "bench", args.work, threads) for w in worlds}
+                 args.cache or cache_root() / "bench", args.work, threads,
+                 tuple(args.methods.split(",")) if args.methods else None) for w in worlds}
     done: dict[str, dict] = {}
     json_path = args.out.with_suffix(".json")
 

@@ -106,6 +106,11 @@ class Example:
     labels: torch.Tensor  # (T,) IGNORE on the prompt
     pixel_values: torch.Tensor | None  # (3, H, W)
 
+    @property
+    def prompt(self) -> tuple[int, ...]:
+        """The prompt's token ids (the question, image tokens included): equal for the same question of any image."""
+        return tuple(self.input_ids[self.labels == IGNORE].tolist())
+
 
 def encode(processor, row: Row, answer: str | None = None) -> Example:
     """Prompt ids from the processor (image tokens expanded) + answer ids + end of sequence."""
@@ -124,7 +129,7 @@ def encode(processor, row: Row, answer: str | None = None) -> Example:
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch; pixel_values stacks the images of the rows that have one, in order."""
+    """Right-padded batch; pixel_values stacks the images of the rows that have one (has_image), in order."""
     length = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)  # (B, T)
@@ -132,7 +137,8 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     for i, e in enumerate(examples):
         n = len(e.input_ids)
         ids[i, :n], labels[i, :n], mask[i, :n] = e.input_ids, e.labels, 1
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    has_image = torch.tensor([e.pixel_values is not None for e in examples])  # (B,)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "has_image": has_image}
     images = [e.pixel_values for e in examples if e.pixel_values is not None]
     if images:
         batch["pixel_values"] = torch.stack(images)  # (n_images, 3, H, W)
@@ -168,6 +174,7 @@ class Rows:
     pad_id: int
     eval_batch: int = 16
     stands_for: list[int] | None = None  # reference rows: the forget row each one is a stranger's version of
+    own_answers: list[Example] | None = None  # forget rows trained towards a refusal: the same rows with their own answers
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -184,7 +184,8 @@ def _encode(request: Request, processor) -> tuple[data.Rows, data.Rows, data.Row
     answer = request.refusal if scope.answers_refusal else None
     pad = processor.tokenizer.pad_token_id
     try:
-        forget, retain, guard, reference = (data.Rows([data.encode(processor, r, answer) for r in forget], pad),
+        own = [data.encode(processor, r) for r in forget] if answer is not None else None
+        forget, retain, guard, reference = (data.Rows([data.encode(processor, r, answer) for r in forget], pad, own_answers=own),
                                             data.Rows([data.encode(processor, r) for r in retain], pad),
                                             data.Rows([data.encode(processor, r) for r in guard], pad),
                                             data.Rows([data.encode(processor, r) for r in reference], pad, stands_for=stands_for))

@@ -43,8 +43,9 @@ LANGUAGE = Layers("language_model", ("self_attn.q_proj", "self_attn.v_proj", "ml
 SCOPES = {
     s.name: s
     for s in (
-        Scope("visual", (VISION_MLP, PROJECTOR), ("stranger", "gd", "ga", "npo", "target"), forgets_text_rows=False, answers_refusal=False),
-        Scope("full", (PROJECTOR, LANGUAGE), ("stranger", "gd", "ga", "npo"), forgets_text_rows=True, answers_refusal=False),
+        Scope("visual", (VISION_MLP, PROJECTOR), ("stranger", "gd", "ga", "npo", "target", "contrastive", "sine", "mmunlearner"),
+              forgets_text_rows=False, answers_refusal=False),
+        Scope("full", (PROJECTOR, LANGUAGE), ("stranger", "gd", "ga", "npo", "mmunlearner", "vleraser"), forgets_text_rows=True, answers_refusal=False),
         Scope("refuse", (LANGUAGE,), ("refusal",), forgets_text_rows=True, answers_refusal=True),
     )
 }

@@ -4,7 +4,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -300,7 +299,7 @@ def test_methods_lists_every_method_with_its_scopes_kind_arguments_and_source():
     assert sorted(m["name"] for m in listed) == sorted(METHODS)
     for m in listed:
         assert m["scopes"] == [s for s, scope in SCOPES.items() if m["name"] in scope.methods] and m["scopes"]
-        assert m["adapter_kind"] == "lora" and m["source"] and m["summary"]
+        assert m["adapter_kind"] == METHODS[m["name"]].adapter_kind and m["source"] and m["summary"]
         assert [a["name"] for a in m["args"]] == [f.name for f in dataclasses.fields(METHODS[m["name"]])]
     stranger = next(m for m in listed if m["name"] == "stranger")
     assert stranger["default_for"] == ["visual", "full"] and stranger["budget"] == {"steps": 600, "lr": 3e-3}
@@ -308,3 +307,17 @@ def test_methods_lists_every_method_with_its_scopes_kind_arguments_and_source():
     table = invoke("methods").output
     assert "stranger: Answer about the forgotten" in table and "scopes: visual (default), full (default)" in table
     assert "budget: 30 steps at lr 0.001" in table  # a method without a budget of its own: the request's defaults
+    assert {m["name"]: m["adapter_kind"] for m in listed if m["adapter_kind"] != "lora"} == {"sine": "sine", "mmunlearner": "masked"}
+    sine = next(m for m in listed if m["name"] == "sine")
+    assert sine["args"][0]["choices"][0] == "stranger" and "objective=stranger (of stranger|" in table
+    assert next(m for m in listed if m["name"] == "vleraser")["sign"] == -1 and "adapter: lora (subtracted)" in table
+
+
+def test_a_method_argument_with_choices_takes_only_those():
+    from seqforget.methods import method_problems
+
+    assert method_problems("sine", "visual", {"objective": "npo"}) == []
+    assert method_problems("sine", "visual", {"objective": "vleraser"}) == [
+        "method_args.objective: expected one of stranger, target, contrastive, gd, ga, npo, got 'vleraser'"]
+    assert method_problems("refusal", "refuse", {"objective": 1.0})[0].startswith("method_args.objective: expected one of ce, dpo")
+    assert "vleraser does not serve scope 'visual' (vleraser serves: full;" in method_problems("vleraser", "visual", {})[0]

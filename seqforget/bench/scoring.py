@@ -142,3 +142,15 @@ def generation_scores(model, processor, root, items, max_new_tokens: int = 8) ->
         exact += got == item.answer
         rouge += rouge_l(got, item.answer)
     return {"exact": exact / len(items), "rouge_l": rouge / len(items)}
+
+
+def refusal_rate(model, processor, root, items, refusal: str) -> float:
+    """Share of the items whose greedy answer is the refusal (spacing and case aside): on forget
+    questions, how often a `refuse` request does what it asks; on benign ones (SineProject's SARR),
+    how often it refuses what it should answer."""
+    if not items:
+        return float("nan")
+    wanted = "".join(refusal.lower().split())
+    tokens = len(processor.tokenizer(" " + refusal, add_special_tokens=False)["input_ids"]) + 1
+    hits = sum("".join(answer(model, processor, item.example(root), tokens).lower().split()).startswith(wanted) for item in items)
+    return hits / len(items)

@@ -36,12 +36,16 @@ from typing import Callable, ContextManager, Protocol
 import torch
 
 from seqforget.data import Rows
+from seqforget.methods.contrastive import ContrastiveVisual
 from seqforget.methods.ga import GradientAscent
 from seqforget.methods.gd import GradientDifference
+from seqforget.methods.mmunlearner import MMUnlearner
 from seqforget.methods.npo import NPO
 from seqforget.methods.refusal import Refusal
+from seqforget.methods.sineproject import SineProject
 from seqforget.methods.stranger import StrangerTarget
 from seqforget.methods.target import AnswerTarget
+from seqforget.methods.vleraser import VLEraser
 from seqforget.scopes import SCOPES
 
 Batch = dict[str, torch.Tensor]
@@ -61,7 +65,8 @@ class Method(Protocol):
     ) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
-METHODS: dict[str, type] = {m.name: m for m in (GradientAscent, GradientDifference, NPO, Refusal, AnswerTarget, StrangerTarget)}
+METHODS: dict[str, type] = {m.name: m for m in (GradientAscent, GradientDifference, NPO, Refusal, AnswerTarget, StrangerTarget,
+                                                 ContrastiveVisual, SineProject, MMUnlearner, VLEraser)}
 
 
 def method_problems(name: str, scope: str, args: dict) -> list[str]:
@@ -98,6 +103,7 @@ def describe() -> list[dict]:
     adapter kind, arguments with defaults and bounds, step budget, and its source."""
     out = []
     for name, cls in sorted(METHODS.items()):
+        method = cls()  # at its defaults: a method's budget may depend on its arguments
         args = [{"name": f.name, "default": f.default, **({"choices": list(f.metadata["choices"])} if "choices" in f.metadata else
                  {"range": [None if math.isinf(b) else b for b in f.metadata.get("range", (0.0, math.inf))]})}
                 for f in dataclasses.fields(cls)]  # None: unbounded
@@ -105,7 +111,7 @@ def describe() -> list[dict]:
         out.append({"name": name, "scopes": scopes_of(name),
                     "default_for": [scope for scope, s in SCOPES.items() if s.methods[0] == name],
                     "adapter_kind": cls.adapter_kind, "sign": cls.sign, "args": args,
-                    "budget": dict(getattr(cls, "budget", {})), "needs_reference": getattr(cls, "needs_reference", False),
+                    "budget": dict(getattr(method, "budget", {})), "needs_reference": getattr(method, "needs_reference", False),
                     "summary": summary, "source": cls.source})
     return out
 

@@ -2,15 +2,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from seqforget.data import IGNORE
 from seqforget.errors import SeqforgetError
 from seqforget.losses import answer_kl, answer_logprobs, kl_to_original
 from seqforget.representations import augment, image_features
 
-
-def _prompt(example) -> tuple[int, ...]:
-    """The prompt's token ids (the question, image tokens included)."""
-    return tuple(example.input_ids[example.labels == IGNORE].tolist())
 
 
 @dataclass
@@ -42,8 +37,8 @@ class AnswerTarget:
 
     def prepare(self, model, forget, retain, reference, original, update):
         # the neighbours are retained images asked the forget rows' questions: faces, not any picture
-        asked = {_prompt(e) for e in forget.examples}
-        pixels = [e.pixel_values for e in retain.examples if e.pixel_values is not None and _prompt(e) in asked]
+        asked = {e.prompt for e in forget.examples}
+        pixels = [e.pixel_values for e in retain.examples if e.pixel_values is not None and e.prompt in asked]
         if not pixels:
             raise SeqforgetError("method target needs retain rows with images asked the forget rows' questions: "
                                  "forgotten faces are answered as the nearest of those")
