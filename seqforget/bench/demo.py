@@ -17,11 +17,11 @@ from seqforget.bench import cache_root
 
 # id suffix, scope, method (None: the scope's default), settings. partial: true commits a request
 # that stops short of the never-seen level (benchmarks/RESULTS.md: on this world they do), and
-# `status` marks it partial. A refusal has no such level; the demo gives it a larger budget.
+# `status` marks it partial. A refusal has no such level: its budget alone ends it.
 REQUESTS = [
     ("visual", "visual", None, {"partial": True}),
     ("full", "full", None, {"partial": True}),
-    ("refuse", "refuse", "refusal", {"lr": 1e-2, "steps": 40}),
+    ("refuse", "refuse", "refusal", {}),
 ]
 
 
