@@ -144,10 +144,10 @@ def load_request(path: Path, default_retain: str | None = None, default_referenc
     if not isinstance(method_args, dict):
         problems.append("method_args: expected a mapping")
         method_args = {}
+    chosen = None  # the method, built from its arguments, once they are known to be valid
     if not isinstance(method, str):
         problems.append("method: expected a method name" if "method" in raw else "method: required when the scope is not known")
-    chosen = None  # the method, built from its arguments, once they are known to be valid
-    if isinstance(method, str):
+    else:
         found = method_problems(method, scope, method_args)
         problems += found
         chosen = None if found or scope is None else make_method(method, method_args)
