@@ -84,7 +84,6 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
                 net.train()
                 if done:
                     break
-        net.eval()
         adapter = update.adapter(method.sign)
     finally:
         net.eval()
