@@ -2,7 +2,8 @@
 
     REG/
       manifest.json      format, base model, every request and the sha256 of each of its
-                         files; replaced atomically: the one commit point
+                         files, the requests a stream rejected; replaced atomically: the one
+                         commit point
       journal.jsonl      append-only record of what was attempted
       lock               the writer lock; never written
       requests/<id>/     one immutable folder per committed request: the adapter's files,
@@ -95,6 +96,11 @@ class Snapshot:
     def default_reference(self) -> dict | None:
         return self.manifest.get("default_reference")
 
+    @property
+    def rejected(self) -> list[dict]:
+        """Requests a stream read and refused, oldest first (`Writer.reject`)."""
+        return self.manifest.get("rejected", [])
+
     def find(self, request_id: str) -> dict | None:
         return next((e for e in self.requests if e["id"] == request_id), None)
 
@@ -136,8 +142,13 @@ class Snapshot:
 
         Rolled-back requests keep their columns: what they retained is still retained knowledge.
         """
-        parts = [read_bases(self._checked(e) / BASIS_FILE, e["id"]) for e in self.requests if BASIS_FILE in e["files"]]
-        return accumulate(parts)
+        return accumulate([self.basis(e) for e in self.requests])
+
+    def basis(self, entry: dict) -> dict[str, Basis]:
+        """The basis columns one committed request added, per module, hash-checked ({}: none)."""
+        if BASIS_FILE not in entry["files"]:
+            return {}
+        return read_bases(self._checked(entry) / BASIS_FILE, entry["id"])
 
 
 class Registry:
@@ -293,6 +304,16 @@ class Writer:
         write_json(self.root / MANIFEST, manifest)
         journal.append(self.root / JOURNAL, state, id=request_id)
         return entry
+
+    def reject(self, source: str, digest: str, reason: str, request_id: str | None = None) -> dict:
+        """Record that the request read from `source` (its text's sha256 `digest`) was refused:
+        `status` lists it, and a stream does not try the same text again."""
+        manifest = self.snapshot().manifest
+        record = {"source": source, "digest": digest, "id": request_id, "reason": reason[:1000], "rejected_at": _now()}
+        manifest.setdefault("rejected", []).append(record)
+        write_json(self.root / MANIFEST, manifest)
+        journal.append(self.root / JOURNAL, "reject", id=request_id, source=source)
+        return record
 
 
 class Transaction:

@@ -129,6 +129,30 @@ def apply(request, registry_path, model_dir, wait, quiet):
 
 
 @cli.command()
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@registry_option
+@model_option
+@click.option("--once", is_flag=True, help="Apply what SOURCE holds now, then exit (default: keep watching it).")
+@click.option("--poll", default=2.0, show_default=True, type=click.FloatRange(min=0.05),
+              help="Seconds between looks at SOURCE when it holds nothing new.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+def stream(source, registry_path, model_dir, once, poll, quiet):
+    """Apply the requests of SOURCE as they arrive: a folder of request files, or a JSONL file.
+
+    Each request is applied once; after a stop or a kill, the next start goes on where it
+    stopped. Refused requests are recorded (see `status`) and skipped. SIGTERM or Ctrl-C
+    stops after the request in hand (one still training is abandoned, nothing committed)."""
+    from seqforget.stream import Stop, run_stream
+
+    with Stop() as stop:
+        tally = run_stream(registry_path, source, model_dir, once=once, poll=poll, show_progress=not quiet,
+                           log=lambda line: click.echo(line, err=False), stop=stop)
+    ended = f"stopped by {stop.signal}" if stop.signal else "drained"
+    click.echo(f"stream {ended}: {tally.applied} applied, {tally.skipped} already done, {tally.rejected} rejected"
+               + (f"; {tally.abandoned} abandoned, to be applied by the next start" if tally.abandoned else ""))
+
+
+@cli.command()
 @click.argument("request_id")
 @registry_option
 @wait_option
@@ -162,7 +186,8 @@ def status(registry_path, as_json):
     state = Registry.open(registry_path).snapshot()
     rows = status_rows(state)
     if as_json:
-        click.echo(json.dumps({"registry": str(state.root), "base_model": state.base_model, "requests": rows}, indent=2))
+        click.echo(json.dumps({"registry": str(state.root), "base_model": state.base_model, "requests": rows,
+                               "rejected": state.rejected}, indent=2))
         return
     click.echo(f"registry {state.root}")
     click.echo(f"base model {state.base_model['path']}")
@@ -170,6 +195,10 @@ def status(registry_path, as_json):
     click.echo(f"{len(rows)} request(s), {active} active\n")
     if rows:
         click.echo(status_table(rows))
+    if state.rejected:
+        click.echo(f"\n{len(state.rejected)} request(s) rejected by a stream:")
+        for r in state.rejected:
+            click.echo(f"  {r['rejected_at']}  {r['source']}{' (' + r['id'] + ')' if r['id'] else ''}: {r['reason']}")
 
 
 @cli.command()

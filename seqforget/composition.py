@@ -1,9 +1,13 @@
 """The live model as explicit sums: W_eff = W + sum over active requests i of delta_i.
 
 Each adapter kind says what its stored weights add to a layer's weight (`DELTAS`); for a
-LoRA that is (alpha / r) * B @ A, formed in float64. The live model is rebuilt from the
-base weights, so a rollback leaves no trace of the request it removes. PEFT's add_weighted_adapter is never used with negative
-weights: it mixes factors, and (A1 - A2)(B1 + B2) carries cross terms.
+LoRA that is (alpha / r) * B @ A, formed in float64. The terms are summed exactly, in fixed
+point: each delta is rounded once to a multiple of QUANTUM (2^-48, far below float32's
+resolution) and held as an int64 count of quanta. Integer sums do not depend on their order,
+and taking a term off gives back exactly the sum without it, so the live model is the same
+bits however it was reached: composed at once, grown request by request, or left by a
+rollback (seqforget.live). PEFT's add_weighted_adapter is never used with negative weights:
+it mixes factors, and (A1 - A2)(B1 + B2) carries cross terms.
 """
 
 import torch
@@ -37,26 +41,53 @@ def _masked_delta(adapter: Adapter, module: str) -> torch.Tensor:
 DELTAS = {"lora": _lora_delta, "sine": _sine_delta, "masked": _masked_delta}  # kind -> (adapter, module) -> float64 delta
 
 
+QUANTUM = 2.0 ** -48  # the unit of the exact sums: about 3.6e-15
+LIMIT = 2.0 ** 14  # the largest entry a term may have: sums of terms this size stay exact in float64 too
+
+
 def delta(adapter: Adapter, module: str) -> torch.Tensor:
     """What `adapter` adds to the weight of `module`, (d_out, d_in) in float64."""
     return DELTAS[adapter.kind](adapter, module)
 
 
-@torch.no_grad()
-def compose(model: nn.Module, adapters: list[Adapter], direction: int = +1) -> None:
-    """Add (direction=+1) or remove (-1) the adapters' terms in the model's weights, in place.
+def term(adapter: Adapter, module: str) -> torch.Tensor:
+    """`delta` as an exact count of quanta (int64); an entry beyond LIMIT is refused."""
+    d = delta(adapter, module)
+    if not bool(torch.isfinite(d).all()) or d.abs().max().item() >= LIMIT:
+        raise SeqforgetError(f"an adapter's update of {module} is not finite or has an entry of {LIMIT:g} or more; "
+                             "it cannot be composed")
+    return torch.round(d / QUANTUM).to(torch.int64)  # dividing by a power of two is exact
 
-    The terms of each layer are summed in float64 and the weight rounded once. Removing in
-    place is exact up to that rounding; a rollback rebuilds the live model from the base."""
+
+def terms(model: nn.Module, adapters: list[Adapter]) -> dict[str, torch.Tensor]:
+    """Per layer, the exact sum of the adapters' terms, after checking each fits its layer."""
     modules = dict(model.named_modules())
     totals: dict[str, torch.Tensor] = {}
     for adapter in adapters:
         for name in adapter.weights:
             if not isinstance(modules.get(name), nn.Linear):
                 raise SeqforgetError(f"an adapter targets {name}, which is not a linear layer of this model")
-            totals[name] = totals[name] + delta(adapter, name) if name in totals else delta(adapter, name)
-    for name, total in totals.items():
+            t = term(adapter, name)
+            if t.shape != modules[name].weight.shape:
+                raise SeqforgetError(f"an adapter's update of {name} is {tuple(t.shape)}, its weight "
+                                     f"{tuple(modules[name].weight.shape)}")
+            totals[name] = totals[name] + t if name in totals else t
+    return totals
+
+
+def added(weight: torch.Tensor, total: torch.Tensor, direction: int = +1) -> torch.Tensor:
+    """`weight` plus (or minus) an exact sum of terms, rounded once to the weight's dtype."""
+    return (weight.double() + direction * total.double() * QUANTUM).to(weight.dtype)
+
+
+@torch.no_grad()
+def compose(model: nn.Module, adapters: list[Adapter], direction: int = +1) -> None:
+    """Add (direction=+1) or remove (-1) the adapters' terms in the model's weights, in place.
+
+    The terms of each layer are summed exactly and the weight rounded once. Removing in
+    place is exact up to that rounding; seqforget.live keeps the base weights and the sums
+    so that its rollbacks are exact."""
+    modules = dict(model.named_modules())
+    for name, total in terms(model, adapters).items():
         w = modules[name].weight
-        if total.shape != w.shape:
-            raise SeqforgetError(f"an adapter's update of {name} is {tuple(total.shape)}, its weight {tuple(w.shape)}")
-        w.copy_((w.double() + direction * total).to(w.dtype))
+        w.copy_(added(w, total, direction))

@@ -3,7 +3,8 @@
 `apply_request` is the recipe of one deletion:
 
     load and validate the request -> lock the registry -> refuse an id already used
-      -> check the base model -> live model (base + active adapters, explicit products)
+      -> check the base model -> live model (base + active adapters, exact sums; a stream
+         keeps one and brings it up to date by differences: seqforget.live)
       -> begin -> extend the null-space bases with the retained inputs
       -> train this request's adapter -> probe forget/retain before and after
       -> put adapter, bases and records -> commit (the one commit point) -> unlock
@@ -19,15 +20,15 @@ import torch
 from registry import Basis, Registry, Snapshot, new_folder, sha256_file
 from seqforget import data
 from seqforget.activations import input_grams
-from seqforget.composition import compose
 from seqforget.conditioning import IMAGES, projector_condition
 from seqforget.errors import AlreadyDone, SeqforgetError
 from seqforget.evaluation import probe
+from seqforget.live import Live
 from seqforget.methods import make_method
-from seqforget.models import load_model, model_sha256, model_signature
+from seqforget.models import model_sha256, model_signature
 from seqforget.progress import Progress
 from seqforget.projection import NullSpace, extend_basis
-from seqforget.requests import Request, load_request
+from seqforget.requests import Request, load_request, parse_request
 from seqforget.scopes import SCOPES, match_layers, scope_layers
 from seqforget.stopping import stranger_rows
 from seqforget.training import train_adapter
@@ -66,42 +67,50 @@ def base_model_dir(state: Snapshot, model_dir: Path | None = None) -> Path:
 
 def live_model(state: Snapshot, model_dir: Path | None = None):
     """(model, processor): the base model with every request active in `state` composed in."""
-    path = base_model_dir(state, model_dir)
-    adapters = [state.adapter(e) for e in state.active]
-    model, processor = load_model(path)
-    compose(model, adapters)
-    return model, processor
+    live = Live.load(state, base_model_dir(state, model_dir))
+    return live.model, live.processor
 
 
-def apply_request(root: Path, request_path: Path, model_dir: Path | None = None, show_progress: bool = True,
-                  wait: bool = True) -> dict:
-    """Apply one deletion request and commit it; return its manifest entry."""
+def apply_request(root: Path, request: Path | Request, model_dir: Path | None = None, show_progress: bool = True,
+                  wait: bool = True, live: Live | None = None, stop=None, source: dict | None = None) -> dict:
+    """Apply one deletion request (a request file, or one `read_request` read) and commit it;
+    return its manifest entry. `live`: a live model of this registry to use and keep up to
+    date (a stream's), instead of loading one. `stop`: a callable; when it returns true
+    during training, the request is abandoned (seqforget.errors.Stopped) and nothing commits.
+    `source`: where a stream read the request ({"source", "digest"}), kept in the entry."""
     reg = Registry.open(root)
-    request = _load(reg.snapshot(), request_path)
+    if not isinstance(request, Request):
+        request = read_request(reg.snapshot(), request)
     method = make_method(request.method, request.method_args)
     with reg.writer(wait=wait) as writer:
         state = writer.snapshot()
         _refuse_if_present(state, request)
-        model, processor = live_model(state, model_dir)
+        if live is None:
+            live = Live.load(state, base_model_dir(state, model_dir))
+        else:
+            live.sync(state)
+        model, processor = live.model, live.processor
         targets = _targets(request, method, model)
         forget, retain, guard, reference = _encode(request, processor)
         start = time.perf_counter()
         _reset_peak_rss()
-        bases = state.bases()
+        bases = live.bases(state)
         brought = data.Rows(retain.examples + (guard.examples if guard else []), retain.pad_id)
         added, growth = _grow_bases(model, brought, targets, bases, request)  # the guard's rows are retained inputs too
         nullspaces = _nullspaces(request, targets, bases, added)
         with writer.begin(request.id, method=request.method, scope=request.scope) as txn:
-            adapter, metrics = _unlearn(model, method, request, forget, retain, guard, reference, targets, nullspaces,
-                                       show_progress)
+            adapter, metrics = _unlearn(live, method, request, forget, retain, guard, reference, targets, nullspaces,
+                                       Progress(request.training.steps, f"apply {request.id}", show_progress, stop=stop))
             metrics.update(basis=growth, seconds=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb())
             txn.put_adapter(adapter)
             txn.put_bases(added)
             txn.put_record("request.json", request.describe())
             txn.put_record("metrics.json", metrics)
-            return txn.commit({"state": "active", "method": request.method, "scope": request.scope, "sign": method.sign,
-                               "sha256": request.sha256(), "partial": not metrics["stop"]["reached"],
-                               "metrics": _summary(metrics)})
+            entry = txn.commit({"state": "active", "method": request.method, "scope": request.scope, "sign": method.sign,
+                                "sha256": request.sha256(), "partial": not metrics["stop"]["reached"],
+                                "metrics": _summary(metrics), **({"stream": source} if source else {})})
+        live.commit(_pending(request), entry)
+        return entry
 
 
 def rollback_request(root: Path, request_id: str, wait: bool = True) -> dict:
@@ -133,10 +142,14 @@ def export_model(root: Path, out_dir: Path, model_dir: Path | None = None) -> Pa
 # ---- the steps of apply ---------------------------------------------------------------------
 
 
-def _load(state: Snapshot, request_path: Path) -> Request:
+def read_request(state: Snapshot, request_path: Path, raw: dict | None = None, source: str | None = None) -> Request:
+    """The request in `request_path` (or the mapping `raw` read from it, e.g. a JSONL line, named
+    `source`), with the registry's default retain and reference sets where it names none."""
     retain, reference = state.default_retain, state.default_reference
-    request = load_request(request_path, default_retain=retain["path"] if retain else None,
-                           default_reference=reference["path"] if reference else None)
+    defaults = {"default_retain": retain["path"] if retain else None,
+                "default_reference": reference["path"] if reference else None}
+    request = (load_request(request_path, **defaults) if raw is None else
+               parse_request(raw, request_path, source or str(request_path), **defaults))
     for label, default, path in (("retain", retain, request.retain_path), ("reference", reference, request.reference_path)):
         if default and path == Path(default["path"]) and request.data_sha256[label] != default["sha256"]:
             raise SeqforgetError(f"the default {label} set {path} changed since `seqforget init`")
@@ -197,18 +210,19 @@ def _encode(request: Request, processor) -> tuple[data.Rows, data.Rows, data.Row
     return forget, retain, guard if len(guard) else None, reference if len(reference) else None
 
 
-def _unlearn(model, method, request: Request, forget: data.Rows, retain: data.Rows, guard: data.Rows | None,
-             reference: data.Rows | None, targets: list[str], nullspaces: dict[str, NullSpace], show_progress: bool):
+def _unlearn(live: Live, method, request: Request, forget: data.Rows, retain: data.Rows, guard: data.Rows | None,
+             reference: data.Rows | None, targets: list[str], nullspaces: dict[str, NullSpace], progress: Progress):
     """Train the adapter under the null spaces, probe before and after: (adapter, metrics).
-    `model` ends with the adapter composed in."""
+    The live model ends with the adapter composed in, pending until the request commits."""
     settings = request.training
+    model = live.model
     before = _probes(model, forget, retain, guard)
-    with Progress(settings.steps, f"apply {request.id}", show_progress) as progress:
+    with progress:
         trained = train_adapter(model, method, forget, retain, guard, reference, targets, nullspaces, settings,
                                 progress)
     _refuse_if_diverged(request, trained.adapter)
     _refuse_if_short(request, trained.stop)
-    compose(model, [trained.adapter])
+    live.add(_pending(request), trained.adapter)
     after = _probes(model, forget, retain, guard)
     metrics = {"before": before, "after": after,
                "rows": {"forget": len(forget), "retain": len(retain), "guard": len(guard) if guard else 0,
@@ -217,6 +231,10 @@ def _unlearn(model, method, request: Request, forget: data.Rows, retain: data.Ro
                "stop": {**trained.stop.record(), "reached": trained.stop.reached},
                "trajectory": trained.trajectory, "train_seconds": trained.seconds}
     return trained.adapter, metrics
+
+
+def _pending(request: Request) -> str:
+    return f"pending:{request.id}"
 
 
 def _grow_bases(model, retain: data.Rows, targets: list[str], bases: dict[str, Basis], request: Request):

@@ -5,3 +5,7 @@ class SeqforgetError(Exception):
 class AlreadyDone(SeqforgetError):
     """What the command asks for is already so: the request is applied (same id, same
     content, active), or already rolled back. Nothing to do; a retrying caller may take it as done."""
+
+
+class Stopped(Exception):
+    """A stop was asked for while a request trained: it was abandoned, and nothing committed."""

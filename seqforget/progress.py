@@ -7,13 +7,19 @@ per update, which floods logs and CI. Off a terminal this prints at most one lin
 
 import sys
 import time
+from collections.abc import Callable
 
 from tqdm import tqdm
 
+from seqforget.errors import Stopped
+
 
 class Progress:
-    def __init__(self, total: int, label: str, enabled: bool = True, every: float = 30.0, stream=None):
-        self.total, self.label, self.every = total, label, every
+    """`update` once a step; it raises Stopped when `stop` (if given) says to stop."""
+
+    def __init__(self, total: int, label: str, enabled: bool = True, every: float = 30.0, stream=None,
+                 stop: Callable[[], bool] | None = None):
+        self.total, self.label, self.every, self.stop = total, label, every, stop
         self.stream = stream or sys.stderr
         self.done, self.last = 0, time.monotonic()
         self.bar = None
@@ -22,6 +28,8 @@ class Progress:
             self.bar = tqdm(total=total, desc=label, unit="step", leave=False, file=self.stream)
 
     def update(self, **figures: float) -> None:
+        if self.stop is not None and self.stop():
+            raise Stopped(f"{self.label}: stopped at step {self.done} of {self.total}")
         self.done += 1
         if self.bar is not None:
             self.bar.update(1)

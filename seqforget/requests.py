@@ -59,7 +59,7 @@ class Request:
     id: str
     scope: str
     method: str
-    source: Path
+    source: str  # where it was read: a file, or a JSONL file and line
     forget_path: Path
     retain_path: Path
     forget: list[Row]
@@ -96,7 +96,7 @@ class Request:
         return {
             **self.content(),
             "sha256": self.sha256(),
-            "source": str(self.source),
+            "source": self.source,
             "forget": {"path": str(self.forget_path), "rows": len(self.forget)},
             "retain": {"path": str(self.retain_path), "rows": len(self.retain)},
             "reference": {"path": str(self.reference_path), "rows": len(self.reference)} if self.reference_path else None,
@@ -124,10 +124,19 @@ def read_request_file(path: Path) -> dict:
 
 def load_request(path: Path, default_retain: str | None = None, default_reference: str | None = None) -> Request:
     """Parse and validate a request file and the data it names; raise with every problem at once."""
+    path = Path(path).absolute()
+    return parse_request(read_request_file(path), path, str(path), default_retain, default_reference)
+
+
+def parse_request(raw: dict, path: Path, source: str, default_retain: str | None = None,
+                  default_reference: str | None = None) -> Request:
+    """Validate a request given as a mapping, read from the file `path` (relative data paths
+    resolve against its folder; `source` names it, e.g. a JSONL line), and the data it names."""
     from seqforget.methods import make_method, method_problems
 
     path = Path(path).absolute()
-    raw = read_request_file(path)
+    if not isinstance(raw, dict):
+        raise SeqforgetError(f"invalid request {source}: expected a mapping of fields")
     problems: list[str] = []
 
     for key in sorted(set(raw) - _CONTRACT - set(_TRAINING)):
@@ -186,12 +195,12 @@ def load_request(path: Path, default_retain: str | None = None, default_referenc
 
     if problems:
         shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else [])
-        raise SeqforgetError(f"invalid request {path.name}: " + "; ".join(shown))
+        raise SeqforgetError(f"invalid request {Path(source).name}: " + "; ".join(shown))
     return Request(
         id=request_id,
         scope=scope,
         method=method,
-        source=path,
+        source=source,
         forget_path=forget_path,
         retain_path=retain_path,
         forget=forget,

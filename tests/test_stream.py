@@ -1,0 +1,163 @@
+"""`seqforget stream` and the live model it keeps: exactly once, resumable, in step with the registry."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import write_request
+from registry import Registry
+from seqforget.engine import apply_request, init_registry, live_model, rollback_request
+from seqforget.live import Live
+from seqforget.models import load_model
+from seqforget.stream import read_source
+
+ENV = {k: v for k, v in os.environ.items() if k != "SEQFORGET_DEBUG"}
+
+
+def stream(*args, env=None, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "seqforget", "stream", *map(str, args), "--once", "-q"],
+                          capture_output=True, text=True, env=ENV | (env or {}))
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def status(reg: Path) -> dict:
+    out = subprocess.run([sys.executable, "-m", "seqforget", "status", "--json", "-r", str(reg)], capture_output=True,
+                         text=True, env=ENV, check=True)
+    return json.loads(out.stdout)
+
+
+def verify(reg: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "seqforget", "verify", "-r", str(reg)], capture_output=True, text=True, env=ENV)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def request_body(world: Path, request_id: str, **fields) -> dict:
+    body = {"id": request_id, "scope": "full", "method": "gd", "forget": str(world / "forget_a.jsonl"),
+            "retain": str(world / "retain.jsonl"), "steps": 4, "retain_tolerance": 1.0}
+    return body | fields
+
+
+@pytest.fixture
+def reg(world, tmp_path) -> Path:
+    init_registry(tmp_path / "reg", world / "model")
+    return tmp_path / "reg"
+
+
+def test_a_folder_is_applied_in_name_order_once_and_a_restart_applies_only_what_is_new(world, reg, tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    write_request(inbox, "b-second", filename="02.yaml", forget=str(world / "forget_b.jsonl"), retain=str(world / "retain.jsonl"))
+    write_request(inbox, "a-first", filename="01.yaml", forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl"))
+    (inbox / "03.yaml").write_text("id: broken\nscope: everything\n")  # refused, never blocks the stream
+    write_request(inbox, "a-first", filename="04.yaml", forget=str(world / "forget_b.jsonl"), retain=str(world / "retain.jsonl"))
+    (inbox / ".05.yaml.tmp").write_text("half written")  # being written: not read
+    (inbox / "notes.txt").write_text("not a request")
+
+    first = stream(inbox, "-r", reg)
+    lines = first.stdout.splitlines()
+    assert [line.split()[1] for line in lines[:-1]] == ["applied", "applied", "rejected", "rejected"], first.stdout
+    assert "a-first" in lines[0] and "b-second" in lines[1] and "scope" in lines[2] and "already used" in lines[3]
+    assert lines[-1] == "stream drained: 2 applied, 0 already done, 2 rejected"
+    seen = status(reg)
+    assert [r["id"] for r in seen["requests"]] == ["a-first", "b-second"]
+    assert [(r["source"], r["id"]) for r in seen["rejected"]] == [("03.yaml", "broken"), ("04.yaml", "a-first")]
+
+    # a restart: nothing is applied twice, nothing rejected twice; a new file and a fixed one are taken
+    write_request(inbox, "c-third", filename="00.yaml", forget=str(world / "forget_b.jsonl"), retain=str(world / "retain.jsonl"))
+    (inbox / "03.yaml").write_text(yaml.safe_dump(request_body(world, "broken", forget=str(world / "forget_b.jsonl"))))
+    again = stream(inbox, "-r", reg)
+    assert again.stdout.splitlines()[-1] == "stream drained: 2 applied, 0 already done, 0 rejected", again.stdout
+    seen = status(reg)
+    assert [r["id"] for r in seen["requests"]] == ["a-first", "b-second", "c-third", "broken"]
+    assert len(seen["rejected"]) == 2
+    human = subprocess.run([sys.executable, "-m", "seqforget", "status", "-r", str(reg)], capture_output=True, text=True,
+                           env=ENV, check=True).stdout
+    assert "2 request(s) rejected by a stream" in human and "04.yaml (a-first)" in human
+    verify(reg)
+
+
+def test_a_jsonl_source_reads_whole_lines_and_an_equal_resent_request_is_done_once(world, reg, tmp_path):
+    source = tmp_path / "requests.jsonl"
+    one = json.dumps(request_body(world, "one"))
+    source.write_text(one + "\n" + "not json\n" + json.dumps(request_body(world, "two", forget=str(world / "forget_b.jsonl")))[:40])
+    assert [i.source for i in read_source(source)] == ["requests.jsonl:1", "requests.jsonl:2"]  # the third line is not whole
+    out = stream(source, "-r", reg)
+    assert out.stdout.splitlines()[-1] == "stream drained: 1 applied, 0 already done, 1 rejected", out.stdout
+
+    # the line finished, and the first request sent again, with its fields in another order
+    resent = json.dumps(dict(reversed(list(request_body(world, "one").items()))))
+    source.write_text(one + "\n" + "not json\n" + json.dumps(request_body(world, "two", forget=str(world / "forget_b.jsonl")))
+                      + "\n" + resent + "\n")
+    out = stream(source, "-r", reg)
+    assert out.stdout.splitlines()[-1] == "stream drained: 1 applied, 1 already done, 0 rejected", out.stdout
+    assert [r["id"] for r in status(reg)["requests"]] == ["one", "two"]
+
+
+def test_the_live_model_kept_by_differences_is_the_composed_model_bit_for_bit(world, reg, tmp_path):
+    base, _ = load_model(world / "model")
+    state = Registry.open(reg).snapshot()
+    live = Live.load(state, world / "model")
+    for name, forget in (("p", "forget_a.jsonl"), ("q", "forget_b.jsonl")):
+        apply_request(reg, write_request(tmp_path, name, forget=str(world / forget), retain=str(world / "retain.jsonl")),
+                      show_progress=False, live=live)
+    rollback_request(reg, "p")  # by another process, as far as `live` knows
+    apply_request(reg, write_request(tmp_path, "r", forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl"),
+                                     method="npo"), show_progress=False)
+    for rolled_back in ("q", "r"):
+        state = Registry.open(reg).snapshot()
+        live.sync(state)
+        fresh, _ = live_model(state)
+        assert all(torch.equal(a, b) for a, b in zip(live.model.parameters(), fresh.parameters()))
+        assert not all(torch.equal(a, b) for a, b in zip(live.model.parameters(), base.parameters()))
+        rollback_request(reg, rolled_back)
+    live.sync(Registry.open(reg).snapshot())
+    assert all(torch.equal(a, b) for a, b in zip(live.model.parameters(), base.parameters()))  # the base, exactly
+
+
+def _paused_stream(source: Path, reg: Path, point: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "seqforget", "stream", str(source), "-r", str(reg), "--once", "-q"],
+                            env=ENV | {"SEQFORGET_PAUSE_AT": point}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, status_ = os.waitpid(proc.pid, os.WUNTRACED)  # returns when the stream stops itself at `point`
+    assert os.WIFSTOPPED(status_), proc.stderr.read()
+    return proc
+
+
+def test_sigterm_abandons_the_request_in_training_and_the_next_start_applies_it(world, reg, tmp_path):
+    source = tmp_path / "requests.jsonl"
+    source.write_text(json.dumps(request_body(world, "long", steps=50)) + "\n")
+    proc = _paused_stream(source, reg, "training")
+    proc.send_signal(signal.SIGTERM)
+    os.kill(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "abandoned long (SIGTERM): nothing of it was committed" in out
+    assert out.splitlines()[-1].startswith("stream stopped by SIGTERM: 0 applied")
+    assert status(reg)["requests"] == [] and Registry.open(reg).leftovers() == []
+    verify(reg)
+    out = stream(source, "-r", reg)
+    assert out.stdout.splitlines()[-1] == "stream drained: 1 applied, 0 already done, 0 rejected"
+
+
+@pytest.mark.parametrize("point", ["staged", "manifest"])
+def test_a_stream_killed_mid_commit_resumes_with_every_request_applied_once(world, reg, tmp_path, point):
+    source = tmp_path / "requests.jsonl"
+    source.write_text("".join(json.dumps(request_body(world, f"r{i}", forget=str(world / f"forget_{'ab'[i % 2]}.jsonl")))
+                              + "\n" for i in range(3)))
+    proc = _paused_stream(source, reg, point)
+    proc.kill()  # SIGKILL while the first request is half committed
+    proc.communicate()
+    committed = [r["id"] for r in status(reg)["requests"]]
+    assert committed == (["r0"] if point == "manifest" else [])
+    out = stream(source, "-r", reg)
+    assert out.stdout.splitlines()[-1] == f"stream drained: {3 - len(committed)} applied, 0 already done, 0 rejected"
+    assert [r["id"] for r in status(reg)["requests"]] == ["r0", "r1", "r2"]
+    verify(reg)
