@@ -47,6 +47,13 @@ BASIS_FILE = "basis.h5"
 STATES = ("active", "rolled_back")
 
 
+def _size(path: Path) -> int:
+    """Bytes of a file, or of every file below a folder."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -239,6 +246,7 @@ class Writer:
 
     def __init__(self, registry: Registry, wait: bool):
         self.reg, self.root, self._wait, self._lock = registry, registry.root, wait, None
+        self.removed: list[tuple[Path, int]] = []
 
     def __enter__(self) -> "Writer":
         self._lock = writer_lock(self.root / LOCK, wait=self._wait)
@@ -259,6 +267,7 @@ class Writer:
 
     def _recover(self) -> None:
         leftovers = self.reg.leftovers()
+        self.removed = [(path, _size(path)) for path in leftovers]  # what recovery freed, for `gc`
         for path in leftovers:
             if path.is_dir():
                 shutil.rmtree(path)

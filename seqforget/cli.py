@@ -224,6 +224,34 @@ def methods(as_json):
 
 
 @cli.command()
+@click.argument("request_id")
+@registry_option
+@click.option("--out", "out_dir", default=".", show_default=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Folder to write ID.report.json and ID.report.md into.")
+def report(request_id, registry_path, out_dir):
+    """Write the record of one deletion (JSON and Markdown): hashes, settings, stopping, figures, times."""
+    from seqforget.report import write_report
+
+    for path in write_report(Registry.open(registry_path).snapshot(), request_id, out_dir):
+        click.echo(f"wrote {path}")
+
+
+@cli.command()
+@registry_option
+@wait_option
+def gc(registry_path, wait):
+    """Remove what no committed request references (remains of interrupted writes); say how much it freed.
+
+    Rolled-back requests stay: the audit record needs them, and their basis columns still
+    protect what they retained."""
+    with Registry.open(registry_path).writer(wait=wait) as writer:
+        removed = writer.removed
+    for path, size in removed:
+        click.echo(f"removed {path.relative_to(writer.root)} ({size} bytes)")
+    click.echo(f"freed {sum(size for _, size in removed)} bytes in {len(removed)} item(s)")
+
+
+@cli.command()
 @registry_option
 def verify(registry_path):
     """Re-hash every committed file and the base model; report damage (exit 5 if any)."""

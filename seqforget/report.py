@@ -1,0 +1,97 @@
+"""`seqforget report`: the record of one deletion, as a compliance officer files it.
+
+Everything comes from what the registry committed for the request (its manifest entry,
+request.json and metrics.json, each file checked against its sha256 first): what was asked
+(the request's hash and its data files' hashes), what was stored (the adapter's files and
+their hashes), how it was trained and why training stopped, the forget and retain figures
+before and after, and when it was applied and rolled back.
+"""
+
+import json
+from pathlib import Path
+
+from registry import Snapshot
+from seqforget.errors import SeqforgetError
+
+
+def report(state: Snapshot, request_id: str) -> dict:
+    """The record of request `request_id`, after checking every file it names."""
+    entry = state.find(request_id)
+    if entry is None:
+        raise SeqforgetError(f"no request {request_id!r} in the registry")
+    request, metrics = state.record(entry, "request.json"), state.record(entry, "metrics.json")  # hash-checked
+    stop = metrics["stop"]
+    return {
+        "id": entry["id"],
+        "state": entry["state"],
+        "partial": entry.get("partial", False),
+        "registry": str(state.root),
+        "base_model": state.base_model,
+        "request": {"sha256": entry["sha256"], "scope": entry["scope"], "method": entry["method"],
+                    "method_args": request["method_args"], "training": request["training"],
+                    "target_modules": request["target_modules"], "source": request["source"],
+                    "stream": entry.get("stream")},
+        "data": {label: {"path": request[label]["path"], "rows": request[label]["rows"], "sha256": request["data_sha256"][label]}
+                 for label in ("forget", "retain", "reference") if request.get(label)},
+        "adapter": {"kind": entry["kind"], "sign": entry["sign"], "folder": entry["dir"]},
+        "files": entry["files"],  # sha256 of every file the request committed: the adapter's, basis.h5, the records
+        "stopping": {"rule": stop["rule"], "reason": stop["reason"], "step": stop["step"], "reached": stop["reached"],
+                     "reference_median_nll": stop["reference"]["median_nll"] if stop.get("reference") else None,
+                     "checks": stop.get("checks", [])},
+        "figures": {"before": metrics["before"], "after": metrics["after"], "rows": metrics["rows"]},
+        "projection": metrics["projection"],
+        "times": {"applied_at": entry["applied_at"], "rolled_back_at": entry.get("rolled_back_at"),
+                  "seconds": metrics["seconds"], "train_seconds": metrics["train_seconds"],
+                  "peak_rss_mb": metrics.get("peak_rss_mb")},
+    }
+
+
+def markdown(record: dict) -> str:
+    """The record for people: the same facts as the JSON, less the per-check detail."""
+    r, before, after = record["request"], record["figures"]["before"], record["figures"]["after"]
+    state = record["state"].replace("_", " ") + (" (partial: committed short of its level)" if record["partial"] else "")
+    lines = [
+        f"# Deletion record: {record['id']}", "",
+        f"- State: {state}",
+        f"- Applied: {record['times']['applied_at']}" + (f"; rolled back: {record['times']['rolled_back_at']}"
+                                                         if record["times"]["rolled_back_at"] else ""),
+        f"- Registry: `{record['registry']}`",
+        f"- Base model: `{record['base_model']['path']}` (sha256 `{record['base_model']['sha256']}`)",
+        f"- Request: scope `{r['scope']}`, method `{r['method']}`, sha256 `{r['sha256']}`, read from `{r['source']}`",
+        "", "## Data", "", "| set | rows | sha256 | path |", "|---|---|---|---|",
+        *[f"| {label} | {d['rows']} | `{d['sha256']}` | `{d['path']}` |" for label, d in record["data"].items()],
+        "", "## Stored files", "",
+        f"Kind `{record['adapter']['kind']}`{' (subtracted: its stored factor is negated)' if record['adapter']['sign'] < 0 else ''}, "
+        f"in `{record['adapter']['folder']}`; projected into the retained inputs' null space: "
+        f"{'yes' if record['projection'] else 'no'}.", "",
+        "| file | sha256 |", "|---|---|",
+        *[f"| {name} | `{digest}` |" for name, digest in sorted(record["files"].items())],
+        "", "## Training", "",
+        f"Stopped by the {record['stopping']['rule']} rule ({record['stopping']['reason'].replace('_', ' ')}) at step "
+        f"{record['stopping']['step']}; level {'reached' if record['stopping']['reached'] else 'not reached'}"
+        + (f" (reference median NLL {record['stopping']['reference_median_nll']:.3f})"
+           if record["stopping"]["reference_median_nll"] is not None else "") + ".",
+        f"Settings: {json.dumps(r['training'], sort_keys=True)}; method arguments: {json.dumps(r['method_args'], sort_keys=True)}.",
+        f"Time: {record['times']['seconds']:.1f} s in all, {record['times']['train_seconds']:.1f} s training.",
+        "", "## Figures before and after", "", "| rows | token accuracy | NLL | median NLL |", "|---|---|---|---|",
+    ]
+    for label in ("forget", "retain", "guard"):
+        if label in before:
+            b, a = before[label], after[label]
+            lines.append(f"| {label} ({record['figures']['rows'][label]}) | {b['token_acc']:.3f} -> {a['token_acc']:.3f} | "
+                         f"{b['nll']:.3f} -> {a['nll']:.3f} | {b['median_nll']:.3f} -> {a['median_nll']:.3f} |")
+    if before.get("projector_condition") is not None:
+        lines += ["", f"Projector Jacobian condition number: {before['projector_condition']:.4g} -> "
+                      f"{after['projector_condition']:.4g}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(state: Snapshot, request_id: str, out_dir: Path) -> tuple[Path, Path]:
+    """Write `<id>.report.json` and `<id>.report.md` into `out_dir`; return their paths."""
+    record = report(state, request_id)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = out_dir / f"{request_id}.report.json", out_dir / f"{request_id}.report.md"
+    paths[0].write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    paths[1].write_text(markdown(record))
+    return paths
