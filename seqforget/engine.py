@@ -229,7 +229,7 @@ def _unlearn(live: Live, method, request: Request, forget: data.Rows, retain: da
                         "guard_tokens": guard.answer_tokens if guard else 0},
                "targets": len(targets), "projection": settings.projection and UPDATES[method.adapter_kind].projected,
                "stop": {**trained.stop.record(), "reached": trained.stop.reached},
-               "trajectory": trained.trajectory, "train_seconds": trained.seconds}
+               "trajectory": trained.trajectory, "train_seconds": trained.seconds, "step_seconds": trained.step_seconds}
     return trained.adapter, metrics
 
 

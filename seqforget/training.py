@@ -29,6 +29,7 @@ class Trained:
     trajectory: list[dict]  # one record per optimiser step
     stop: Stop  # how training ended
     seconds: float
+    step_seconds: float  # of which in the optimiser steps: forward, backward, update, projection
 
 
 def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None, reference: Rows | None,
@@ -56,10 +57,11 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
         with torch.no_grad(), original():
             stopping = Stopping(net, forget, guard if guard is not None else retain, reference, settings)
         stopping.start(update.parameters)
-        trajectory = []
+        trajectory, step_seconds = [], 0.0
         bound = getattr(method, "step_guard", None)
         net.train()
         for step in range(1, settings.steps + 1):
+            began = time.perf_counter()
             retain_batch = next(retain_batches)
             loss, logs = method.loss(net, next(forget_batches), retain_batch, original)
             optimizer.zero_grad(set_to_none=True)
@@ -69,6 +71,7 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
                 update.project()
             else:
                 logs["step_guard"] = guarded_step(net, update, optimizer, retain_batch, bound)
+            step_seconds += time.perf_counter() - began
             trajectory.append({"step": step, "loss": loss.item(), **logs})
             if progress is not None:
                 progress.update(loss=loss.item())
@@ -90,7 +93,7 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
         update.remove()
     stop = stopping.result()
     del trajectory[stop.step:]  # steps after the kept check were undone by the retain guard (checks say which before it)
-    return Trained(adapter, trajectory, stop, time.perf_counter() - start)
+    return Trained(adapter, trajectory, stop, time.perf_counter() - start, step_seconds)
 
 
 @torch.no_grad()
