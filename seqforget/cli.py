@@ -135,8 +135,9 @@ def apply(request, registry_path, model_dir, wait, quiet):
 @click.option("--once", is_flag=True, help="Apply what SOURCE holds now, then exit (default: keep watching it).")
 @click.option("--poll", default=2.0, show_default=True, type=click.FloatRange(min=0.05),
               help="Seconds between looks at SOURCE when it holds nothing new.")
+@wait_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
-def stream(source, registry_path, model_dir, once, poll, quiet):
+def stream(source, registry_path, model_dir, once, poll, wait, quiet):
     """Apply the requests of SOURCE as they arrive: a folder of request files, or a JSONL file.
 
     Each request is applied once; after a stop or a kill, the next start goes on where it
@@ -146,7 +147,7 @@ def stream(source, registry_path, model_dir, once, poll, quiet):
 
     with Stop() as stop:
         tally = run_stream(registry_path, source, model_dir, once=once, poll=poll, show_progress=not quiet,
-                           log=lambda line: click.echo(line, err=False), stop=stop)
+                           log=click.echo, stop=stop, wait=wait)
     ended = f"stopped by {stop.signal}" if stop.signal else "drained"
     click.echo(f"stream {ended}: {tally.applied} applied, {tally.skipped} already done, {tally.rejected} rejected"
                + (f"; {tally.abandoned} abandoned, to be applied by the next start" if tally.abandoned else ""))

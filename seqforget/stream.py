@@ -125,8 +125,10 @@ class Tally:
 
 
 def run_stream(root: Path, source: Path, model_dir: Path | None = None, once: bool = False, poll: float = 2.0,
-               show_progress: bool = True, log=print, stop: Stop | None = None) -> Tally:
-    """Apply SOURCE's requests in order until it is drained (`once`) or a stop is asked for."""
+               show_progress: bool = True, log=print, stop: Stop | None = None, wait: bool = True) -> Tally:
+    """Apply SOURCE's requests in order until it is drained (`once`) or a stop is asked for.
+    The registry's lock is held for each request in hand, not while the stream waits for more;
+    `wait=False`: a lock another process holds stops the stream (RegistryBusy) instead."""
     reg = Registry.open(root)
     state = reg.snapshot()
     live = Live.load(state, base_model_dir(state, model_dir))
@@ -138,7 +140,7 @@ def run_stream(root: Path, source: Path, model_dir: Path | None = None, once: bo
         for n, item in enumerate(todo, start=1):
             if stop():
                 break
-            _one(reg, item, live, f"[{n}/{len(todo)}]", show_progress, log, stop, tally)
+            _one(reg, item, live, f"[{n}/{len(todo)}]", show_progress, log, stop, tally, wait)
             if tally.abandoned:
                 return tally
             handled.add((item.source, item.digest))
@@ -157,13 +159,14 @@ def _pending(reg: Registry, items: list[Item]) -> list[Item]:
     return [i for i in items if (i.source, i.digest) not in done | refused]
 
 
-def _one(reg: Registry, item: Item, live: Live, counter: str, show_progress: bool, log, stop: Stop, tally: Tally) -> None:
+def _one(reg: Registry, item: Item, live: Live, counter: str, show_progress: bool, log, stop: Stop, tally: Tally,
+         wait: bool) -> None:
     start = time.perf_counter()
     try:
         if item.problem:
             raise SeqforgetError(item.problem)
         request = read_request(reg.snapshot(), item.path, item.raw, item.source)
-        entry = apply_request(reg.root, request, live=live, show_progress=show_progress, stop=stop,
+        entry = apply_request(reg.root, request, live=live, show_progress=show_progress, stop=stop, wait=wait,
                               source={"source": item.source, "digest": item.digest})
     except Stopped:
         tally.abandoned = item.id or item.source
@@ -174,7 +177,7 @@ def _one(reg: Registry, item: Item, live: Live, counter: str, show_progress: boo
         log(f"{counter} skipped {item.source}: {e}")
         return
     except SeqforgetError as e:  # the request's own fault; the registry's (RegistryError) stops the stream
-        with reg.writer() as writer:
+        with reg.writer(wait=wait) as writer:
             writer.reject(item.source, item.digest, " ".join(str(e).split()), item.id)
         tally.rejected += 1
         log(f"{counter} rejected {item.source}: {' '.join(str(e).split())}")

@@ -161,3 +161,19 @@ def test_a_stream_killed_mid_commit_resumes_with_every_request_applied_once(worl
     assert out.stdout.splitlines()[-1] == f"stream drained: {3 - len(committed)} applied, 0 already done, 0 rejected"
     assert [r["id"] for r in status(reg)["requests"]] == ["r0", "r1", "r2"]
     verify(reg)
+
+
+def test_a_stream_asked_not_to_wait_on_a_busy_registry_exits_with_status_4_and_applies_nothing(world, reg, tmp_path):
+    source = tmp_path / "requests.jsonl"
+    source.write_text(json.dumps(request_body(world, "later")) + "\n")
+    hold = "import sys, time\nfrom registry import Registry\nwith Registry.open(sys.argv[1]).writer():\n    print('locked', flush=True)\n    time.sleep(60)\n"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(reg)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        out = stream(source, "-r", reg, "--no-wait", check=False)
+        assert out.returncode == 4 and "registry is busy" in out.stderr, out.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    assert status(reg)["requests"] == [] and status(reg)["rejected"] == []
