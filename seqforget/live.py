@@ -29,8 +29,8 @@ def entry_key(entry: dict) -> str:
 
 
 class Live:
-    def __init__(self, model, processor, model_dir: Path):
-        self.model, self.processor, self.model_dir = model, processor, Path(model_dir)
+    def __init__(self, model, processor):
+        self.model, self.processor = model, processor
         self.active: list[str] = []  # entry keys of the terms composed in, in the order they were added
         self._base: dict[str, torch.Tensor] = {}  # layer -> its base weight, kept once a term touches it
         self._sums: dict[str, torch.Tensor] = {}  # layer -> exact sum of the active terms (int64 quanta)
@@ -41,7 +41,7 @@ class Live:
     def load(cls, state: Snapshot, model_dir: Path) -> "Live":
         """The base model of `model_dir` with every request active in `state` composed in."""
         model, processor = load_model(model_dir)
-        live = cls(model, processor, model_dir)
+        live = cls(model, processor)
         live.sync(state)
         return live
 
