@@ -154,9 +154,9 @@ def run_stream(root: Path, source: Path, model_dir: Path | None = None, once: bo
 def _pending(reg: Registry, items: list[Item]) -> list[Item]:
     """The items not yet done: neither committed from this very text nor rejected for it."""
     state = reg.snapshot()
-    done = {(e["stream"]["source"], e["stream"]["digest"]) for e in state.requests if e.get("stream")}
-    refused = {(r["source"], r["digest"]) for r in state.rejected}
-    return [i for i in items if (i.source, i.digest) not in done | refused]
+    seen = {(e["stream"]["source"], e["stream"]["digest"]) for e in state.requests if e.get("stream")}
+    seen |= {(r["source"], r["digest"]) for r in state.rejected}
+    return [i for i in items if (i.source, i.digest) not in seen]
 
 
 def _one(reg: Registry, item: Item, live: Live, counter: str, show_progress: bool, log, stop: Stop, tally: Tally,
