@@ -10,14 +10,14 @@ Code outside this package imports only what is listed here.
 from registry.adapters import KINDS as ADAPTER_KINDS
 from registry.adapters import Adapter
 from registry.atomic import new_folder
-from registry.bases import Basis, accumulate
+from registry.bases import Basis
 from registry.crash import pause_point
 from registry.errors import CommittedUnfinished, RegistryBusy, RegistryDamaged, RegistryError
 from registry.hashing import sha256_file
 from registry.store import FORMAT, FORMAT_VERSION, Registry, Snapshot, Transaction, Writer
 
 __all__ = [
-    "ADAPTER_KINDS", "Adapter", "Basis", "accumulate", "CommittedUnfinished", "FORMAT", "FORMAT_VERSION", "Registry", "RegistryBusy",
+    "ADAPTER_KINDS", "Adapter", "Basis", "CommittedUnfinished", "FORMAT", "FORMAT_VERSION", "Registry", "RegistryBusy",
     "RegistryDamaged", "RegistryError", "Snapshot", "Transaction", "Writer", "new_folder",
     "pause_point", "sha256_file",
 ]

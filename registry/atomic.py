@@ -5,7 +5,6 @@ Readers see the old file or the new one, never a mix. `new_folder` is the one he
 itself, by `seqforget export` and by the benchmark's caches.
 """
 
-import json
 import os
 import shutil
 import uuid
@@ -35,10 +34,6 @@ def write_bytes(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-
-
-def write_json(path: Path, obj) -> None:
-    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def fsync_file(path: Path) -> None:

@@ -157,14 +157,20 @@ class Snapshot:
 
     def record(self, entry: dict, name: str) -> dict:
         """A committed request's JSON record (request.json, metrics.json), hash-checked."""
-        return json.loads((self._checked(entry) / name).read_text())
+        return self.records(entry, name)[0]
 
-    def bases(self) -> dict[str, Basis]:
-        """Every module's accumulated basis over every committed request, in commit order.
+    def records(self, entry: dict, *names: str) -> list[dict]:
+        """Several of its JSON records, after one check of the request's files."""
+        folder = self._checked(entry)
+        return [json.loads((folder / name).read_text()) for name in names]
+
+    def bases(self, read=None) -> dict[str, Basis]:
+        """Every module's accumulated basis over every committed request, in commit order;
+        `read(entry)` gives one request's columns (default: `basis`; a caller may memoise it).
 
         Rolled-back requests keep their columns: what they retained is still retained knowledge.
         """
-        return accumulate([self.basis(e) for e in self.requests])
+        return accumulate([(read or self.basis)(e) for e in self.requests])
 
     def basis(self, entry: dict) -> dict[str, Basis]:
         """The basis columns one committed request added, per module, hash-checked ({}: none)."""

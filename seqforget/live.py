@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from registry import Adapter, Basis, Snapshot, accumulate
+from registry import Adapter, Basis, Snapshot
 from seqforget.composition import added, terms
 from seqforget.models import load_model
 
@@ -47,8 +47,8 @@ class Live:
 
     def sync(self, state: Snapshot) -> None:
         """Make the model base + the requests active in `state`, by differences."""
-        wanted = {entry_key(e): e for e in state.active}
         known = {entry_key(e): e for e in state.requests}
+        wanted = {key: e for key, e in known.items() if e["state"] == "active"}
         for key in [k for k in self.active if k not in wanted]:
             if key in known:
                 self._change(key, state.adapter(known[key]), -1)
@@ -98,12 +98,11 @@ class Live:
             self.active.remove(key)
 
     def bases(self, state: Snapshot) -> dict[str, Basis]:
-        """Every layer's accumulated basis over every committed request of `state` (rolled-back ones
-        too: what they retained is still retained knowledge), each request's file read once."""
-        parts = []
-        for entry in state.requests:
+        """`state.bases()`, each request's basis file read once over the life of this live model."""
+        def read(entry: dict) -> dict[str, Basis]:
             key = entry_key(entry)
             if key not in self._bases:
                 self._bases[key] = state.basis(entry)
-            parts.append(self._bases[key])
-        return accumulate(parts)
+            return self._bases[key]
+
+        return state.bases(read=read)

@@ -19,7 +19,7 @@ def report(state: Snapshot, request_id: str) -> dict:
     entry = state.find(request_id)
     if entry is None:
         raise SeqforgetError(f"no request {request_id!r} in the registry")
-    request, metrics = state.record(entry, "request.json"), state.record(entry, "metrics.json")  # hash-checked
+    request, metrics = state.records(entry, "request.json", "metrics.json")  # hash-checked
     stop = metrics["stop"]
     return {
         "id": entry["id"],
