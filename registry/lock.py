@@ -9,7 +9,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from registry.errors import RegistryBusy
+from registry.errors import RegistryBusy, RegistryError
 
 
 @contextmanager
@@ -21,11 +21,14 @@ def writer_lock(path: Path, wait: bool = True):
     lock = FileLock(str(path), fallback_to_soft=False)
     try:
         lock.acquire(timeout=0)
-    except Timeout:
+    except Timeout:  # an OSError too, so it comes first
         if not wait:
             raise RegistryBusy(f"registry is busy: another process holds its lock ({path})") from None
         print(f"waiting for the registry lock ({path}) ...", file=sys.stderr)
         lock.acquire()
+    except OSError as e:
+        raise RegistryError(f"cannot take the registry's lock {path}: {e.strerror or e} (is the registry read-only?); "
+                            "nothing was changed") from None
     try:
         yield
     finally:

@@ -24,6 +24,7 @@ import json
 import shutil
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,13 +222,13 @@ class Registry:
     def journal(self) -> list[dict]:
         return journal.read(self.root / JOURNAL)
 
-    def leftovers(self, snap: Snapshot | None = None) -> list[Path]:
+    def leftovers(self, snap: Snapshot | None = None, records: list[dict] | None = None) -> list[Path]:
         """Uncommitted remains of interrupted writes: invisible, removed by the next writer.
 
         A folder in requests/ counts only if the journal shows a write of that id began: any
         other folder the manifest does not name is not ours to delete (verify reports it)."""
         known = {e["dir"] for e in (snap or self.snapshot()).requests}
-        attempted = {r.get("id") for r in self.journal() if r.get("event") == "begin"}
+        attempted = {r.get("id") for r in (self.journal() if records is None else records) if r.get("event") == "begin"}
         out = sorted((self.root / STAGING).glob("*"))
         out += [p for p in sorted((self.root / REQUESTS).glob("*"))
                 if f"{REQUESTS}/{p.name}" not in known and p.name in attempted]
@@ -268,6 +269,7 @@ class Writer:
     def __init__(self, registry: Registry, wait: bool):
         self.reg, self.root, self._wait, self._lock = registry, registry.root, wait, None
         self.removed: list[tuple[Path, int]] = []
+        self._snap: Snapshot | None = None  # the committed state, read once while the lock is held
 
     def __enter__(self) -> "Writer":
         self._lock = writer_lock(self.root / LOCK, wait=self._wait)
@@ -283,11 +285,20 @@ class Writer:
         self._lock.__exit__(*exc)
 
     def snapshot(self) -> Snapshot:
-        """The committed state; while the lock is held, nobody else can change it."""
-        return self.reg.snapshot()
+        """The committed state; while the lock is held only this writer changes it, so it is
+        read once and again only after this writer wrote the manifest."""
+        if self._snap is None:
+            self._snap = self.reg.snapshot()
+        return self._snap
+
+    def manifest_to_change(self) -> dict:
+        """A fresh copy of the manifest to change and write; the cached state is dropped."""
+        self._snap = None
+        return self.reg.snapshot().manifest
 
     def _recover(self) -> None:
-        leftovers = self.reg.leftovers()
+        records = self.reg.journal()  # read once for both questions
+        leftovers = self.reg.leftovers(self.snapshot(), records)
         self.removed = [(path, _size(path)) for path in leftovers]  # what recovery freed, for `gc`
         for path in leftovers:
             if path.is_dir():
@@ -295,21 +306,12 @@ class Writer:
             else:
                 path.unlink()
         committed = {e["id"] for e in self.snapshot().requests}
-        for request_id in self._unfinished():
+        for request_id in _unfinished(records):
             outcome = "committed" if request_id in committed else "discarded"
             journal.append(self.root / JOURNAL, "recovered", id=request_id, outcome=outcome)
         if leftovers:
             fsync_dir(self.root / STAGING)
             fsync_dir(self.root / REQUESTS)
-
-    def _unfinished(self) -> list[str]:
-        open_ids: dict[str, None] = {}
-        for record in self.reg.journal():
-            if record.get("event") == "begin":
-                open_ids[record["id"]] = None
-            elif record.get("event") in ("commit", "abort", "recovered"):
-                open_ids.pop(record.get("id"), None)
-        return list(open_ids)
 
     def begin(self, request_id: str, **info) -> "Transaction":
         """Journal the attempt and open a staging folder for the request's files."""
@@ -323,7 +325,7 @@ class Writer:
     def set_state(self, request_id: str, state: str) -> dict:
         if state not in STATES:
             raise RegistryError(f"unknown state {state!r}")
-        manifest = self.snapshot().manifest
+        manifest = self.manifest_to_change()
         entry = next((e for e in manifest["requests"] if e["id"] == request_id), None)
         if entry is None:
             raise RegistryError(f"no request {request_id!r} in the registry")
@@ -338,12 +340,23 @@ class Writer:
     def reject(self, source: str, digest: str, reason: str, request_id: str | None = None) -> dict:
         """Record that the request read from `source` (its text's sha256 `digest`) was refused:
         `status` lists it, and a stream does not try the same text again."""
-        manifest = self.snapshot().manifest
+        manifest = self.manifest_to_change()
         record = {"source": source, "digest": digest, "id": request_id, "reason": reason[:1000], "rejected_at": _now()}
         manifest.setdefault("rejected", []).append(record)
         _write_manifest(self.root / MANIFEST, manifest)
         journal.append(self.root / JOURNAL, "reject", id=request_id, source=source)
         return record
+
+
+def _unfinished(records: list[dict]) -> list[str]:
+    """Ids the journal shows begun and never committed, aborted or recovered."""
+    open_ids: dict[str, None] = {}
+    for record in records:
+        if record.get("event") == "begin":
+            open_ids[record["id"]] = None
+        elif record.get("event") in ("commit", "abort", "recovered"):
+            open_ids.pop(record.get("id"), None)
+    return list(open_ids)
 
 
 class Transaction:
@@ -359,14 +372,33 @@ class Transaction:
         self.committed: dict | None = None
 
     def put_adapter(self, adapter: Adapter) -> None:
-        write_adapter(self.staged, adapter)
+        with self._writing("adapter"):
+            write_adapter(self.staged, adapter)
         self.kind = adapter.kind
 
-    def put_bases(self, bases: dict[str, Basis]) -> None:
-        write_bases(self.staged / BASIS_FILE, bases)
+    def put_bases(self, bases: dict[str, Basis]) -> int:
+        """Stage the basis columns this request adds (layers given the same Basis share them); returns the file's bytes."""
+        with self._writing(BASIS_FILE):
+            write_bases(self.staged / BASIS_FILE, bases, self.id)
+        return (self.staged / BASIS_FILE).stat().st_size
 
     def put_record(self, name: str, record: dict) -> None:
-        (self.staged / name).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        with self._writing(name):
+            (self.staged / name).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+    @contextmanager
+    def _writing(self, what: str):
+        """A failed write (a full disk, a file-size limit) as a RegistryError that says what it was."""
+        try:
+            yield
+        except Exception as e:
+            from safetensors import SafetensorError
+
+            if not isinstance(e, (OSError, SafetensorError)):
+                raise
+            reason = " ".join(str(e).split())
+            raise RegistryError(f"cannot write the {what} of request {self.id} into the registry ({reason}); "
+                                "nothing was committed") from e
 
     def commit(self, entry: dict) -> dict:
         """Make the staged folder the committed request described by `entry` (which needs
@@ -374,7 +406,7 @@ class Transaction:
         if self.kind is None:
             raise RegistryError(f"request {self.id} has no adapter to commit")
         root = self.writer.root
-        manifest = self.writer.snapshot().manifest
+        manifest = self.writer.manifest_to_change()
         files = hash_tree(self.staged)
         pause_point("staged")
         publish_folder(self.staged, root / REQUESTS / self.id)
@@ -404,7 +436,7 @@ class Transaction:
         the begin stays open and the next writer's recovery records it as committed.
         """
         try:
-            if self.writer.snapshot().find(self.id) is not None:
+            if self.writer.reg.snapshot().find(self.id) is not None:  # read afresh: did the commit happen?
                 return
             shutil.rmtree(self.staged, ignore_errors=True)
             shutil.rmtree(self.writer.root / REQUESTS / self.id, ignore_errors=True)  # renamed in, never committed
@@ -419,5 +451,5 @@ class Transaction:
         if error is None:
             return
         self.abort(f"{kind.__name__}: {error}")
-        if isinstance(error, Exception) and self.writer.snapshot().find(self.id) is not None:
+        if isinstance(error, Exception) and self.writer.reg.snapshot().find(self.id) is not None:
             raise CommittedUnfinished(f"request {self.id} is committed, but finishing the commit failed ({error})") from error

@@ -19,7 +19,7 @@ import torch
 
 from registry import Basis, Registry, Snapshot, new_folder, sha256_file
 from seqforget import data
-from seqforget.activations import input_grams
+from seqforget.activations import input_grams, shared_inputs
 from seqforget.conditioning import IMAGES, projector_condition
 from seqforget.errors import AlreadyDone, SeqforgetError
 from seqforget.evaluation import probe
@@ -97,13 +97,14 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
         bases = live.bases(state)
         brought = data.Rows(retain.examples + (guard.examples if guard else []), retain.pad_id)
         added, growth = _grow_bases(model, brought, targets, bases, request)  # the guard's rows are retained inputs too
+        basis_seconds = time.perf_counter() - start
         nullspaces = _nullspaces(request, targets, bases, added)
         with writer.begin(request.id, method=request.method, scope=request.scope) as txn:
             adapter, metrics = _unlearn(live, method, request, forget, retain, guard, reference, targets, nullspaces,
                                        Progress(request.training.steps, f"apply {request.id}", show_progress, stop=stop))
             metrics.update(basis=growth, seconds=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb())
             txn.put_adapter(adapter)
-            txn.put_bases(added)
+            metrics.update(basis_seconds=basis_seconds, basis_bytes=txn.put_bases(added))
             txn.put_record("request.json", request.describe())
             txn.put_record("metrics.json", metrics)
             entry = txn.commit({"state": "active", "method": request.method, "scope": request.scope, "sign": method.sign,
@@ -238,26 +239,41 @@ def _pending(request: Request) -> str:
 
 
 def _grow_bases(model, retain: data.Rows, targets: list[str], bases: dict[str, Basis], request: Request):
-    """The basis columns this request adds per target layer, and how much they capture."""
+    """The basis columns this request adds per target layer, and how much they capture. Layers
+    that read the same input and have the same basis so far share their new columns (one
+    Basis object, stored once)."""
     layers = dict(model.named_modules())
     for name in targets:
         if name in bases and bases[name].dim != layers[name].in_features:
             raise SeqforgetError(f"stored basis of {name} does not fit the model's layer")
-    grams = input_grams(model, retain.fixed, targets)
+    leader = shared_inputs(model, retain.fixed[0], targets) if retain.fixed else {n: n for n in targets}
+    groups: dict[str, list[str]] = {}
+    for name in targets:
+        lead = leader[name] if bases.get(leader[name]) is bases.get(name) else name  # histories that differ stay apart
+        groups.setdefault(lead, []).append(name)
+    grams = input_grams(model, retain.fixed, list(groups))
     threshold = request.training.energy_threshold
     added, growth = {}, {}
-    for name in targets:
-        added[name], before, after = extend_basis(bases.get(name), grams[name], threshold, request.id)
-        growth[name] = {"columns_before": bases[name].rank if name in bases else 0, "columns_added": added[name].rank,
-                        "captured_before": before, "captured_after": after}
+    for lead, members in groups.items():
+        part, before, after = extend_basis(bases.get(lead), grams[lead], threshold, request.id)
+        for name in members:
+            added[name] = part
+            growth[name] = {"columns_before": bases[name].rank if name in bases else 0, "columns_added": part.rank,
+                            "captured_before": before, "captured_after": after, "shares_with": lead}
     return added, growth
 
 
 def _nullspaces(request: Request, targets: list[str], bases: dict[str, Basis], added: dict[str, Basis]) -> dict[str, NullSpace]:
     if not request.training.projection:
         return {}
-    full = {name: bases[name].join(added[name]) if name in bases else added[name] for name in targets}
-    nullspaces = {name: NullSpace(b) for name, b in full.items() if b.rank}
+    shared: dict[tuple[int, int], NullSpace] = {}  # layers that share their basis share its null space
+    nullspaces = {}
+    for name in targets:
+        key = (id(bases.get(name)), id(added[name]))
+        if key not in shared:
+            shared[key] = NullSpace(bases[name].join(added[name]) if name in bases else added[name])
+        if shared[key].rank:
+            nullspaces[name] = shared[key]
     if len(nullspaces) == len(targets) and all(ns.rank >= ns.dim for ns in nullspaces.values()):
         raise SeqforgetError(f"request {request.id}: retained inputs fill every target layer's input space, so nothing "
                              f"can move; lower energy_threshold (now {request.training.energy_threshold})")
@@ -308,6 +324,8 @@ def _summary(metrics: dict) -> dict:
         "projector_condition": [before.get("projector_condition"), after.get("projector_condition")],
         "reference_nll": stop["reference"]["median_nll"] if stop["reference"] else None,
         "stop": {"rule": stop["rule"], "reason": stop["reason"], "step": stop["step"]},
+        "basis": {"columns_added": sum(g["columns_added"] for lead, g in metrics["basis"].items() if g["shares_with"] == lead),
+                  "bytes": metrics["basis_bytes"], "seconds": round(metrics["basis_seconds"], 3)},
         "steps": stop["step"],
         "seconds": round(metrics["seconds"], 2),
     }

@@ -40,6 +40,7 @@ def report(state: Snapshot, request_id: str) -> dict:
                      "checks": stop.get("checks", [])},
         "figures": {"before": metrics["before"], "after": metrics["after"], "rows": metrics["rows"]},
         "projection": metrics["projection"],
+        "basis": {"layers": metrics["basis"], "bytes": metrics.get("basis_bytes"), "seconds": metrics.get("basis_seconds")},
         "times": {"applied_at": entry["applied_at"], "rolled_back_at": entry.get("rolled_back_at"),
                   "seconds": metrics["seconds"], "train_seconds": metrics["train_seconds"],
                   "peak_rss_mb": metrics.get("peak_rss_mb")},
@@ -63,7 +64,7 @@ def markdown(record: dict) -> str:
         "", "## Stored files", "",
         f"Kind `{record['adapter']['kind']}`{' (subtracted: its stored factor is negated)' if record['adapter']['sign'] < 0 else ''}, "
         f"in `{record['adapter']['folder']}`; projected into the retained inputs' null space: "
-        f"{'yes' if record['projection'] else 'no'}.", "",
+        f"{'yes' if record['projection'] else 'no'}." + _basis_line(record["basis"]), "",
         "| file | sha256 |", "|---|---|",
         *[f"| {name} | `{digest}` |" for name, digest in sorted(record["files"].items())],
         "", "## Training", "",
@@ -84,6 +85,15 @@ def markdown(record: dict) -> str:
         lines += ["", f"Projector Jacobian condition number: {before['projector_condition']:.4g} -> "
                       f"{after['projector_condition']:.4g}."]
     return "\n".join(lines) + "\n"
+
+
+def _basis_line(basis: dict) -> str:
+    layers = basis["layers"]
+    added = sum(g["columns_added"] for name, g in layers.items() if g.get("shares_with", name) == name)
+    line = f" It added {added} basis column(s) over {len(layers)} layer(s)"
+    if basis["bytes"] is not None:
+        line += f": {basis['bytes']} bytes, grown in {basis['seconds']:.2f} s"
+    return line + "; they stay when it is rolled back (they protect retained knowledge, which stays)."
 
 
 def write_report(state: Snapshot, request_id: str, out_dir: Path) -> tuple[Path, Path]:

@@ -2,6 +2,7 @@
 
 import json
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -11,7 +12,7 @@ from transformers import AutoModelForImageTextToText
 from conftest import fixed_batch, logits, write_request
 from registry import Registry
 from seqforget import data
-from seqforget.activations import input_grams
+from seqforget.activations import input_grams, shared_inputs
 from seqforget.composition import compose, delta
 from seqforget.engine import apply_request, export_model, init_registry, live_model, rollback_request
 from seqforget.models import load_model
@@ -80,6 +81,34 @@ def test_bases_are_orthonormal_and_grow_only_as_needed(two_requests):
     for module, info in metrics["basis"].items():
         assert (info["columns_added"] > 0) == (info["captured_before"] < 0.97), module
         assert info["captured_after"] >= 0.97 - 1e-9
+
+
+def test_layers_that_read_the_same_input_share_one_stored_basis(world, two_requests):
+    state = two_requests.snapshot()
+    entry = state.find("req-a")
+    with h5py.File(state.folder(entry) / "basis.h5", "r") as f:
+        assert f.attrs["request"] == "req-a"  # the provenance of every column in it
+        groups = {name: sorted(g.attrs["layers"]) for name, g in f.items()}
+    stored = sorted(layer for layers in groups.values() for layer in layers)
+    assert stored == sorted(state.record(entry, "metrics.json")["basis"])  # every target layer, once
+    q = [n for n in groups if n.endswith("self_attn.q_proj")]
+    gate = [n for n in groups if n.endswith("mlp.gate_proj")]
+    assert q and gate
+    assert all(groups[n] == [n, n.replace("q_proj", "v_proj")] for n in q)
+    assert all(groups[n] == [n, n.replace("gate_proj", "up_proj")] for n in gate)
+    assert all(len(layers) == 1 for name, layers in groups.items() if name not in q + gate)
+    bases = state.bases()
+    assert all(bases[n] is bases[n.replace("q_proj", "v_proj")] for n in q)  # accumulated once, too
+
+    # sound because the layers read the very same tensor: their Gram matrices are equal
+    model, processor = load_model(world / "model")
+    batch = fixed_batch(world, processor)
+    names = [n.replace("q_proj", p) for n in q for p in ("q_proj", "v_proj", "o_proj")]
+    leader = shared_inputs(model, batch, names)
+    assert all(leader[n] == n and leader[n.replace("q_proj", "v_proj")] == n and leader[n.replace("q_proj", "o_proj")]
+               == n.replace("q_proj", "o_proj") for n in q)
+    grams = input_grams(model, [batch], names)
+    assert all(torch.equal(grams[n], grams[n.replace("q_proj", "v_proj")]) for n in q)
 
 
 def test_live_model_is_base_plus_explicit_products(world, two_requests):

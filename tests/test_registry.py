@@ -245,6 +245,56 @@ def test_a_lora_config_the_registry_would_scale_wrongly_is_refused(tmp_path):
         reg.snapshot().adapter(entry)
 
 
+def _commit_with_basis_file(reg: Registry, request_id: str, rng, write) -> dict:
+    with reg.writer() as w, w.begin(request_id) as txn:
+        txn.put_adapter(lora(rng))
+        write(txn)
+        txn.put_record("request.json", {"id": request_id})
+        return txn.commit(entry_for())
+
+
+def test_a_shared_basis_is_stored_once_compressed_and_read_back_shared_and_format_2_files_still_read(tmp_path):
+    import h5py
+
+    reg = make_registry(tmp_path / "reg")
+    rng = np.random.default_rng(5)
+    q, v = MODULES
+    shared = Basis(orthonormal(rng, D_IN, 3), np.full(3, 0.2, dtype=np.float32), ["one"] * 3)
+    sizes = []
+    one = _commit_with_basis_file(reg, "one", rng, lambda txn: sizes.append(txn.put_bases({q: shared, v: shared})))
+    path = reg.snapshot().folder(one) / "basis.h5"
+    assert sizes == [path.stat().st_size]
+    with h5py.File(path, "r") as f:
+        assert list(f) == [q] and list(f[q].attrs["layers"]) == [q, v] and f.attrs["request"] == "one"
+        assert f[q]["columns"].compression == "gzip" and f[q]["columns"].chunks
+    bases = reg.snapshot().bases()
+    assert bases[q] is bases[v]
+    np.testing.assert_array_equal(bases[q].columns, shared.columns)
+
+    later = {m: orthonormal(rng, D_IN, k) for m, k in ((q, 2), (v, 1))}
+
+    def format_2(txn):  # as earlier versions wrote it: one group per layer, no attributes
+        with h5py.File(txn.staged / "basis.h5", "w") as f:
+            f.attrs["format"] = "seqforget-basis/2"
+            for m, c in later.items():
+                f.create_group(m).create_dataset("columns", data=c)
+                f[m].create_dataset("energy", data=np.full(c.shape[1], 0.1, dtype=np.float32))
+
+    _commit_with_basis_file(reg, "two", rng, format_2)
+    bases = reg.snapshot().bases()
+    assert bases[q] is not bases[v] and (bases[q].rank, bases[v].rank) == (5, 4)
+    assert bases[q].owners == ["one"] * 3 + ["two"] * 2
+    np.testing.assert_array_equal(bases[v].columns[:, 3:], later[v])
+
+    def unknown(txn):
+        with h5py.File(txn.staged / "basis.h5", "w") as f:
+            f.attrs["format"] = "seqforget-basis/99"
+
+    _commit_with_basis_file(reg, "three", rng, unknown)
+    with pytest.raises(RegistryError, match="basis format 'seqforget-basis/99' is not one this version reads"):
+        reg.snapshot().bases()
+
+
 def test_bases_join_in_commit_order_with_owners(tmp_path):
     reg = make_registry(tmp_path / "reg")
     rng = np.random.default_rng(2)
