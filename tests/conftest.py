@@ -6,7 +6,6 @@ trained for about half a minute, and loaded back from its folder like any checkp
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 import yaml
 
 from benchmarks.forget_retain import PROFILES, prepare
+from benchmarks.kill_stream import tiny_world
 
 torch.set_num_threads(2)
 
@@ -32,17 +32,7 @@ def world(tiny_bench, tmp_path_factory) -> Path:
     retain.jsonl: everything about the other people;
     reference.jsonl: everything about people the model never saw.
     """
-    w = tiny_bench.world
-    root = w.root
-    first, second, *rest = w.forget_order()
-    kinds = {"visual", "identity", "textual", "cloze"}
-    w.write_jsonl(root / "forget_a.jsonl", w.select(kinds, [first], "train"))
-    w.write_jsonl(root / "forget_b.jsonl", w.select(kinds, [second], "train"))
-    w.write_jsonl(root / "retain.jsonl", w.select(kinds, rest, "train"))
-    w.write_jsonl(root / "reference.jsonl", w.select(kinds, w.unseen_names))
-    if not (root / "model").exists():
-        shutil.copytree(tiny_bench.vanilla, root / "model")
-    return root
+    return tiny_world(tiny_bench, tiny_bench.world.root)
 
 
 def write_request(folder: Path, request_id: str, filename: str | None = None, **fields) -> Path:
