@@ -6,7 +6,8 @@ and the request that added it. A request stores the columns it added (`basis.h5`
 folder); a layer's basis is the concatenation of these, in commit order.
 
 The file (format 3) holds one group per basis, named after its first layer, with `columns`
-(d, m) and `energy` (m,) in float32, chunked and compressed, and the attribute `layers`: every
+(d, m) and `energy` (m,) in float32 (chunked and gzip-compressed from COMPRESS_FROM bytes on:
+orthonormal columns shrink by about a tenth), and the attribute `layers`: every
 layer that reads the same input, and so has the same basis (a transformer's q, k and v
 projections, or an MLP's gate and up projections), stored once. The file's attribute `request`
 is the id of the request that added its columns: the provenance of each column. Format 2
@@ -21,6 +22,7 @@ from pathlib import Path
 from registry.errors import RegistryError
 
 FORMAT = "seqforget-basis/3"
+COMPRESS_FROM = 1 << 16  # bytes: smaller datasets are stored whole, since a chunk index would cost more than gzip saves
 READABLE = (FORMAT, "seqforget-basis/2")
 
 
@@ -60,14 +62,14 @@ def write_bases(path: Path, bases: dict[str, Basis], owner: str) -> None:
     groups: dict[int, list[str]] = {}  # id of a Basis -> the layers that have it
     for layer in sorted(bases):
         groups.setdefault(id(bases[layer]), []).append(layer)
-    with h5py.File(path, "w") as f:
+    with h5py.File(path, "w", libver="latest") as f:  # the compact layout of group metadata
         f.attrs["format"], f.attrs["request"] = FORMAT, owner
         for layers in groups.values():
             basis, g = bases[layers[0]], f.create_group(layers[0])
             g.attrs["layers"] = layers
             for name, values in (("columns", basis.columns), ("energy", basis.energy)):
                 values = np.asarray(values, dtype=np.float32)
-                packed = {"chunks": True, "compression": "gzip", "shuffle": True} if values.size else {}
+                packed = {"chunks": True, "compression": "gzip", "shuffle": True} if values.nbytes >= COMPRESS_FROM else {}
                 g.create_dataset(name, data=values, **packed)
 
 

@@ -260,16 +260,21 @@ def test_a_shared_basis_is_stored_once_compressed_and_read_back_shared_and_forma
     rng = np.random.default_rng(5)
     q, v = MODULES
     shared = Basis(orthonormal(rng, D_IN, 3), np.full(3, 0.2, dtype=np.float32), ["one"] * 3)
+    big = Basis(orthonormal(rng, 4096, 8), np.full(8, 0.1, dtype=np.float32), ["one"] * 8)  # 128 KB of columns
     sizes = []
-    one = _commit_with_basis_file(reg, "one", rng, lambda txn: sizes.append(txn.put_bases({q: shared, v: shared})))
+    one = _commit_with_basis_file(reg, "one", rng,
+                                  lambda txn: sizes.append(txn.put_bases({q: shared, v: shared, "wide": big})))
     path = reg.snapshot().folder(one) / "basis.h5"
     assert sizes == [path.stat().st_size]
     with h5py.File(path, "r") as f:
-        assert list(f) == [q] and list(f[q].attrs["layers"]) == [q, v] and f.attrs["request"] == "one"
-        assert f[q]["columns"].compression == "gzip" and f[q]["columns"].chunks
+        assert sorted(f) == sorted([q, "wide"]) and list(f[q].attrs["layers"]) == [q, v] and f.attrs["request"] == "one"
+        assert f["wide"]["columns"].compression == "gzip" and f["wide"]["columns"].chunks
+        assert f[q]["columns"].compression is None  # too small for a chunk index to pay
+    assert path.stat().st_size < big.columns.nbytes  # gzip after shuffling keeps less than the raw floats
     bases = reg.snapshot().bases()
     assert bases[q] is bases[v]
     np.testing.assert_array_equal(bases[q].columns, shared.columns)
+    np.testing.assert_array_equal(bases["wide"].columns, big.columns)
 
     later = {m: orthonormal(rng, D_IN, k) for m, k in ((q, 2), (v, 1))}
 
