@@ -154,7 +154,7 @@ def check_known(bench: Bench, forgotten) -> dict:
 
 
 def write_request(bench: Bench, folder: Path, request_id: str, forgotten, scope: str, method: str | None, threshold,
-                  excluded=(), as_sent: bool = False) -> Path:
+                  excluded=(), as_sent: bool = False, fields: dict | None = None) -> Path:
     """A request folder as a user would send it: forget rows, a retain sample, the YAML, and
     reference.jsonl: every row of the never-seen people of the forget set's kinds.
 
@@ -165,7 +165,7 @@ def write_request(bench: Bench, folder: Path, request_id: str, forgotten, scope:
 
     The retain sample never holds anyone in `forgotten` or `excluded` (people forgotten
     earlier in a stream), nor the people the retain accuracy is measured on, nor (being
-    drawn from training rows) the never-seen people.
+    drawn from training rows) the never-seen people. `fields`: more of the request's fields.
     """
     w = bench.world
     folder.mkdir(parents=True, exist_ok=True)
@@ -188,6 +188,7 @@ def write_request(bench: Bench, folder: Path, request_id: str, forgotten, scope:
                  "retain_tolerance": 1.0}  # measure what each method does, unguarded: the guard would refuse most
         if threshold is not None:
             body["energy_threshold"] = threshold
+    body |= fields or {}
     path = folder / f"{request_id}.yaml"
     path.write_text(yaml.safe_dump(body, sort_keys=False))
     return path

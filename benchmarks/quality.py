@@ -37,7 +37,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import yaml
 
 from registry import Registry
 from seqforget.bench import cache_root
@@ -102,9 +101,7 @@ def run_single(bench, scope: str, method: str | None, forgotten: list[str], work
     shutil.rmtree(folder, ignore_errors=True)
     reg = folder / "registry"
     init_registry(reg, bench.vanilla)
-    path = write_request(bench, folder, "forget", forgotten, scope, method, None, as_sent=True)
-    if fields:
-        path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), **fields}, sort_keys=False))
+    path = write_request(bench, folder, "forget", forgotten, scope, method, None, as_sent=True, fields=fields)
     entry = apply_request(reg, path, show_progress=False)
     model, processor = live_model(Registry.open(reg).snapshot())
     result = {"state": evaluate(bench, model, processor, forgotten), "request": _outcome(entry)}
@@ -120,8 +117,7 @@ def run_refuse(bench, forgotten: list[str], work: Path, fields: dict) -> dict:
     shutil.rmtree(folder, ignore_errors=True)
     reg = folder / "registry"
     init_registry(reg, bench.vanilla)
-    path = write_request(bench, folder, "forget", forgotten, "refuse", None, None, as_sent=True)
-    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), **fields}, sort_keys=False))
+    path = write_request(bench, folder, "forget", forgotten, "refuse", None, None, as_sent=True, fields=fields)
     entry = apply_request(reg, path, show_progress=False)
     model, processor = live_model(Registry.open(reg).snapshot())
     result = {"state": refusal_state(bench, model, processor, forgotten), "request": _outcome(entry)}

@@ -50,6 +50,15 @@ def delta(adapter: Adapter, module: str) -> torch.Tensor:
     return DELTAS[adapter.kind](adapter, module)
 
 
+def low_rank(adapter: Adapter, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(B', A) in float32 with delta = B' A, for a LoRA (B' = scale * B, (d_out, r); A (r, d_in));
+    None for the kinds whose delta is dense."""
+    if adapter.kind != "lora":
+        return None
+    parts = adapter.weights[module]
+    return adapter.scale * torch.from_numpy(parts["B"]).float(), torch.from_numpy(parts["A"]).float()
+
+
 def term(adapter: Adapter, module: str) -> torch.Tensor:
     """`delta` as an exact count of quanta (int64); an entry beyond LIMIT is refused."""
     d = delta(adapter, module)

@@ -218,9 +218,14 @@ def _unlearn(live: Live, method, request: Request, forget: data.Rows, retain: da
     settings = request.training
     model = live.model
     before = _probes(model, forget, retain, guard)
-    with progress:
-        trained = train_adapter(model, method, forget, retain, guard, reference, targets, nullspaces, settings,
-                                progress)
+    earlier = live.earlier_off(settings.earlier_dropout, settings.seed) if settings.earlier_dropout > 0 else None
+    try:
+        with progress:
+            trained = train_adapter(model, method, forget, retain, guard, reference, targets, nullspaces, settings,
+                                    progress, earlier)
+    finally:
+        if earlier is not None:
+            earlier.remove()
     _refuse_if_diverged(request, trained.adapter)
     _refuse_if_short(request, trained.stop)
     live.add(_pending(request), trained.adapter)

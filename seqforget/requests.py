@@ -52,6 +52,7 @@ class Training:
     check_every: int = 25  # steps between checks of the stopping rule and the retain guard
     retain_tolerance: float = 0.02  # retain token accuracy the guard lets go (1.0: no guard)
     guard_share: float = 0.2  # share of the retain images (and text rows) kept out of training for the guard to watch
+    earlier_dropout: float = 0.0  # chance each earlier active request's term is off for an optimiser step (seqforget.live.EarlierOff)
 
 
 @dataclass(frozen=True)
@@ -272,6 +273,7 @@ def _training(raw: dict, problems: list[str], budget: dict) -> Training:
         "check_every": (1, 100_000),
         "retain_tolerance": (0.0, 1.0),
         "guard_share": (0.0, 0.5),
+        "earlier_dropout": (0.0, 1.0),
     }
     for name, (lo, hi) in bounds.items():
         if name in values and not lo <= values[name] <= hi:

@@ -6,7 +6,9 @@ null space of the retained inputs: projected at the start, on every gradient, an
 after every optimiser step (AdamW rescales each coordinate, which would otherwise leave the
 null space). A method with a `step_guard` has each step checked on its retain batch: a step
 that raises the retain loss by more than the bound is halved, and undone if halving is not
-enough (MMUnlearner's guard).
+enough (MMUnlearner's guard). With `earlier` switches (seqforget.live.EarlierOff), each step
+runs with a fresh random set of the earlier requests' terms switched off, and every check
+with all of them on: the model the registry will hold.
 """
 
 import time
@@ -33,7 +35,7 @@ class Trained:
 
 
 def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None, reference: Rows | None,
-                  targets: list[str], nullspaces: dict[str, NullSpace], settings, progress=None) -> Trained:
+                  targets: list[str], nullspaces: dict[str, NullSpace], settings, progress=None, earlier=None) -> Trained:
     """Train the method's update on `model` (left unchanged on return) and give back its adapter.
 
     forget, retain: the request's encoded rows, as the scope means them; guard: retain rows
@@ -41,6 +43,7 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
     the model never saw, which set the level to stop at (seqforget.stopping), or None.
     nullspaces: {module: NullSpace} for the projected layers, or {} for none.
     settings: seqforget.requests.Training. progress: a seqforget.progress.Progress, or None.
+    earlier: a seqforget.live.EarlierOff to draw from at every step, or None.
     """
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
@@ -62,6 +65,8 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
         net.train()
         for step in range(1, settings.steps + 1):
             began = time.perf_counter()
+            if earlier is not None:
+                earlier.draw()
             retain_batch = next(retain_batches)
             loss, logs = method.loss(net, next(forget_batches), retain_batch, original)
             optimizer.zero_grad(set_to_none=True)
@@ -76,6 +81,8 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
             if progress is not None:
                 progress.update(loss=loss.item())
             pause_point("training")
+            if earlier is not None:
+                earlier.all_on()
             if step % settings.check_every == 0 or step == settings.steps:
                 net.eval()
                 with signed(update.signed, method.sign):  # probe the update the registry will store

@@ -335,3 +335,33 @@ def test_compose_refuses_a_target_that_is_not_a_linear_layer(target):
         compose(model, [adapter(gen, +1, 4.0, {target: (D, D)})])
     for name, value in weights(model).items():
         assert torch.equal(value, original[name])
+
+
+@pytest.mark.parametrize("off", [[0], [0, 1, 2, 3], [4], [1, 4]], ids=["one lora", "four loras", "a sine", "lora and sine"])
+def test_terms_switched_off_answer_as_the_model_composed_without_them(off):
+    """EarlierOff subtracts the switched-off terms from each layer's output, as stacked factors
+    (few) or one dense delta (many, or a dense kind): both must equal composing without them."""
+    from seqforget.live import EarlierOff
+
+    class Net(TwoLayers):
+        def forward(self, x):
+            return self.down(self.act(self.up(x)))
+
+    gen = torch.Generator().manual_seed(15)
+    terms = [adapter(gen, +1, 8.0, {"up": (D, 2 * D), "down": (2 * D, D)}) for _ in range(4)]
+    terms.append(Adapter("sine", {"up": {"dW": (0.5 * torch.randn(2 * D, D, generator=gen)).numpy()}}, {}))
+    x = torch.randn(5, D, generator=gen, dtype=torch.float64)
+    live, without = Net(torch.float64), Net(torch.float64)
+    without.load_state_dict(live.state_dict())
+    compose(live, terms)
+    compose(without, [t for i, t in enumerate(terms) if i not in off])
+    expected, everything = without(x).detach(), live(x).detach()
+
+    switches = EarlierOff(live, {f"t{i}": t for i, t in enumerate(terms)}, p=0.5, seed=0)
+    switches.switch_off(f"t{i}" for i in off)
+    torch.testing.assert_close(live(x).detach(), expected, rtol=0, atol=1e-5)  # the factors are float32
+    switches.all_on()
+    assert torch.equal(live(x).detach(), everything)
+    switches.switch_off(f"t{i}" for i in off)
+    switches.remove()
+    assert torch.equal(live(x).detach(), everything)

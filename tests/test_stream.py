@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,10 +12,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import write_request
+from conftest import fixed_batch, logits, write_request
 from registry import Registry
 from seqforget.engine import apply_request, init_registry, live_model, rollback_request
-from seqforget.live import Live
+from seqforget.live import Live, entry_key
 from seqforget.models import load_model
 from seqforget.stream import read_source
 
@@ -121,6 +122,54 @@ def test_the_live_model_kept_by_differences_is_the_composed_model_bit_for_bit(wo
         rollback_request(reg, rolled_back)
     live.sync(Registry.open(reg).snapshot())
     assert all(torch.equal(a, b) for a, b in zip(live.model.parameters(), base.parameters()))  # the base, exactly
+
+
+def test_earlier_terms_switched_off_run_the_model_as_if_they_were_not_there(world, reg, tmp_path):
+    """EarlierOff subtracts a term's contribution from its layers' outputs: with a term off the
+    model answers as the model composed without it; the weights are never written."""
+    for name, forget in (("p", "forget_a.jsonl"), ("q", "forget_b.jsonl")):
+        apply_request(reg, write_request(tmp_path, name, forget=str(world / forget), retain=str(world / "retain.jsonl"),
+                                         earlier_dropout=0.0), show_progress=False)
+    state = Registry.open(reg).snapshot()
+    live = Live.load(state, world / "model")
+    batch = fixed_batch(world, live.processor)
+    weights = [p.detach().clone() for p in live.model.parameters()]
+    both, base = logits(live.model, batch), logits(load_model(world / "model")[0], batch)
+    key = {e["id"]: entry_key(e) for e in state.requests}
+    rollback_request(reg, "p")
+    only_q = logits(live_model(Registry.open(reg).snapshot())[0], batch)
+    assert (both - only_q).abs().max() > 1e-2  # p's term changes what the model says
+
+    switches = live.earlier_off(0.0, seed=0)
+    switches.draw()
+    assert torch.equal(logits(live.model, batch), both)
+    switches.switch_off([key["p"]])
+    torch.testing.assert_close(logits(live.model, batch), only_q, rtol=0, atol=1e-4)
+    switches.all_on()
+    assert torch.equal(logits(live.model, batch), both)
+    switches = live.earlier_off(1.0, seed=0)
+    switches.draw()
+    assert switches.off == {key["p"], key["q"]}
+    torch.testing.assert_close(logits(live.model, batch), base, rtol=0, atol=1e-4)
+    switches.remove()
+    assert torch.equal(logits(live.model, batch), both)
+    assert all(torch.equal(a, b) for a, b in zip(live.model.parameters(), weights))
+
+
+def test_a_request_trained_with_earlier_terms_switched_off_learns_another_adapter(world, reg, tmp_path):
+    apply_request(reg, write_request(tmp_path, "p", forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl")),
+                  show_progress=False)
+    twin = tmp_path / "twin"
+    shutil.copytree(reg, twin)  # the same history, so the same bases: only the switches differ
+    adapters = []
+    for registry, p in ((reg, 0.0), (twin, 1.0)):
+        entry = apply_request(registry, write_request(tmp_path, "q", forget=str(world / "forget_b.jsonl"),
+                                                      retain=str(world / "retain.jsonl"), earlier_dropout=p),
+                              show_progress=False)
+        adapters.append(Registry.open(registry).snapshot().adapter(entry).weights)
+    a, b = adapters
+    assert a.keys() == b.keys()
+    assert max(abs(a[m]["B"] - b[m]["B"]).max() for m in a) > 1e-4  # the switches were in the loop
 
 
 def _paused_stream(source: Path, reg: Path, point: str) -> subprocess.Popen:
