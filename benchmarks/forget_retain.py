@@ -154,7 +154,7 @@ def check_known(bench: Bench, forgotten) -> dict:
 
 
 def write_request(bench: Bench, folder: Path, request_id: str, forgotten, scope: str, method: str | None, threshold,
-                  excluded=(), as_sent: bool = False, fields: dict | None = None) -> Path:
+                  excluded=(), as_sent: bool = False, fields: dict | None = None, retain_seed: int | None = None) -> Path:
     """A request folder as a user would send it: forget rows, a retain sample, the YAML, and
     reference.jsonl: every row of the never-seen people of the forget set's kinds.
 
@@ -165,7 +165,8 @@ def write_request(bench: Bench, folder: Path, request_id: str, forgotten, scope:
 
     The retain sample never holds anyone in `forgotten` or `excluded` (people forgotten
     earlier in a stream), nor the people the retain accuracy is measured on, nor (being
-    drawn from training rows) the never-seen people. `fields`: more of the request's fields.
+    drawn from training rows) the never-seen people; it is drawn with `retain_seed` (default:
+    the number of people forgotten). `fields`: more of the request's fields.
     """
     w = bench.world
     folder.mkdir(parents=True, exist_ok=True)
@@ -174,7 +175,7 @@ def write_request(bench: Bench, folder: Path, request_id: str, forgotten, scope:
     pool = w.select(FORGET_KINDS | {"general"}, None, "train")
     banned = set(forgotten) | set(excluded) | set(bench.retain_people(list(forgotten) + list(excluded)))
     pool = [i for i in pool if i.person not in banned]
-    retain = random.Random(len(forgotten)).sample(pool, min(bench.profile.retain_rows, len(pool)))
+    retain = random.Random(len(forgotten) if retain_seed is None else retain_seed).sample(pool, min(bench.profile.retain_rows, len(pool)))
     w.write_jsonl(folder / f"{request_id}-forget.jsonl", forget)
     w.write_jsonl(folder / f"{request_id}-retain.jsonl", retain)
     body = {"id": request_id, "scope": scope, "method": method,

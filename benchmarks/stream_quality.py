@@ -1,11 +1,13 @@
 """Does quality hold over a long stream, and does a rollback inside it take back its own request only?
 
     python -m benchmarks.stream_quality [--requests 30] [--world shapes:1] [--scope visual] [--dropout 0,0.5] [--rollbacks 3]
+                                        [--fresh-retain]
 
 For each value of `earlier_dropout` in --dropout, one stream of one-person requests on a fresh
 registry of the world's vanilla model, through the stream's path (one live model kept by
 differences), each request as a user sends it: the scope's default method, the never-seen
-people as reference, partial: true. The forget figure is the scope's: held-out visual accuracy
+people as reference, partial: true, and the same retain sample (--fresh-retain: a new one each,
+never holding the stream's people). The forget figure is the scope's: held-out visual accuracy
 for `visual`, text-question accuracy for `full`, per person. The oracle is the model retrained
 without all of the stream's people's images (visual) or data (full). A person counts as
 forgotten while their figure is nearer the oracle's than vanilla's (for that person).
@@ -58,7 +60,7 @@ def forgotten(person: str, figure: float, vanilla: dict, oracle: dict) -> bool:
 
 
 def run_stream(bench, people: list[str], scope: str, dropout: float, vanilla: dict, oracle: dict, rollbacks: int,
-               work: Path, log=print) -> dict:
+               work: Path, fresh_retain: bool = False, log=print) -> dict:
     retained = bench.retain_people(people)
     reg = work / f"registry-{dropout}"
     init_registry(reg, bench.vanilla)
@@ -66,7 +68,7 @@ def run_stream(bench, people: list[str], scope: str, dropout: float, vanilla: di
     steps = []
     for i, person in enumerate(people, start=1):
         path = write_request(bench, work, f"r{i:02d}", [person], scope, None, None, excluded=people, as_sent=True,
-                             fields={"earlier_dropout": dropout})
+                             fields={"earlier_dropout": dropout}, retain_seed=i if fresh_retain else None)
         start = time.perf_counter()
         entry = apply_request(reg, read_request(Registry.open(reg).snapshot(), path), show_progress=False, live=live)
         seconds = time.perf_counter() - start
@@ -137,6 +139,8 @@ def main(argv=None) -> None:
     parser.add_argument("--scope", choices=sorted(ORACLE), default="visual")
     parser.add_argument("--dropout", default="0,0.5", help="comma-separated earlier_dropout values, one stream each")
     parser.add_argument("--rollbacks", type=int, default=3, help="requests rolled back, one at a time, after each stream")
+    parser.add_argument("--fresh-retain", action="store_true",
+                        help="each request brings its own retain sample (default: every request the same one)")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
     parser.add_argument("--cache", type=Path, default=None, help="where worlds and trained models are kept")
     parser.add_argument("--out", type=Path, default=None, help="write every figure to this JSON file")
@@ -160,7 +164,8 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="stream-quality-") as work:
         for dropout in dropouts:
             print(f"\nstream of {len(people)} {args.scope} requests on {args.world}, earlier_dropout {dropout}")
-            runs.append(run_stream(bench, people, args.scope, dropout, vanilla, oracle, args.rollbacks, Path(work)))
+            runs.append(run_stream(bench, people, args.scope, dropout, vanilla, oracle, args.rollbacks, Path(work),
+                                   args.fresh_retain))
     print("\n" + "\n".join(summary(runs, people, vanilla, oracle)))
     if args.out:
         args.out.write_text(json.dumps({"command": " ".join(sys.argv), "world": args.world, "scope": args.scope,
