@@ -1,8 +1,8 @@
 """The live model, kept equal to a registry's base model plus its active requests.
 
-A `Live` holds the loaded model and processor, a copy of the base weight of every layer a
-request has touched, and per layer the exact sum of the active requests' terms
-(seqforget.composition). `sync(state)` brings it to what a snapshot of the registry says by
+A `Live` holds the loaded model and processor, the adapter of every active request, a copy of
+the base weight of every layer a request has touched, and per layer the exact sum of the
+active requests' terms (seqforget.composition). `sync(state)` brings it to what a snapshot of the registry says by
 differences: a request that became active adds its term, one that was rolled back takes
 its own term off, and every layer they touch is rewritten as base + sum, rounded once. The
 cost is that of the requests that changed, not of the history, and the weights are the same
@@ -33,12 +33,11 @@ def entry_key(entry: dict) -> str:
 class Live:
     def __init__(self, model, processor):
         self.model, self.processor = model, processor
-        self.active: list[str] = []  # entry keys of the terms composed in, in the order they were added
+        self._terms: dict[str, Adapter] = {}  # entry key -> the adapter of each term composed in
+        self._pending: set[str] = set()  # keys of terms added before their request committed
         self._base: dict[str, torch.Tensor] = {}  # layer -> its base weight, kept once a term touches it
         self._sums: dict[str, torch.Tensor] = {}  # layer -> exact sum of the active terms (int64 quanta)
         self._bases: dict[str, dict[str, Basis]] = {}  # entry key -> the basis columns that request added
-        self._pending: dict[str, Adapter] = {}  # terms added before their request committed
-        self._adapters: dict[str, Adapter] = {}  # entry key -> the adapter of each active term
 
     @classmethod
     def load(cls, state: Snapshot, model_dir: Path) -> "Live":
@@ -49,19 +48,13 @@ class Live:
         return live
 
     def sync(self, state: Snapshot) -> None:
-        """Make the model base + the requests active in `state`, by differences."""
-        known = {entry_key(e): e for e in state.requests}
-        wanted = {key: e for key, e in known.items() if e["state"] == "active"}
-        for key in [k for k in self.active if k not in wanted]:
-            if key in known:
-                self._change(key, state.adapter(known[key]), -1)
-            elif key in self._pending:
-                self._change(key, self._pending.pop(key), -1)
-            else:  # a term from a registry that is gone: start again from the base
-                self.reset()
-                break
+        """Make the model base + the requests active in `state`, by differences. A term comes
+        off with the adapter it went in with, so nothing is read to take it off."""
+        wanted = {key: e for key, e in ((entry_key(e), e) for e in state.requests) if e["state"] == "active"}
+        for key in [k for k in self._terms if k not in wanted]:
+            self._change(key, self._terms[key], -1)
         for key, entry in wanted.items():
-            if key not in self.active:
+            if key not in self._terms:
                 self._change(key, state.adapter(entry), +1)
         self._pending.clear()
 
@@ -69,24 +62,12 @@ class Live:
         """Compose a request that is not committed yet; `sync` takes it off again unless the
         snapshot it is given lists it (by `entry_key`)."""
         self._change(key, adapter, +1)
-        self._pending[key] = adapter
+        self._pending.add(key)
 
     def commit(self, key: str, entry: dict) -> None:
         """The pending term `key` committed as `entry`: it is now known by the entry's key."""
-        self.active[self.active.index(key)] = entry_key(entry)
-        self._adapters[entry_key(entry)] = self._adapters.pop(key)
-        self._pending.pop(key, None)
-
-    def reset(self) -> None:
-        """Every touched layer back to its base weight, no term active."""
-        modules = dict(self.model.named_modules())
-        with torch.no_grad():
-            for name, base in self._base.items():
-                modules[name].weight.copy_(base)
-        self._sums.clear()
-        self.active.clear()
-        self._pending.clear()
-        self._adapters.clear()
+        self._terms[entry_key(entry)] = self._terms.pop(key)
+        self._pending.discard(key)
 
     @torch.no_grad()
     def _change(self, key: str, adapter: Adapter, direction: int) -> None:
@@ -98,15 +79,13 @@ class Live:
             self._sums[name] += direction * t
             modules[name].weight.copy_(added(self._base[name], self._sums[name]))
         if direction > 0:
-            self.active.append(key)
-            self._adapters[key] = adapter
+            self._terms[key] = adapter
         else:
-            self.active.remove(key)
-            self._adapters.pop(key)
+            del self._terms[key]
 
     def earlier_off(self, p: float, seed: int) -> "EarlierOff":
         """Switches for the committed active terms, each off with probability `p` at every draw."""
-        committed = {key: a for key, a in self._adapters.items() if key not in self._pending}
+        committed = {key: a for key, a in self._terms.items() if key not in self._pending}
         return EarlierOff(self.model, committed, p, seed)
 
     def bases(self, state: Snapshot) -> dict[str, Basis]:

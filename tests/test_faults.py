@@ -9,13 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.kill_stream import run, write_requests
+from benchmarks.kill_stream import ENV, run, write_requests
 from conftest import snapshot
 from registry import Registry
 from seqforget.engine import init_registry
-
-ENV = {k: v for k, v in os.environ.items() if k != "SEQFORGET_DEBUG"}
-
 
 def seqforget(*args, preexec_fn=None, prefix=()) -> subprocess.CompletedProcess:
     return subprocess.run([*prefix, sys.executable, "-m", "seqforget", *map(str, args)], capture_output=True, text=True,
