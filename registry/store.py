@@ -203,6 +203,7 @@ class Registry:
                 "default_retain": default_retain,
                 "default_reference": default_reference,
                 "requests": [],
+                "rejected": [],
             }
             _write_manifest(tmp / MANIFEST, manifest)
             journal.append(tmp / JOURNAL, "init", base_model=base_model.get("sha256"))
@@ -292,9 +293,17 @@ class Writer:
         return self._snap
 
     def manifest_to_change(self) -> dict:
-        """A fresh copy of the manifest to change and write; the cached state is dropped."""
-        self._snap = None
-        return self.reg.snapshot().manifest
+        """A copy of the committed manifest to change and `write`: its own lists of requests and
+        rejections, whose entries are shared with the committed state: replace an entry, never
+        change it in place."""
+        manifest = self.snapshot().manifest
+        return {**manifest, "requests": list(manifest["requests"]), "rejected": list(manifest.get("rejected", []))}
+
+    def write(self, manifest: dict) -> None:
+        """Write `manifest` atomically: the commit point of every change. Once written it is the
+        committed state, with no need to read it back."""
+        _write_manifest(self.root / MANIFEST, manifest)
+        self._snap = Snapshot(self.root, manifest)
 
     def _recover(self) -> None:
         records = self.reg.journal()  # read once for both questions
@@ -326,14 +335,13 @@ class Writer:
         if state not in STATES:
             raise RegistryError(f"unknown state {state!r}")
         manifest = self.manifest_to_change()
-        entry = next((e for e in manifest["requests"] if e["id"] == request_id), None)
-        if entry is None:
+        at = next((i for i, e in enumerate(manifest["requests"]) if e["id"] == request_id), None)
+        if at is None:
             raise RegistryError(f"no request {request_id!r} in the registry")
-        if entry["state"] == state:
+        if manifest["requests"][at]["state"] == state:
             raise RegistryError(f"request {request_id} is already {state.replace('_', ' ')}")
-        entry["state"] = state
-        entry[f"{state}_at"] = _now()
-        _write_manifest(self.root / MANIFEST, manifest)
+        entry = manifest["requests"][at] = {**manifest["requests"][at], "state": state, f"{state}_at": _now()}
+        self.write(manifest)
         journal.append(self.root / JOURNAL, state, id=request_id)
         return entry
 
@@ -342,8 +350,8 @@ class Writer:
         `status` lists it, and a stream does not try the same text again."""
         manifest = self.manifest_to_change()
         record = {"source": source, "digest": digest, "id": request_id, "reason": reason[:1000], "rejected_at": _now()}
-        manifest.setdefault("rejected", []).append(record)
-        _write_manifest(self.root / MANIFEST, manifest)
+        manifest["rejected"].append(record)
+        self.write(manifest)
         journal.append(self.root / JOURNAL, "reject", id=request_id, source=source)
         return record
 
@@ -422,7 +430,7 @@ class Transaction:
             "applied_at": _now(),
         }
         manifest["requests"].append(entry)
-        _write_manifest(root / MANIFEST, manifest)  # the commit point
+        self.writer.write(manifest)  # the commit point
         self.committed = entry
         pause_point("manifest")
         journal.append(root / JOURNAL, "commit", id=self.id, seq=entry["seq"])
