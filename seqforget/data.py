@@ -128,6 +128,34 @@ def encode(processor, row: Row, answer: str | None = None) -> Example:
     )
 
 
+class Encoder:
+    """`encode` with one processor, remembering the rows of the request before: a stream's
+    requests mostly bring the same retain and reference rows. A row is known by its fields,
+    the answer it is encoded with, and its image file's size and modification time; what the
+    request before did not use again is let go, so it holds at most two requests' rows."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        self._before: dict = {}  # rows of the request before
+        self._now: dict = {}  # rows of this request
+
+    def next_request(self) -> None:
+        self._before, self._now = self._now, {}
+
+    def __call__(self, row: Row, answer: str | None = None) -> Example:
+        key = (row, answer, _stamp(row.image))
+        example = self._now.get(key) or self._before.get(key) or encode(self.processor, row, answer)
+        self._now[key] = example
+        return example
+
+
+def _stamp(image: Path | None) -> tuple | None:
+    if image is None:
+        return None
+    st = image.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch; pixel_values stacks the images of the rows that have one (has_image), in order."""
     length = max(len(e.input_ids) for e in examples)

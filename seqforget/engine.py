@@ -5,11 +5,13 @@
     load and validate the request -> lock the registry -> refuse an id already used
       -> check the base model -> live model (base + active adapters, exact sums; a stream
          keeps one and brings it up to date by differences: seqforget.live)
-      -> begin -> extend the null-space bases with the retained inputs
-      -> train this request's adapter -> probe forget/retain before and after
+      -> probe forget/retain before (the pass over the retained rows also gathers their
+         inputs' Gram matrices) -> extend the null-space bases with them
+      -> begin -> train this request's adapter -> probe forget/retain after
       -> put adapter, bases and records -> commit (the one commit point) -> unlock
 """
 
+import contextlib
 import json
 import resource
 import time
@@ -19,7 +21,7 @@ import torch
 
 from registry import Basis, Registry, Snapshot, new_folder, sha256_file
 from seqforget import data
-from seqforget.activations import input_grams, shared_inputs
+from seqforget.activations import InputGrams
 from seqforget.conditioning import IMAGES, projector_condition
 from seqforget.errors import AlreadyDone, SeqforgetError
 from seqforget.evaluation import probe
@@ -91,16 +93,18 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
             live.sync(state)
         model, processor = live.model, live.processor
         targets = _targets(request, method, model)
-        forget, retain, guard, reference = _encode(request, processor)
+        forget, retain, guard, reference = _encode(request, processor, live.encoder)
         start = time.perf_counter()
         _reset_peak_rss()
         bases = live.bases(state)
-        brought = data.Rows(retain.examples + (guard.examples if guard else []), retain.pad_id)
-        added, growth = _grow_bases(model, brought, targets, bases, request)  # the guard's rows are retained inputs too
-        basis_seconds = time.perf_counter() - start
+        retained = InputGrams(model, targets)  # the guard's rows are retained inputs too
+        before = _probes(model, forget, retain, guard, retained)
+        grown = time.perf_counter()
+        added, growth = _grow_bases(model, retained, targets, bases, request)
+        basis_seconds = time.perf_counter() - grown
         nullspaces = _nullspaces(request, targets, bases, added)
         with writer.begin(request.id, method=request.method, scope=request.scope) as txn:
-            adapter, metrics = _unlearn(live, method, request, forget, retain, guard, reference, targets, nullspaces,
+            adapter, metrics = _unlearn(live, method, request, before, forget, retain, guard, reference, targets, nullspaces,
                                        Progress(request.training.steps, f"apply {request.id}", show_progress, stop=stop))
             metrics.update(basis=growth, seconds=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb())
             txn.put_adapter(adapter)
@@ -179,7 +183,7 @@ def _targets(request: Request, method, model) -> list[str]:
     return match_layers(model, request.target_modules)
 
 
-def _encode(request: Request, processor) -> tuple[data.Rows, data.Rows, data.Rows | None, data.Rows | None]:
+def _encode(request: Request, processor, encoder: data.Encoder) -> tuple[data.Rows, data.Rows, data.Rows | None, data.Rows | None]:
     """Forget, retain, guard and reference rows as the scope means them: a `visual` request
     keeps text-only knowledge (those forget rows join the retain set, and only image rows of the
     reference count); a `refuse` request trains its forget rows towards the refusal. The guard
@@ -198,11 +202,12 @@ def _encode(request: Request, processor) -> tuple[data.Rows, data.Rows, data.Row
     answer = request.refusal if scope.answers_refusal else None
     pad = processor.tokenizer.pad_token_id
     try:
-        own = [data.encode(processor, r) for r in forget] if answer is not None else None
-        forget, retain, guard, reference = (data.Rows([data.encode(processor, r, answer) for r in forget], pad, own_answers=own),
-                                            data.Rows([data.encode(processor, r) for r in retain], pad),
-                                            data.Rows([data.encode(processor, r) for r in guard], pad),
-                                            data.Rows([data.encode(processor, r) for r in reference], pad, stands_for=stands_for))
+        encoder.next_request()
+        own = [encoder(r) for r in forget] if answer is not None else None
+        forget, retain, guard, reference = (data.Rows([encoder(r, answer) for r in forget], pad, own_answers=own),
+                                            data.Rows([encoder(r) for r in retain], pad),
+                                            data.Rows([encoder(r) for r in guard], pad),
+                                            data.Rows([encoder(r) for r in reference], pad, stands_for=stands_for))
     except (ValueError, OSError) as e:
         raise SeqforgetError(f"request {request.id}: the model's processor cannot encode its rows ({e})") from e
     tolerance = request.training.retain_tolerance
@@ -211,18 +216,19 @@ def _encode(request: Request, processor) -> tuple[data.Rows, data.Rows, data.Row
     return forget, retain, guard if len(guard) else None, reference if len(reference) else None
 
 
-def _unlearn(live: Live, method, request: Request, forget: data.Rows, retain: data.Rows, guard: data.Rows | None,
-             reference: data.Rows | None, targets: list[str], nullspaces: dict[str, NullSpace], progress: Progress):
-    """Train the adapter under the null spaces, probe before and after: (adapter, metrics).
-    The live model ends with the adapter composed in, pending until the request commits."""
+def _unlearn(live: Live, method, request: Request, before: dict, forget: data.Rows, retain: data.Rows,
+             guard: data.Rows | None, reference: data.Rows | None, targets: list[str], nullspaces: dict[str, NullSpace],
+             progress: Progress):
+    """Train the adapter under the null spaces, probe after (`before`: the probes before):
+    (adapter, metrics). The live model ends with the adapter composed in, pending until the
+    request commits."""
     settings = request.training
     model = live.model
-    before = _probes(model, forget, retain, guard)
     earlier = live.earlier_off(settings.earlier_dropout, settings.seed) if settings.earlier_dropout > 0 else None
     try:
         with progress:
             trained = train_adapter(model, method, forget, retain, guard, reference, targets, nullspaces, settings,
-                                    progress, earlier)
+                                    progress, earlier, guard_start=before["guard" if guard is not None else "retain"]["token_acc"])
     finally:
         if earlier is not None:
             earlier.remove()
@@ -243,24 +249,23 @@ def _pending(request: Request) -> str:
     return f"pending:{request.id}"
 
 
-def _grow_bases(model, retain: data.Rows, targets: list[str], bases: dict[str, Basis], request: Request):
-    """The basis columns this request adds per target layer, and how much they capture. Layers
-    that read the same input and have the same basis so far share their new columns (one
-    Basis object, stored once)."""
+def _grow_bases(model, retained: InputGrams, targets: list[str], bases: dict[str, Basis], request: Request):
+    """The basis columns this request adds per target layer, and how much they capture, from the
+    Gram matrices of its retained inputs. Layers that read the same input and have the same
+    basis so far share their new columns (one Basis object, stored once)."""
     layers = dict(model.named_modules())
     for name in targets:
         if name in bases and bases[name].dim != layers[name].in_features:
             raise SeqforgetError(f"stored basis of {name} does not fit the model's layer")
-    leader = shared_inputs(model, retain.fixed[0], targets) if retain.fixed else {n: n for n in targets}
     groups: dict[str, list[str]] = {}
     for name in targets:
-        lead = leader[name] if bases.get(leader[name]) is bases.get(name) else name  # histories that differ stay apart
+        leader = retained.leader.get(name, name)
+        lead = leader if bases.get(leader) is bases.get(name) else name  # histories that differ stay apart
         groups.setdefault(lead, []).append(name)
-    grams = input_grams(model, retain.fixed, list(groups))
     threshold = request.training.energy_threshold
     added, growth = {}, {}
     for lead, members in groups.items():
-        part, before, after = extend_basis(bases.get(lead), grams[lead], threshold, request.id)
+        part, before, after = extend_basis(bases.get(lead), retained.gram(lead), threshold, request.id)
         for name in members:
             added[name] = part
             growth[name] = {"columns_before": bases[name].rank if name in bases else 0, "columns_added": part.rank,
@@ -285,10 +290,14 @@ def _nullspaces(request: Request, targets: list[str], bases: dict[str, Basis], a
     return nullspaces
 
 
-def _probes(model, forget: data.Rows, retain: data.Rows, guard: data.Rows | None) -> dict:
-    out = {"forget": probe(model, forget.fixed), "retain": probe(model, retain.fixed)}
-    if guard is not None:
-        out["guard"] = probe(model, guard.fixed)
+def _probes(model, forget: data.Rows, retain: data.Rows, guard: data.Rows | None, retained: InputGrams | None = None) -> dict:
+    """Forget, retain and guard figures, and the projector's condition. `retained`: gathers the
+    Gram matrices of the retained rows' inputs while they are probed (forget rows are not)."""
+    with retained or contextlib.nullcontext():
+        out = {"retain": probe(model, retain.fixed)}
+        if guard is not None:
+            out["guard"] = probe(model, guard.fixed)
+    out["forget"] = probe(model, forget.fixed)
     images = []  # distinct images: a forget set asks several questions of each
     for e in (e for rows in (forget, retain) for e in rows.examples if e.pixel_values is not None):
         if len(images) < IMAGES and not any(torch.equal(e.pixel_values, seen) for seen in images):

@@ -21,6 +21,7 @@ import torch
 
 from registry import Adapter, Basis, Snapshot
 from seqforget.composition import added, delta, low_rank, terms
+from seqforget.data import Encoder
 from seqforget.models import load_model
 
 
@@ -33,6 +34,7 @@ def entry_key(entry: dict) -> str:
 class Live:
     def __init__(self, model, processor):
         self.model, self.processor = model, processor
+        self.encoder = Encoder(processor)  # requests' rows, encoded (a stream's requests share most of theirs)
         self._terms: dict[str, Adapter] = {}  # entry key -> the adapter of each term composed in
         self._pending: set[str] = set()  # keys of terms added before their request committed
         self._base: dict[str, torch.Tensor] = {}  # layer -> its base weight, kept once a term touches it

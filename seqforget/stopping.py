@@ -123,11 +123,12 @@ SHRINKS = 3  # times the retain guard halves the learning rate before it stops t
 class Stopping:
     """Decides, at each check, whether training goes on; keeps the last adapter the guard accepts."""
 
-    def __init__(self, model, forget: Rows, guard: Rows, reference: Rows | None, settings):
-        """guard: the retain rows the retain guard watches."""
+    def __init__(self, model, forget: Rows, guard: Rows, reference: Rows | None, settings, guard_start: float | None = None):
+        """guard: the retain rows the retain guard watches; guard_start: their token accuracy
+        under `model`, if already probed."""
         self.forget, self.guard, self.settings = forget, guard, settings
         self.reference = stranger_level(model, reference) if reference is not None and len(reference) else None
-        self.guard_start = probe(model, guard.fixed)["token_acc"]
+        self.guard_start = probe(model, guard.fixed)["token_acc"] if guard_start is None else guard_start
         self.checks: list[dict] = []
         self.kept_step, self.kept = 0, None
         self.reason = "budget"

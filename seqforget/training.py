@@ -35,7 +35,8 @@ class Trained:
 
 
 def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None, reference: Rows | None,
-                  targets: list[str], nullspaces: dict[str, NullSpace], settings, progress=None, earlier=None) -> Trained:
+                  targets: list[str], nullspaces: dict[str, NullSpace], settings, progress=None, earlier=None,
+                  guard_start: float | None = None) -> Trained:
     """Train the method's update on `model` (left unchanged on return) and give back its adapter.
 
     forget, retain: the request's encoded rows, as the scope means them; guard: retain rows
@@ -44,6 +45,7 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
     nullspaces: {module: NullSpace} for the projected layers, or {} for none.
     settings: seqforget.requests.Training. progress: a seqforget.progress.Progress, or None.
     earlier: a seqforget.live.EarlierOff to draw from at every step, or None.
+    guard_start: the token accuracy of the guard's rows before training, if already probed.
     """
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
@@ -58,7 +60,7 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
         retain_batches = retain.endless(settings.batch_size, settings.seed + 1)
         optimizer = torch.optim.AdamW(update.parameters, lr=settings.lr, weight_decay=0.0)
         with torch.no_grad(), original():
-            stopping = Stopping(net, forget, guard if guard is not None else retain, reference, settings)
+            stopping = Stopping(net, forget, guard if guard is not None else retain, reference, settings, guard_start)
         stopping.start(update.parameters)
         trajectory, step_seconds = [], 0.0
         bound = getattr(method, "step_guard", None)

@@ -12,9 +12,11 @@ from transformers import AutoModelForImageTextToText
 from conftest import fixed_batch, logits, write_request
 from registry import Registry
 from seqforget import data
-from seqforget.activations import input_grams, shared_inputs
+from seqforget.activations import InputGrams, input_grams
 from seqforget.composition import compose, delta
+from seqforget.evaluation import probe
 from seqforget.engine import apply_request, export_model, init_registry, live_model, rollback_request
+from seqforget.losses import MODEL_INPUTS
 from seqforget.models import load_model
 from seqforget.methods import METHODS
 from seqforget.scopes import SCOPES
@@ -104,11 +106,43 @@ def test_layers_that_read_the_same_input_share_one_stored_basis(world, two_reque
     model, processor = load_model(world / "model")
     batch = fixed_batch(world, processor)
     names = [n.replace("q_proj", p) for n in q for p in ("q_proj", "v_proj", "o_proj")]
-    leader = shared_inputs(model, batch, names)
+    with InputGrams(model, names) as seen:
+        model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+    leader = seen.leader
     assert all(leader[n] == n and leader[n.replace("q_proj", "v_proj")] == n and leader[n.replace("q_proj", "o_proj")]
                == n.replace("q_proj", "o_proj") for n in q)
     grams = input_grams(model, [batch], names)
     assert all(torch.equal(grams[n], grams[n.replace("q_proj", "v_proj")]) for n in q)
+
+
+def test_the_grams_gathered_while_probing_are_those_of_the_retained_tokens(world):
+    """Against the inputs themselves, caught by a plain hook: padded positions left out, and
+    a layer sharing its input with its leader given the leader's very matrix."""
+    model, processor = load_model(world / "model")
+    batches = [fixed_batch(world, processor)]
+    names = [n for n, m in model.named_modules() if n.endswith(("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"))
+             and isinstance(m, torch.nn.Linear)]
+    seen = {}
+
+    def keep(name):
+        def hook(_module, inputs, _output):
+            seen.setdefault(name, inputs[0].detach().clone())
+        return hook
+
+    modules = dict(model.named_modules())
+    hooks = [modules[n].register_forward_hook(keep(n)) for n in names]
+    with InputGrams(model, names) as gathered:
+        probe(model, batches)
+    for h in hooks:
+        h.remove()
+    mask = batches[0]["attention_mask"].bool()
+    for name in names:
+        x = seen[name]
+        x = (x[mask] if x.dim() == 3 and x.shape[:2] == mask.shape else x.reshape(-1, x.shape[-1])).double()
+        assert torch.allclose(gathered.gram(name), x.T @ x, rtol=1e-9, atol=1e-9), name
+        if name.endswith("v_proj"):
+            assert gathered.gram(name) is gathered.gram(name.replace("v_proj", "q_proj"))
+    assert any(x.shape[:2] == mask.shape and not mask.all() for x in seen.values())  # padding was there to drop
 
 
 def test_live_model_is_base_plus_explicit_products(world, two_requests):
