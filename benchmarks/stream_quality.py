@@ -60,7 +60,7 @@ def forgotten(person: str, figure: float, vanilla: dict, oracle: dict) -> bool:
 
 
 def run_stream(bench, people: list[str], scope: str, dropout: float, vanilla: dict, oracle: dict, rollbacks: int,
-               work: Path, fresh_retain: bool = False, log=print) -> dict:
+               work: Path, fresh_retain: bool = False, from_base: bool = True, log=print) -> dict:
     retained = bench.retain_people(people)
     reg = work / f"registry-{dropout}"
     init_registry(reg, bench.vanilla)
@@ -68,7 +68,7 @@ def run_stream(bench, people: list[str], scope: str, dropout: float, vanilla: di
     steps = []
     for i, person in enumerate(people, start=1):
         path = write_request(bench, work, f"r{i:02d}", [person], scope, None, None, excluded=people, as_sent=True,
-                             fields={"earlier_dropout": dropout}, retain_seed=i if fresh_retain else None)
+                             fields={"earlier_dropout": dropout, "targets_from_base": from_base}, retain_seed=i if fresh_retain else None)
         start = time.perf_counter()
         entry = apply_request(reg, read_request(Registry.open(reg).snapshot(), path), show_progress=False, live=live)
         seconds = time.perf_counter() - start
@@ -141,6 +141,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rollbacks", type=int, default=3, help="requests rolled back, one at a time, after each stream")
     parser.add_argument("--fresh-retain", action="store_true",
                         help="each request brings its own retain sample (default: every request the same one)")
+    parser.add_argument("--targets-from-live", action="store_true",
+                        help="requests compute their targets under the live model before them (targets_from_base: false)")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
     parser.add_argument("--cache", type=Path, default=None, help="where worlds and trained models are kept")
     parser.add_argument("--out", type=Path, default=None, help="write every figure to this JSON file")
@@ -165,7 +167,7 @@ def main(argv=None) -> None:
         for dropout in dropouts:
             print(f"\nstream of {len(people)} {args.scope} requests on {args.world}, earlier_dropout {dropout}")
             runs.append(run_stream(bench, people, args.scope, dropout, vanilla, oracle, args.rollbacks, Path(work),
-                                   args.fresh_retain))
+                                   args.fresh_retain, not args.targets_from_live))
     print("\n" + "\n".join(summary(runs, people, vanilla, oracle)))
     if args.out:
         args.out.write_text(json.dumps({"command": " ".join(sys.argv), "world": args.world, "scope": args.scope,

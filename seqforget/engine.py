@@ -224,7 +224,8 @@ def _unlearn(live: Live, method, request: Request, before: dict, forget: data.Ro
     request commits."""
     settings = request.training
     model = live.model
-    earlier = live.earlier_off(settings.earlier_dropout, settings.seed) if settings.earlier_dropout > 0 else None
+    earlier = (live.earlier_off(settings.earlier_dropout, settings.seed)
+               if settings.earlier_dropout > 0 or settings.targets_from_base else None)
     try:
         with progress:
             trained = train_adapter(model, method, forget, retain, guard, reference, targets, nullspaces, settings,

@@ -15,6 +15,7 @@ new request train with the earlier requests' terms switched off at random (`Earl
 import hashlib
 import json
 import random
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -126,6 +127,7 @@ class EarlierOff:
                 factors = low_rank(adapters[key], name)
                 self._terms.setdefault(name, []).append((key, factors or delta(adapters[key], name).float()))
         self._now: dict[str, tuple] = {}  # layer -> what to subtract now: ("factors", B, A) or ("dense", D)
+        self._all: dict[str, tuple] | None = None  # the same with every term off, made once
         modules = dict(model.named_modules())
         self._hooks = [modules[name].register_forward_hook(self._hook(name)) for name in self._terms]
 
@@ -149,6 +151,19 @@ class EarlierOff:
                     self._now[name] = ("factors", b, a)
                     continue
             self._now[name] = ("dense", sum(t[0] @ t[1] if isinstance(t, tuple) else t for t in parts))  # (d_out, d_in)
+
+    @contextmanager
+    def none(self):
+        """Every term off inside the block (the base model), the draw before it back after."""
+        was, now = self.off, self._now
+        if self._all is None:
+            self.switch_off(self.keys)
+            self._all = self._now
+        self.off, self._now = frozenset(self.keys), self._all
+        try:
+            yield
+        finally:
+            self.off, self._now = was, now
 
     def remove(self) -> None:
         for hook in self._hooks:

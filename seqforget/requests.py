@@ -53,6 +53,8 @@ class Training:
     retain_tolerance: float = 0.02  # retain token accuracy the guard lets go (1.0: no guard)
     guard_share: float = 0.2  # share of the retain images (and text rows) kept out of training for the guard to watch
     earlier_dropout: float = 0.0  # chance each earlier active request's term is off for an optimiser step (seqforget.live.EarlierOff)
+    targets_from_base: bool = True  # compute what the method holds the model to (retained rows' answers, strangers'
+    # answers, a reference model) under the base model, every earlier request off; false: under the live model before it
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,8 @@ class Request:
             "scope": self.scope,
             "method": self.method,
             "method_args": self.method_args,
-            "training": dataclasses.asdict(self.training),
+            "training": {k: v for k, v in dataclasses.asdict(self.training).items()
+                         if k not in _LATER or v != _TRAINING[k].default},
             "target_modules": self.target_modules,
             "refusal": self.refusal if SCOPES[self.scope].answers_refusal else None,
             "partial": self.partial,
@@ -106,6 +109,9 @@ class Request:
 
 _CONTRACT = {"id", "scope", "method", "forget", "retain", "reference", "partial", "method_args", "target_modules", "refusal"}
 _TRAINING = {f.name: f for f in dataclasses.fields(Training)}
+# Training fields added since earlier_dropout: they count in a request's identity only when set,
+# so that a request committed before them is still recognised when re-sent. A new field goes here.
+_LATER = ("targets_from_base",)
 
 
 def read_request_file(path: Path) -> dict:

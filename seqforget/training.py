@@ -53,13 +53,15 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
         p.requires_grad_(False)
     update = UPDATES[method.adapter_kind](model, targets, settings, nullspaces)
     net, original = update.model, update.original  # `with original():` runs the model as it was before this request
+    if settings.targets_from_base and earlier is not None:
+        original = _without(original, earlier)  # ... or as the base model, every earlier request off
     net.eval()
     try:
         method.prepare(net, forget, retain, reference, original, update)
         forget_batches = forget.endless(settings.batch_size, settings.seed)
         retain_batches = retain.endless(settings.batch_size, settings.seed + 1)
         optimizer = torch.optim.AdamW(update.parameters, lr=settings.lr, weight_decay=0.0)
-        with torch.no_grad(), original():
+        with torch.no_grad(), update.original():
             stopping = Stopping(net, forget, guard if guard is not None else retain, reference, settings, guard_start)
         stopping.start(update.parameters)
         trajectory, step_seconds = [], 0.0
@@ -67,7 +69,7 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
         net.train()
         for step in range(1, settings.steps + 1):
             began = time.perf_counter()
-            if earlier is not None:
+            if earlier is not None and earlier.p > 0:
                 earlier.draw()
             retain_batch = next(retain_batches)
             loss, logs = method.loss(net, next(forget_batches), retain_batch, original)
@@ -126,6 +128,14 @@ def guarded_step(model, update, optimizer, retain: dict, bound: float) -> str:
             outcome = "undone"
     model.train()
     return outcome
+
+
+def _without(original, earlier):
+    @contextmanager
+    def base():
+        with original(), earlier.none():
+            yield
+    return base
 
 
 @contextmanager

@@ -1,6 +1,7 @@
 """Request files, the scope table, and progress output: small pieces with no model."""
 
 import io
+from dataclasses import replace
 
 import yaml
 from click.testing import CliRunner
@@ -43,6 +44,18 @@ def test_a_request_is_known_by_its_content_not_by_where_its_files_lie(tmp_path):
     path = _write(tmp_path / "b")
     (tmp_path / "b" / "retain.jsonl").write_text('{"question": "what is the job of bo ?", "answer": "cook"}\n')
     assert load_request(path).sha256() != first.sha256()  # other data, other request
+
+
+def test_a_field_added_later_counts_in_a_requests_identity_only_when_set(tmp_path):
+    from seqforget.requests import _LATER, Training
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    plain = load_request(_write(tmp_path / "a"))
+    assert not set(_LATER) & set(plain.content()["training"])  # what a request committed before them hashed
+    assert load_request(_write(tmp_path / "b", targets_from_base=True)).sha256() == plain.sha256()
+    set_ = load_request(_write(tmp_path / "b", targets_from_base=False))
+    assert set_.training == replace(Training(**vars(plain.training)), targets_from_base=False)
+    assert set_.sha256() != plain.sha256()
 
 
 def test_every_scope_lists_methods_that_exist():

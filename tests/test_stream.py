@@ -145,6 +145,10 @@ def test_earlier_terms_switched_off_run_the_model_as_if_they_were_not_there(worl
     assert torch.equal(logits(live.model, batch), both)
     switches.switch_off([key["p"]])
     torch.testing.assert_close(logits(live.model, batch), only_q, rtol=0, atol=1e-4)
+    with switches.none():  # the base model, what targets_from_base holds a request to
+        torch.testing.assert_close(logits(live.model, batch), base, rtol=0, atol=1e-4)
+    assert switches.off == {key["p"]}  # the draw before is back
+    torch.testing.assert_close(logits(live.model, batch), only_q, rtol=0, atol=1e-4)
     switches.all_on()
     assert torch.equal(logits(live.model, batch), both)
     switches = live.earlier_off(1.0, seed=0)
@@ -156,15 +160,19 @@ def test_earlier_terms_switched_off_run_the_model_as_if_they_were_not_there(worl
     assert all(torch.equal(a, b) for a, b in zip(live.model.parameters(), weights))
 
 
-def test_a_request_trained_with_earlier_terms_switched_off_learns_another_adapter(world, reg, tmp_path):
-    apply_request(reg, write_request(tmp_path, "p", forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl")),
+@pytest.mark.parametrize("field", [{"earlier_dropout": 1.0}, {"targets_from_base": False}])
+def test_a_request_trained_with_earlier_terms_switched_off_learns_another_adapter(world, reg, tmp_path, field):
+    """earlier_dropout switches them off for the steps; targets_from_base (on unless set false)
+    for what the method holds the model to, here NPO's reference model. The earlier request
+    forgets the same rows, so the model with it and the model without it differ on them."""
+    apply_request(reg, write_request(tmp_path, "p", forget=str(world / "forget_b.jsonl"), retain=str(world / "retain.jsonl")),
                   show_progress=False)
     twin = tmp_path / "twin"
     shutil.copytree(reg, twin)  # the same history, so the same bases: only the switches differ
     adapters = []
-    for registry, p in ((reg, 0.0), (twin, 1.0)):
+    for registry, fields in ((reg, {}), (twin, field)):
         entry = apply_request(registry, write_request(tmp_path, "q", forget=str(world / "forget_b.jsonl"),
-                                                      retain=str(world / "retain.jsonl"), earlier_dropout=p),
+                                                      retain=str(world / "retain.jsonl"), method="npo", **fields),
                               show_progress=False)
         adapters.append(Registry.open(registry).snapshot().adapter(entry).weights)
     a, b = adapters
