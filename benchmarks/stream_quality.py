@@ -1,14 +1,15 @@
 """Does quality hold over a long stream, and does a rollback inside it take back its own request only?
 
     python -m benchmarks.stream_quality [--requests 30] [--world shapes:1] [--scope visual] [--dropout 0,0.5] [--rollbacks 3]
-                                        [--fresh-retain]
+                                        [--fresh-retain] [--targets-from-base]
 
 For each value of `earlier_dropout` in --dropout, one stream of one-person requests on a fresh
 registry of the world's vanilla model, through the stream's path (one live model kept by
 differences), each request as a user sends it: the scope's default method, the never-seen
 people as reference, partial: true, and the same retain sample (--fresh-retain: a new one each,
-never holding the stream's people). The forget figure is the scope's: held-out visual accuracy
-for `visual`, text-question accuracy for `full`, per person. The oracle is the model retrained
+never holding the stream's people; --targets-from-base: targets_from_base: true in each). The
+forget figure is the scope's: held-out visual accuracy for `visual`, text-question accuracy for
+`full`, per person. The oracle is the model retrained
 without all of the stream's people's images (visual) or data (full). A person counts as
 forgotten while their figure is nearer the oracle's than vanilla's (for that person).
 
@@ -60,7 +61,7 @@ def forgotten(person: str, figure: float, vanilla: dict, oracle: dict) -> bool:
 
 
 def run_stream(bench, people: list[str], scope: str, dropout: float, vanilla: dict, oracle: dict, rollbacks: int,
-               work: Path, fresh_retain: bool = False, from_base: bool = True, log=print) -> dict:
+               work: Path, fresh_retain: bool = False, from_base: bool = False, log=print) -> dict:
     retained = bench.retain_people(people)
     reg = work / f"registry-{dropout}"
     init_registry(reg, bench.vanilla)
@@ -141,8 +142,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rollbacks", type=int, default=3, help="requests rolled back, one at a time, after each stream")
     parser.add_argument("--fresh-retain", action="store_true",
                         help="each request brings its own retain sample (default: every request the same one)")
-    parser.add_argument("--targets-from-live", action="store_true",
-                        help="requests compute their targets under the live model before them (targets_from_base: false)")
+    parser.add_argument("--targets-from-base", action="store_true",
+                        help="requests compute their targets under the base model (targets_from_base: true)")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
     parser.add_argument("--cache", type=Path, default=None, help="where worlds and trained models are kept")
     parser.add_argument("--out", type=Path, default=None, help="write every figure to this JSON file")
@@ -167,7 +168,7 @@ def main(argv=None) -> None:
         for dropout in dropouts:
             print(f"\nstream of {len(people)} {args.scope} requests on {args.world}, earlier_dropout {dropout}")
             runs.append(run_stream(bench, people, args.scope, dropout, vanilla, oracle, args.rollbacks, Path(work),
-                                   args.fresh_retain, not args.targets_from_live))
+                                   args.fresh_retain, args.targets_from_base))
     print("\n" + "\n".join(summary(runs, people, vanilla, oracle)))
     if args.out:
         args.out.write_text(json.dumps({"command": " ".join(sys.argv), "world": args.world, "scope": args.scope,

@@ -53,8 +53,8 @@ class Training:
     retain_tolerance: float = 0.02  # retain token accuracy the guard lets go (1.0: no guard)
     guard_share: float = 0.2  # share of the retain images (and text rows) kept out of training for the guard to watch
     earlier_dropout: float = 0.0  # chance each earlier active request's term is off for an optimiser step (seqforget.live.EarlierOff)
-    targets_from_base: bool = True  # compute what the method holds the model to (retained rows' answers, strangers'
-    # answers, a reference model) under the base model, every earlier request off; false: under the live model before it
+    targets_from_base: bool = False  # compute what the method holds the model to (retained rows' answers, strangers'
+    # answers, a reference model) under the base model, every earlier request off, not the live model before it
 
 
 @dataclass(frozen=True)

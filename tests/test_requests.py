@@ -52,9 +52,9 @@ def test_a_field_added_later_counts_in_a_requests_identity_only_when_set(tmp_pat
     (tmp_path / "b").mkdir()
     plain = load_request(_write(tmp_path / "a"))
     assert not set(_LATER) & set(plain.content()["training"])  # what a request committed before them hashed
-    assert load_request(_write(tmp_path / "b", targets_from_base=True)).sha256() == plain.sha256()
-    set_ = load_request(_write(tmp_path / "b", targets_from_base=False))
-    assert set_.training == replace(Training(**vars(plain.training)), targets_from_base=False)
+    assert load_request(_write(tmp_path / "b", targets_from_base=False)).sha256() == plain.sha256()
+    set_ = load_request(_write(tmp_path / "b", targets_from_base=True))
+    assert set_.training == replace(Training(**vars(plain.training)), targets_from_base=True)
     assert set_.sha256() != plain.sha256()
 
 
