@@ -183,6 +183,7 @@ class Snapshot:
 class Registry:
     def __init__(self, root: Path):
         self.root = Path(root).absolute()
+        self._checked = False  # whether a manifest was read and found to be ours (by `open`)
 
     @classmethod
     def create(cls, root: Path, base_model: dict, default_retain: dict | None = None,
@@ -213,6 +214,7 @@ class Registry:
     def open(cls, root: Path) -> "Registry":
         reg = cls(root)
         reg.snapshot()  # raises if missing or not ours
+        reg._checked = True
         return reg
 
     # ---- the read path ----------------------------------------------------------------
@@ -260,7 +262,8 @@ class Registry:
 
     def writer(self, wait: bool = True) -> "Writer":
         """`with reg.writer() as w:` holds the lock, after clearing what a crashed writer left."""
-        self.snapshot()
+        if not self._checked:
+            self.snapshot()  # a registry that is not there, or not ours, is refused before its lock is taken
         return Writer(self, wait)
 
 
