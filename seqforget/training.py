@@ -8,7 +8,9 @@ null space). A method with a `step_guard` has each step checked on its retain ba
 that raises the retain loss by more than the bound is halved, and undone if halving is not
 enough (MMUnlearner's guard). With `earlier` switches (seqforget.live.EarlierOff), each step
 runs with a fresh random set of the earlier requests' terms switched off, and every check
-with all of them on: the model the registry will hold.
+with all of them on: the model the registry will hold. With `targets_from_base`, the method's
+`original()` switches every earlier term off too: its targets come from the base model, while
+the stopping rule and the retain guard still start from the live model.
 """
 
 import time
@@ -131,6 +133,7 @@ def guarded_step(model, update, optimizer, retain: dict, bound: float) -> str:
 
 
 def _without(original, earlier):
+    """`original`, with every earlier request's term switched off as well: the base model."""
     @contextmanager
     def base():
         with original(), earlier.none():
