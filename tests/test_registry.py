@@ -174,6 +174,24 @@ def test_commit_makes_the_request_visible_with_every_file_hashed(tmp_path):
     assert [e["id"] for e in reg.snapshot().requests] == ["r1", "r2"]
 
 
+def test_a_writer_holds_what_it_wrote_as_the_committed_state_and_leaves_earlier_snapshots_alone(tmp_path):
+    """A writer does not read the manifest back after writing it: what it holds must be what
+    the file says, and a snapshot taken before a change must still say what it said."""
+    reg = make_registry(tmp_path / "reg")
+    rng = np.random.default_rng(0)
+    with reg.writer() as w:
+        with w.begin("a") as txn:
+            stage(txn, "a", rng)
+            txn.commit(entry_for())
+        assert w.snapshot().manifest == Registry.open(reg.root).snapshot().manifest
+        before = w.snapshot()
+        w.set_state("a", "rolled_back")
+        w.reject("stream.jsonl:3", "f" * 64, "not valid JSON")
+        assert w.snapshot().manifest == Registry.open(reg.root).snapshot().manifest
+        assert before.find("a")["state"] == "active" and not before.rejected
+        assert w.snapshot().find("a")["state"] == "rolled_back" and len(w.snapshot().rejected) == 1
+
+
 def test_beginning_an_id_already_committed_raises_and_changes_nothing(tmp_path):
     reg = make_registry(tmp_path / "reg")
     rng = np.random.default_rng(0)
