@@ -230,13 +230,16 @@ class Registry:
 
         A folder in requests/ counts only if the journal shows a write of that id began: any
         other folder the manifest does not name is not ours to delete (verify reports it)."""
-        known = {e["dir"] for e in (snap or self.snapshot()).requests}
-        attempted = {r.get("id") for r in (self.journal() if records is None else records) if r.get("event") == "begin"}
-        out = sorted((self.root / STAGING).glob("*"))
-        out += [p for p in sorted((self.root / REQUESTS).glob("*"))
-                if f"{REQUESTS}/{p.name}" not in known and p.name in attempted]
-        out += sorted(self.root.glob(f".{MANIFEST}.tmp-*"))
-        return out
+        begun, _ = self._unlisted(snap or self.snapshot(), self.journal() if records is None else records)
+        return sorted((self.root / STAGING).glob("*")) + begun + sorted(self.root.glob(f".{MANIFEST}.tmp-*"))
+
+    def _unlisted(self, snap: Snapshot, records: list[dict]) -> tuple[list[Path], list[Path]]:
+        """Folders in requests/ that `snap` does not name: (those whose write the journal shows
+        began, the others)."""
+        known = {e["dir"] for e in snap.requests}
+        attempted = {r.get("id") for r in records if r.get("event") == "begin"}
+        unlisted = [p for p in sorted((self.root / REQUESTS).glob("*")) if f"{REQUESTS}/{p.name}" not in known]
+        return [p for p in unlisted if p.name in attempted], [p for p in unlisted if p.name not in attempted]
 
     def verify(self, snap: Snapshot | None = None) -> list[str]:
         """Re-hash every committed file (of `snap`, default: now); return every problem found."""
@@ -251,11 +254,8 @@ class Registry:
             problems += snap.damage(entry)
         if not (self.root / LOCK).is_file():
             problems.append("lock file missing")
-        known = {e["dir"] for e in snap.requests}
-        attempted = {r.get("id") for r in self.journal() if r.get("event") == "begin"}
-        for p in sorted((self.root / REQUESTS).glob("*")):
-            if f"{REQUESTS}/{p.name}" not in known and p.name not in attempted:
-                problems.append(f"{REQUESTS}/{p.name}: in the folder but not in the manifest, nor from an interrupted write")
+        _, foreign = self._unlisted(snap, self.journal())
+        problems += [f"{REQUESTS}/{p.name}: in the folder but not in the manifest, nor from an interrupted write" for p in foreign]
         return problems
 
     # ---- the write path ---------------------------------------------------------------
