@@ -2,14 +2,15 @@
 
 A `Live` holds the loaded model and processor, the adapter of every active request, a copy of
 the base weight of every layer a request has touched, and per layer the exact sum of the
-active requests' terms (seqforget.composition). `sync(state)` brings it to what a snapshot of the registry says by
-differences: a request that became active adds its term, one that was rolled back takes
+active requests' terms (seqforget.composition). `sync(state)` brings it to what a snapshot of
+the registry says by differences: a request that became active adds its term, one that was rolled back takes
 its own term off, and every layer they touch is rewritten as base + sum, rounded once. The
 cost is that of the requests that changed, not of the history, and the weights are the same
 bits as a model composed from scratch: the sums are exact, so the path does not matter.
 
 It also keeps the null-space bases of the registry's requests, read once each, and lets a
-new request train with the earlier requests' terms switched off at random (`EarlierOff`).
+new request train with the earlier requests' terms switched off (`EarlierOff`): at random for
+its steps (earlier_dropout), or all of them for its targets (targets_from_base).
 """
 
 import hashlib
@@ -103,10 +104,11 @@ class Live:
 
 
 class EarlierOff:
-    """Earlier requests' terms switched off at random while a new request trains.
+    """Earlier requests' terms switched off while a new request trains.
 
     Each `draw()` switches every term off with probability p, independently, until the next
-    draw; `all_on()` switches them all back. A term is switched off by subtracting its
+    draw; `all_on()` switches them all back; inside `with none():` every term is off (the base
+    model), for a request's targets under targets_from_base. A term is switched off by subtracting its
     contribution from the outputs of its layers (a forward hook per layer): the live weights
     are never written, so they stay exact. The aim: a new adapter that does not lean on the
     earlier ones, so that rolling one back brings back its own rows only. On this project's

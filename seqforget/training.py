@@ -68,10 +68,11 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
         stopping.start(update.parameters)
         trajectory, step_seconds = [], 0.0
         bound = getattr(method, "step_guard", None)
+        dropping = earlier is not None and earlier.p > 0  # earlier terms off at random for each step
         net.train()
         for step in range(1, settings.steps + 1):
             began = time.perf_counter()
-            if earlier is not None and earlier.p > 0:
+            if dropping:
                 earlier.draw()
             retain_batch = next(retain_batches)
             loss, logs = method.loss(net, next(forget_batches), retain_batch, original)
@@ -87,7 +88,7 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
             if progress is not None:
                 progress.update(loss=loss.item())
             pause_point("training")
-            if earlier is not None:
+            if dropping:
                 earlier.all_on()
             if step % settings.check_every == 0 or step == settings.steps:
                 net.eval()
