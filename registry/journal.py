@@ -34,10 +34,38 @@ def read(path: Path) -> list[dict]:
     """Every whole record; a torn or unreadable line is skipped."""
     if not Path(path).exists():
         return []
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    return [r for r in map(_parse, Path(path).read_bytes().splitlines()) if r is not None]
+
+
+def since_last(path: Path, event: str, chunk: int = 1 << 16) -> list[dict]:
+    """The records from the last one of `event` to the end (all of them if there is none),
+    read backwards from the end of the file: what comes before it is never read, so the
+    cost is that of the records since, however long the journal has grown."""
+    if not Path(path).exists():
+        return []
+    newest_first: list[dict] = []
+    with open(path, "rb") as f:
+        pos, rest = f.seek(0, os.SEEK_END), b""
+        while pos > 0:
+            step = min(chunk, pos)
+            pos -= step
+            f.seek(pos)
+            lines = (f.read(step) + rest).split(b"\n")
+            rest = lines.pop(0) if pos > 0 else b""  # perhaps only a line's end: read with the chunk before
+            for line in reversed(lines):
+                record = _parse(line)
+                if record is None:
+                    continue
+                newest_first.append(record)
+                if record.get("event") == event:
+                    return newest_first[::-1]
+    return newest_first[::-1]
+
+
+def _parse(line: bytes) -> dict | None:
+    """One record, or None for an empty, torn or unreadable line."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) else None

@@ -59,13 +59,28 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+# The manifests this process read or wrote last, by their bytes: one that has not changed is
+# not parsed again, and a line of an entry already written is not encoded again. Committed
+# manifests and their entries are never changed in place (`Writer.manifest_to_change`), so
+# what is kept stays what the file says.
+_PARSED: dict[bytes, dict] = {}
+_ENCODED: dict[int, tuple[dict, str]] = {}  # id(item) -> (item, its line); holding the item keeps its id its own
+KEPT = 2
+
+
 def _read_manifest(root: Path) -> dict:
     path = root / MANIFEST
     if not path.is_file():
         raise RegistryError(f"no registry at {root} (run `seqforget init` first)")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+        data = path.read_bytes()
+    except OSError as e:
+        raise RegistryDamaged(f"unreadable manifest {path}: {e}") from None
+    if data in _PARSED:
+        return _PARSED[data]
+    try:
+        manifest = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RegistryDamaged(f"unreadable manifest {path}: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise RegistryError(f"{path} is not a seqforget registry manifest")
@@ -74,22 +89,40 @@ def _read_manifest(root: Path) -> dict:
             f"registry format version {manifest.get('version')} is not supported "
             f"(this seqforget reads version {FORMAT_VERSION}; re-create the registry with `seqforget init`)"
         )
+    _keep(data, manifest)
     return manifest
+
+
+def _keep(data: bytes, manifest: dict) -> None:
+    _PARSED.pop(data, None)
+    _PARSED[data] = manifest
+    while len(_PARSED) > KEPT:
+        del _PARSED[next(iter(_PARSED))]
 
 
 def _write_manifest(path: Path, manifest: dict) -> None:
     """The manifest, atomically: a key a line, and a line for each item of a list (each request),
     so that it reads and diffs well and is written at the JSON encoder's C speed (an indented
-    dump is pure Python: its cost, per commit, grew with the history)."""
-    lines = []
+    dump is pure Python: its cost, per commit, grew with the history). An item's line is
+    encoded once: a commit encodes its own entry, a rollback the one it changes."""
+    lines, encoded = [], {}
     for key in sorted(manifest):
         value = manifest[key]
         if isinstance(value, list) and value:
-            items = ",\n".join(f"    {json.dumps(item, sort_keys=True)}" for item in value)
-            lines.append(f"  {json.dumps(key)}: [\n{items}\n  ]")
+            items = []
+            for item in value:
+                known = _ENCODED.get(id(item))
+                line = known[1] if known is not None and known[0] is item else f"    {json.dumps(item, sort_keys=True)}"
+                encoded[id(item)] = (item, line)
+                items.append(line)
+            lines.append(f"  {json.dumps(key)}: [\n" + ",\n".join(items) + "\n  ]")
         else:
             lines.append(f"  {json.dumps(key)}: {json.dumps(value, sort_keys=True)}")
-    write_bytes(path, ("{\n" + ",\n".join(lines) + "\n}\n").encode())
+    data = ("{\n" + ",\n".join(lines) + "\n}\n").encode()
+    write_bytes(path, data)
+    _ENCODED.clear()
+    _ENCODED.update(encoded)
+    _keep(data, manifest)
 
 
 @dataclass(frozen=True)
@@ -226,11 +259,16 @@ class Registry:
         return journal.read(self.root / JOURNAL)
 
     def leftovers(self, snap: Snapshot | None = None, records: list[dict] | None = None) -> list[Path]:
-        """Uncommitted remains of interrupted writes: invisible, removed by the next writer.
+        """Uncommitted remains of interrupted writes: invisible, removed by the next writer
+        (those of the last write) or by `gc` (all).
 
         A folder in requests/ counts only if the journal shows a write of that id began: any
         other folder the manifest does not name is not ours to delete (verify reports it)."""
         begun, _ = self._unlisted(snap or self.snapshot(), self.journal() if records is None else records)
+        return self._leftovers(begun)
+
+    def _leftovers(self, begun: list[Path]) -> list[Path]:
+        """Staged folders and temporary manifests, and `begun`: folders in requests/ of writes that never committed."""
         return sorted((self.root / STAGING).glob("*")) + begun + sorted(self.root.glob(f".{MANIFEST}.tmp-*"))
 
     def _unlisted(self, snap: Snapshot, records: list[dict]) -> tuple[list[Path], list[Path]]:
@@ -260,20 +298,23 @@ class Registry:
 
     # ---- the write path ---------------------------------------------------------------
 
-    def writer(self, wait: bool = True) -> "Writer":
-        """`with reg.writer() as w:` holds the lock, after clearing what a crashed writer left."""
+    def writer(self, wait: bool = True, thorough: bool = False) -> "Writer":
+        """`with reg.writer() as w:` holds the lock, after clearing what a crashed writer left.
+        thorough: look for the remains of every write the journal shows, not only of the last
+        (`gc`; a writer's recovery reads the journal from its last `begin` on, see `Writer.begin`)."""
         if not self._checked:
             self.snapshot()  # a registry that is not there, or not ours, is refused before its lock is taken
-        return Writer(self, wait)
+        return Writer(self, wait, thorough)
 
 
 class Writer:
     """What a holder of the writer lock may do. Obtain one with `with reg.writer() as w:`."""
 
-    def __init__(self, registry: Registry, wait: bool):
-        self.reg, self.root, self._wait, self._lock = registry, registry.root, wait, None
+    def __init__(self, registry: Registry, wait: bool, thorough: bool = False):
+        self.reg, self.root, self._wait, self._thorough, self._lock = registry, registry.root, wait, thorough, None
         self.removed: list[tuple[Path, int]] = []
         self._snap: Snapshot | None = None  # the committed state, read once while the lock is held
+        self._open: str | None = None  # the request whose write began and is not yet committed or aborted
 
     def __enter__(self) -> "Writer":
         self._lock = writer_lock(self.root / LOCK, wait=self._wait)
@@ -309,27 +350,46 @@ class Writer:
         self._snap = Snapshot(self.root, manifest)
 
     def _recover(self) -> None:
-        records = self.reg.journal()  # read once for both questions
-        leftovers = self.reg.leftovers(self.snapshot(), records)
+        """Remove what interrupted writes left, and journal how each ended. Each writer recovers
+        before it begins a write, and begins one only when its last has ended (`begin`): so every
+        `begin` in the journal but the last one was closed before the next, and only the records
+        from the last `begin` on need reading, however long the journal has grown."""
+        state = self.snapshot()
+        if self._thorough:
+            records = self.reg.journal()
+            leftovers = self.reg.leftovers(state, records)
+        else:
+            records = journal.since_last(self.root / JOURNAL, "begin")
+            begun = [self.root / REQUESTS / i for i in _unfinished(records) if state.find(i) is None]
+            leftovers = self.reg._leftovers([p for p in begun if p.exists()])
         self.removed = [(path, _size(path)) for path in leftovers]  # what recovery freed, for `gc`
         for path in leftovers:
             if path.is_dir():
                 shutil.rmtree(path)
             else:
                 path.unlink()
-        committed = {e["id"] for e in self.snapshot().requests}
         for request_id in _unfinished(records):
-            outcome = "committed" if request_id in committed else "discarded"
+            outcome = "committed" if state.find(request_id) is not None else "discarded"
             journal.append(self.root / JOURNAL, "recovered", id=request_id, outcome=outcome)
         if leftovers:
             fsync_dir(self.root / STAGING)
             fsync_dir(self.root / REQUESTS)
 
     def begin(self, request_id: str, **info) -> "Transaction":
-        """Journal the attempt and open a staging folder for the request's files."""
+        """Journal the attempt and open a staging folder for the request's files. One write at a
+        time: a write that has not ended (committed, or aborted) is for the next writer's recovery."""
+        if self._open is not None:
+            raise RegistryError(f"the write of request {self._open} has not ended; open the registry's writer again to recover it")
         if self.snapshot().find(request_id) is not None:
             raise RegistryError(f"request {request_id} is already in the registry")
+        folder = self.root / REQUESTS / request_id
+        if folder.exists():  # an earlier write of this id whose abort could not remove its folder
+            if folder not in self.reg.leftovers(self.snapshot()):
+                raise RegistryError(f"{REQUESTS}/{request_id} is in the way: the manifest does not name it and no write "
+                                    "of it began (see `seqforget verify`)")
+            shutil.rmtree(folder)
         journal.append(self.root / JOURNAL, "begin", id=request_id, **info)
+        self._open = request_id
         staged = self.root / STAGING / f"{request_id}.{uuid.uuid4().hex[:8]}"
         staged.mkdir()
         return Transaction(self, request_id, staged)
@@ -437,6 +497,7 @@ class Transaction:
         self.committed = entry
         pause_point("manifest")
         journal.append(root / JOURNAL, "commit", id=self.id, seq=entry["seq"])
+        self.writer._open = None
         pause_point("journaled")
         return entry
 
@@ -452,6 +513,7 @@ class Transaction:
             shutil.rmtree(self.staged, ignore_errors=True)
             shutil.rmtree(self.writer.root / REQUESTS / self.id, ignore_errors=True)  # renamed in, never committed
             journal.append(self.writer.root / JOURNAL, "abort", id=self.id, reason=reason[:500])
+            self.writer._open = None
         except (OSError, RegistryError):
             pass  # the next writer's recovery finishes the job
 

@@ -245,7 +245,7 @@ def gc(registry_path, wait):
 
     Rolled-back requests stay: the audit record needs them, and their basis columns still
     protect what they retained."""
-    with Registry.open(registry_path).writer(wait=wait) as writer:
+    with Registry.open(registry_path).writer(wait=wait, thorough=True) as writer:
         removed = writer.removed
     for path, size in removed:
         click.echo(f"removed {path.relative_to(writer.root)} ({size} bytes)")
@@ -263,7 +263,7 @@ def verify(registry_path):
     problems = reg.verify(state) + base_model_problems(state.base_model)
     for leftover in reg.leftovers(state):
         click.echo(f"note: uncommitted {leftover.relative_to(reg.root)}: a write in flight, or the remains of one "
-                   f"that was interrupted (the next writer removes them)")
+                   f"that was interrupted (`seqforget gc` removes them)")
     if problems:
         for p in problems:
             click.echo(f"damaged: {p}")

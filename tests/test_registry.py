@@ -175,21 +175,39 @@ def test_commit_makes_the_request_visible_with_every_file_hashed(tmp_path):
 
 
 def test_a_writer_holds_what_it_wrote_as_the_committed_state_and_leaves_earlier_snapshots_alone(tmp_path):
-    """A writer does not read the manifest back after writing it: what it holds must be what
-    the file says, and a snapshot taken before a change must still say what it said."""
+    """A writer does not read the manifest back after writing it, and readers in the same process
+    are given the manifest it wrote without parsing the file: what they hold must be what the
+    file says, and a snapshot taken before a change must still say what it said."""
     reg = make_registry(tmp_path / "reg")
     rng = np.random.default_rng(0)
+
+    def on_disk() -> dict:
+        return json.loads((reg.root / "manifest.json").read_text())
+
     with reg.writer() as w:
         with w.begin("a") as txn:
             stage(txn, "a", rng)
             txn.commit(entry_for())
-        assert w.snapshot().manifest == Registry.open(reg.root).snapshot().manifest
+        assert w.snapshot().manifest == on_disk() == Registry.open(reg.root).snapshot().manifest
         before = w.snapshot()
         w.set_state("a", "rolled_back")
         w.reject("stream.jsonl:3", "f" * 64, "not valid JSON")
-        assert w.snapshot().manifest == Registry.open(reg.root).snapshot().manifest
+        assert w.snapshot().manifest == on_disk() == Registry.open(reg.root).snapshot().manifest
         assert before.find("a")["state"] == "active" and not before.rejected
         assert w.snapshot().find("a")["state"] == "rolled_back" and len(w.snapshot().rejected) == 1
+
+
+def test_a_manifest_changed_by_another_process_is_read_afresh(tmp_path):
+    """Readers skip parsing a manifest whose bytes they have seen; any other bytes are read anew."""
+    reg = make_registry(tmp_path / "reg")
+    rng = np.random.default_rng(0)
+    apply(reg, "r1", rng)
+    assert reg.snapshot().find("r1")["state"] == "active"
+    path = reg.root / "manifest.json"
+    edited = json.loads(path.read_text())
+    edited["requests"][0]["state"] = "rolled_back"  # as another process's rollback leaves it
+    path.write_text(json.dumps(edited))
+    assert reg.snapshot().find("r1")["state"] == "rolled_back"
 
 
 def test_beginning_an_id_already_committed_raises_and_changes_nothing(tmp_path):
@@ -638,6 +656,77 @@ def test_recovery_closes_a_begin_that_has_no_outcome(tmp_path):
     with reg.writer():  # recovered once, not again
         pass
     assert sum(r["event"] == "recovered" for r in reg.journal()) == 1
+
+
+def test_recovery_reads_the_journal_from_its_last_begin_and_gc_reads_all_of_it(tmp_path):
+    """Every writer recovers before it begins, so only the last begin can be open: a writer reads
+    the journal from there on. A begin left open further back (which no writer of this registry
+    leaves) is found by `gc`'s thorough recovery, with the folder it left."""
+    reg = make_registry(tmp_path / "reg")
+    rng = np.random.default_rng(8)
+    apply(reg, "r1", rng)
+    apply(reg, "r2", rng)
+    path = reg.root / "journal.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text(lines[0] + json.dumps({"event": "begin", "id": "old"}) + "\n" + "".join(lines[1:]))
+    (reg.root / "requests" / "old").mkdir()
+    with reg.writer():
+        pass
+    assert unfinished(reg) == ["old"] and (reg.root / "requests" / "old").is_dir()
+    assert [p.name for p in reg.leftovers()] == ["old"]
+
+    with reg.writer(thorough=True) as w:
+        assert [p.name for p, _ in w.removed] == ["old"]
+    assert unfinished(reg) == [] and reg.leftovers() == []
+    assert [e["id"] for e in reg.snapshot().requests] == ["r1", "r2"] and reg.verify() == []
+
+
+def test_the_journal_tail_is_read_in_chunks_whatever_their_size(tmp_path):
+    from registry import journal
+
+    path = tmp_path / "journal.jsonl"
+    journal.append(path, "init")
+    for i in range(40):
+        journal.append(path, "begin", id=f"r{i}", padding="x" * i)
+        journal.append(path, "commit", id=f"r{i}")
+    journal.append(path, "rolled_back", id="r3")
+    with open(path, "ab") as f:
+        f.write(b'{"event": "begin", "id": "tor')  # torn by a crash
+    records = journal.read(path)
+    for chunk in (5, 64, 1000, 1 << 16):
+        assert journal.since_last(path, "begin", chunk=chunk) == records[-3:]
+        assert journal.since_last(path, "absent", chunk=chunk) == records
+
+
+def test_a_writer_begins_one_write_at_a_time(tmp_path):
+    reg = make_registry(tmp_path / "reg")
+    with reg.writer() as w:
+        w.begin("r1")  # never committed nor aborted
+        with pytest.raises(RegistryError, match="r1 has not ended"):
+            w.begin("r2")
+    assert [r.get("id") for r in reg.journal() if r["event"] == "begin"] == ["r1"]
+    apply(reg, "r2", np.random.default_rng(9))  # the next writer recovers r1 first
+    assert unfinished(reg) == [] and reg.snapshot().find("r2") is not None
+
+
+def test_a_folder_an_abort_could_not_remove_is_cleared_when_its_id_begins_again(tmp_path, monkeypatch):
+    reg = make_registry(tmp_path / "reg")
+    rng = np.random.default_rng(10)
+    with reg.writer() as w, pytest.raises(ValueError):
+        with w.begin("r1") as txn:
+            stage(txn, "r1", rng)
+            (reg.root / "requests" / "r1").mkdir()  # as if renamed in, and then ...
+            monkeypatch.setattr("shutil.rmtree", lambda *a, **k: None)  # ... the abort cannot remove it
+            raise ValueError("training failed")
+    monkeypatch.undo()
+    assert unfinished(reg) == [] and (reg.root / "requests" / "r1").is_dir()
+    entry, _, _ = apply(reg, "r1", rng)
+    assert entry["id"] == "r1" and reg.verify() == [] and reg.leftovers() == []
+
+    (reg.root / "requests" / "r2").mkdir()  # no write of ours began it: not ours to delete
+    with reg.writer() as w, pytest.raises(RegistryError, match="requests/r2 is in the way"):
+        w.begin("r2")
+    assert (reg.root / "requests" / "r2").is_dir()
 
 
 # ---- states -------------------------------------------------------------------------------
