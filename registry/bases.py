@@ -18,8 +18,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from registry.errors import RegistryError
+
+if TYPE_CHECKING:  # numpy is imported where arrays are read, not to open a registry
+    import numpy as np
 
 FORMAT = "seqforget-basis/3"
 COMPRESS_FROM = 1 << 16  # bytes: smaller datasets are stored whole, since a chunk index would cost more than gzip saves
