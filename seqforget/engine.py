@@ -7,7 +7,8 @@
          keeps one and brings it up to date by differences: seqforget.live)
       -> probe forget/retain before (the pass over the retained rows also gathers their
          inputs' Gram matrices) -> extend the null-space bases with them
-      -> begin -> train this request's adapter -> probe forget/retain after
+      -> begin -> train this request's adapter -> forget/retain after (the stopping rule's
+         last check gave most of them)
       -> put adapter, bases and records -> commit (the one commit point) -> unlock
 """
 
@@ -22,7 +23,7 @@ import torch
 from registry import Basis, Registry, Snapshot, new_folder, sha256_file
 from seqforget import data
 from seqforget.activations import InputGrams
-from seqforget.conditioning import IMAGES, projector_condition
+from seqforget.conditioning import IMAGES, find_projector, projector_condition
 from seqforget.errors import AlreadyDone, SeqforgetError
 from seqforget.evaluation import probe
 from seqforget.live import Live
@@ -236,7 +237,7 @@ def _unlearn(live: Live, method, request: Request, before: dict, forget: data.Ro
     _refuse_if_diverged(request, trained.adapter)
     _refuse_if_short(request, trained.stop)
     live.add(_pending(request), trained.adapter)
-    after = _probes(model, forget, retain, guard)
+    after = _after(model, trained, before, forget, retain, guard)
     metrics = {"before": before, "after": after,
                "rows": {"forget": len(forget), "retain": len(retain), "guard": len(guard) if guard else 0,
                         "guard_tokens": guard.answer_tokens if guard else 0},
@@ -299,12 +300,37 @@ def _probes(model, forget: data.Rows, retain: data.Rows, guard: data.Rows | None
         if guard is not None:
             out["guard"] = probe(model, guard.fixed)
     out["forget"] = probe(model, forget.fixed)
+    out["projector_condition"] = _projector_condition(model, forget, retain)
+    return out
+
+
+def _after(model, trained, before: dict, forget: data.Rows, retain: data.Rows, guard: data.Rows | None) -> dict:
+    """The figures after training, as `_probes` gives them. The stopping rule probed the forget
+    rows and the guard's rows (the retain rows when there is no guard) on the very adapter kept,
+    at its check (none kept: the model as before); only what no check saw is probed again, and
+    the projector's condition only if the adapter changed the projector."""
+    stop = trained.stop
+    kept = next((c for c in reversed(stop.checks) if c["step"] == stop.step), None) if stop.step else None
+    seen = {"forget": before["forget"], "guard": before.get("guard", before["retain"])} if kept is None else kept
+    after = {"forget": seen["forget"]}
+    if guard is not None:
+        after["retain"], after["guard"] = probe(model, retain.fixed), seen["guard"]
+    else:
+        after["retain"] = seen["guard"]
+    module = find_projector(model)
+    projector = next((name for name, m in model.named_modules() if m is module), None) if module is not None else None
+    moved = projector is not None and any(t.startswith(projector + ".") for t in trained.adapter.modules)
+    after["projector_condition"] = _projector_condition(model, forget, retain) if moved else before["projector_condition"]
+    return after
+
+
+def _projector_condition(model, forget: data.Rows, retain: data.Rows) -> float | None:
+    """The projector's condition (seqforget.conditioning) at the first distinct images of the rows."""
     images = []  # distinct images: a forget set asks several questions of each
     for e in (e for rows in (forget, retain) for e in rows.examples if e.pixel_values is not None):
         if len(images) < IMAGES and not any(torch.equal(e.pixel_values, seen) for seen in images):
             images.append(e.pixel_values)
-    out["projector_condition"] = projector_condition(model, torch.stack(images)) if images else None
-    return out
+    return projector_condition(model, torch.stack(images)) if images else None
 
 
 def _refuse_if_diverged(request: Request, adapter) -> None:

@@ -6,8 +6,9 @@ import pytest
 
 from conftest import snapshot, write_request
 from registry import Registry
-from seqforget.engine import apply_request, init_registry
-from seqforget.data import Row, hold_out
+from seqforget.data import Encoder, Row, Rows, encode, hold_out
+from seqforget.engine import _encode, apply_request, init_registry, live_model, read_request
+from seqforget.evaluation import probe
 from seqforget.errors import SeqforgetError
 from seqforget.status import status_rows, status_table
 from seqforget.stopping import stranger_rows
@@ -75,6 +76,32 @@ def test_a_partial_request_commits_what_the_guard_kept_and_says_so(world, reg_di
     assert metrics["after"]["guard"]["token_acc"] >= metrics["before"]["guard"]["token_acc"] - 0.01
     table = status_table(status_rows(Registry.open(reg_dir).snapshot()))
     assert "active (partial)" in table and f"retain guard, step {kept}" in table
+    assert_after_figures_are_the_committed_models(reg_dir, request, metrics)
+
+
+def test_the_figures_after_a_request_are_those_of_the_committed_model(world, reg_dir, tmp_path, unseen):
+    """Most figures after training are the stopping rule's last check of the adapter kept; they
+    must be what the committed model gives, projector included when the adapter trained it."""
+    request = write_request(tmp_path, "r", scope="visual", method="ga", steps=12, check_every=5, lr=3e-2,
+                            reference=unseen, partial=True, forget=str(world / "forget_a.jsonl"),
+                            retain=str(world / "retain.jsonl"))
+    entry = apply_request(reg_dir, request, show_progress=False)
+    metrics = Registry.open(reg_dir).snapshot().record(entry, "metrics.json")
+    assert 0 < metrics["stop"]["step"] and metrics["stop"]["checks"]
+    before, after = entry["metrics"]["projector_condition"]
+    assert before != after  # ga moved the projector: its condition is taken again
+    assert_after_figures_are_the_committed_models(reg_dir, request, metrics)
+
+
+def assert_after_figures_are_the_committed_models(reg_dir, request_path, metrics: dict) -> None:
+    state = Registry.open(reg_dir).snapshot()
+    model, processor = live_model(state)
+    forget, retain, guard, _ = _encode(read_request(state, request_path), processor, Encoder(processor))
+    for name, rows in (("forget", forget), ("retain", retain), ("guard", guard)):
+        if rows is not None:
+            fresh = probe(model, rows.fixed)
+            assert fresh["nll"] == pytest.approx(metrics["after"][name]["nll"], rel=1e-4, abs=1e-6), name
+            assert fresh["token_acc"] == pytest.approx(metrics["after"][name]["token_acc"]), name
 
 
 def test_without_reference_rows_the_budget_ends_training(world, reg_dir, tmp_path):
@@ -112,11 +139,13 @@ def test_the_guard_watches_retain_images_that_training_never_sees(world, reg_dir
     metrics = Registry.open(reg_dir).snapshot().record(apply_request(reg_dir, request, show_progress=False), "metrics.json")
     assert metrics["rows"]["guard"] == len(held) and metrics["rows"]["retain"] == len(kept)  # held rows stay out of training
     assert metrics["rows"]["guard_tokens"] * 0.02 >= 1  # enough that one wrong token stays within the default tolerance
-    checked, guard, retain = metrics["stop"]["checks"][0]["guard"], metrics["after"]["guard"], metrics["after"]["retain"]
-    assert checked["nll"] == pytest.approx(guard["nll"], rel=1e-4) != retain["nll"]  # the check probed the held-out rows
+    checked, retain = metrics["stop"]["checks"][0]["guard"], metrics["after"]["retain"]
+    model, processor = live_model(Registry.open(reg_dir).snapshot())
+    held_out = probe(model, Rows([encode(processor, r) for r in held], processor.tokenizer.pad_token_id).fixed)
+    assert checked["nll"] == pytest.approx(held_out["nll"], rel=1e-4) != retain["nll"]  # the check probed the held-out rows
     table = status_table(status_rows(Registry.open(reg_dir).snapshot()))
     assert "held-out retain acc" in table
-    assert "{:.2f} -> {:.2f}".format(metrics["before"]["guard"]["token_acc"], guard["token_acc"]) in table.splitlines()[-1]
+    assert "{:.2f} -> {:.2f}".format(metrics["before"]["guard"]["token_acc"], metrics["after"]["guard"]["token_acc"]) in table.splitlines()[-1]
 
 
 def test_hold_out_spreads_whole_images_over_the_rows(tmp_path):
