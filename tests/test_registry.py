@@ -681,21 +681,25 @@ def test_recovery_reads_the_journal_from_its_last_begin_and_gc_reads_all_of_it(t
     assert [e["id"] for e in reg.snapshot().requests] == ["r1", "r2"] and reg.verify() == []
 
 
-def test_the_journal_tail_is_read_in_chunks_whatever_their_size(tmp_path):
-    from registry import journal
-
-    path = tmp_path / "journal.jsonl"
-    journal.append(path, "init")
-    for i in range(40):
-        journal.append(path, "begin", id=f"r{i}", padding="x" * i)
-        journal.append(path, "commit", id=f"r{i}")
-    journal.append(path, "rolled_back", id="r3")
-    with open(path, "ab") as f:
-        f.write(b'{"event": "begin", "id": "tor')  # torn by a crash
-    records = journal.read(path)
-    for chunk in (5, 64, 1000, 1 << 16):
-        assert journal.since_last(path, "begin", chunk=chunk) == records[-3:]
-        assert journal.since_last(path, "absent", chunk=chunk) == records
+@pytest.mark.parametrize("cut", [0.25, 0.5, 0.75])
+def test_a_begin_left_open_is_found_wherever_the_journal_tail_is_cut(tmp_path, cut):
+    """A writer reads the journal backwards in 64 KiB pieces: an open begin whose line a piece
+    cuts is still read whole, and records after it (a torn last line too) do not hide it."""
+    reg = make_registry(tmp_path / "reg")
+    apply(reg, "r1", np.random.default_rng(11))
+    begin = json.dumps({"event": "begin", "id": "r2", "padding": "x" * 400}) + "\n"
+    after = []
+    while len("".join(after)) < (1 << 16) - len(begin) * cut:
+        after.append(json.dumps({"event": "reject", "id": None, "source": f"s{len(after)}"}) + "\n")
+    with open(reg.root / "journal.jsonl", "a") as f:
+        f.write(json.dumps({"event": "reject", "id": None, "source": "x" * (1 << 16)}) + "\n" + begin + "".join(after))
+        f.write('{"event": "commit", "id": "r')  # torn by a crash
+    (reg.root / "staging" / "r2.0123abcd").mkdir()
+    with reg.writer():
+        pass
+    last = reg.journal()[-1]
+    assert (last["event"], last["id"], last["outcome"]) == ("recovered", "r2", "discarded")
+    assert unfinished(reg) == [] and reg.leftovers() == []
 
 
 def test_a_writer_begins_one_write_at_a_time(tmp_path):
