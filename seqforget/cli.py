@@ -26,6 +26,7 @@ import click
 
 from registry import CommittedUnfinished, Registry, RegistryBusy, RegistryDamaged, RegistryError
 from seqforget.errors import AlreadyDone, SeqforgetError
+from seqforget.models import DTYPES
 
 EXIT_BAD_INPUT, EXIT_NOTHING_TO_DO, EXIT_BUSY, EXIT_DAMAGED, EXIT_UNEXPECTED = 1, 3, 4, 5, 70
 EXIT_CODES = [  # most specific first
@@ -50,6 +51,11 @@ model_option = click.option(
     "model_dir",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     help="Base model folder, if it moved since `init` (it must be the same model).",
+)
+dtype_option = click.option(
+    "--dtype",
+    type=click.Choice(DTYPES),
+    help="Precision to load, train and compose the model in (default: the registry's, chosen at init).",
 )
 wait_option = click.option(
     "--wait/--no-wait",
@@ -100,26 +106,29 @@ def cli():
               help="Default retain set (JSONL) for requests that name none.")
 @click.option("--reference", "reference", type=click.Path(dir_okay=False, path_type=Path),
               help="Default reference set (JSONL): rows the model never saw, the level requests stop at.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
+              help="Precision the live model is loaded, trained and composed in; adapters are stored in float32.")
 @registry_option
-def init(model_dir, retain, reference, registry_path):
+def init(model_dir, retain, reference, dtype, registry_path):
     """Bind a new registry to a local base model (its files are hashed once, here)."""
     from seqforget.engine import init_registry
 
-    reg = init_registry(registry_path, model_dir, retain, reference)
-    click.echo(f"initialised registry {reg.root} for model {model_dir}")
+    reg = init_registry(registry_path, model_dir, retain, reference, dtype)
+    click.echo(f"initialised registry {reg.root} for model {model_dir} ({dtype})")
 
 
 @cli.command()
 @click.argument("request", type=click.Path(path_type=Path))
 @registry_option
 @model_option
+@dtype_option
 @wait_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
-def apply(request, registry_path, model_dir, wait, quiet):
+def apply(request, registry_path, model_dir, dtype, wait, quiet):
     """Apply one deletion request (YAML or JSON file)."""
     from seqforget.engine import apply_request
 
-    entry = apply_request(registry_path, request, model_dir, show_progress=not quiet, wait=wait)
+    entry = apply_request(registry_path, request, model_dir, show_progress=not quiet, wait=wait, dtype=dtype)
     m = entry["metrics"]
     click.echo(
         f"applied {entry['id']} ({entry['method']}, {entry['scope']}): "
@@ -132,12 +141,13 @@ def apply(request, registry_path, model_dir, wait, quiet):
 @click.argument("source", type=click.Path(exists=True, path_type=Path))
 @registry_option
 @model_option
+@dtype_option
 @click.option("--once", is_flag=True, help="Apply what SOURCE holds now, then exit (default: keep watching it).")
 @click.option("--poll", default=2.0, show_default=True, type=click.FloatRange(min=0.05),
               help="Seconds between looks at SOURCE when it holds nothing new.")
 @wait_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
-def stream(source, registry_path, model_dir, once, poll, wait, quiet):
+def stream(source, registry_path, model_dir, dtype, once, poll, wait, quiet):
     """Apply the requests of SOURCE as they arrive: a folder of request files, or a JSONL file.
 
     Each request is applied once; after a stop or a kill, the next start goes on where it
@@ -147,7 +157,7 @@ def stream(source, registry_path, model_dir, once, poll, wait, quiet):
 
     with Stop() as stop:
         tally = run_stream(registry_path, source, model_dir, once=once, poll=poll, show_progress=not quiet,
-                           log=click.echo, stop=stop, wait=wait)
+                           log=click.echo, stop=stop, wait=wait, dtype=dtype)
     ended = f"stopped by {stop.signal}" if stop.signal else "drained"
     click.echo(f"stream {ended}: {tally.applied} applied, {tally.skipped} already done, {tally.rejected} rejected"
                + (f"; {tally.abandoned} abandoned, to be applied by the next start" if tally.abandoned else ""))
@@ -169,11 +179,12 @@ def rollback(request_id, registry_path, wait):
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @registry_option
 @model_option
-def export(out_dir, registry_path, model_dir):
+@dtype_option
+def export(out_dir, registry_path, model_dir, dtype):
     """Write the live model (base + active requests) as a transformers model folder."""
     from seqforget.engine import export_model
 
-    path = export_model(registry_path, out_dir, model_dir)
+    path = export_model(registry_path, out_dir, model_dir, dtype)
     click.echo(f"exported the live model to {path}")
 
 

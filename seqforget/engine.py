@@ -28,7 +28,7 @@ from seqforget.errors import AlreadyDone, SeqforgetError
 from seqforget.evaluation import probe
 from seqforget.live import Live
 from seqforget.methods import make_method
-from seqforget.models import model_sha256, model_signature
+from seqforget.models import model_sha256, model_signature, torch_dtype
 from seqforget.progress import Progress
 from seqforget.projection import NullSpace, extend_basis
 from seqforget.requests import Request, load_request, parse_request
@@ -38,11 +38,14 @@ from seqforget.training import train_adapter
 from seqforget.updates import UPDATES
 
 def init_registry(root: Path, model_dir: Path, default_retain: Path | None = None,
-                  default_reference: Path | None = None) -> Registry:
+                  default_reference: Path | None = None, dtype: str = "float32") -> Registry:
     """A new registry bound to the model in `model_dir`, fingerprinted once, here; requests that
-    name no retain or reference rows use the defaults given here."""
+    name no retain or reference rows use the defaults given here. `dtype`: the precision the
+    live model is loaded, trained and composed in (seqforget.models.DTYPES)."""
     model_dir = Path(model_dir).absolute()
-    base = {"path": str(model_dir), "sha256": model_sha256(model_dir), "signature": model_signature(model_dir)}
+    torch_dtype(dtype)  # an unknown name is refused before anything is written
+    base = {"path": str(model_dir), "sha256": model_sha256(model_dir), "signature": model_signature(model_dir),
+            "dtype": dtype}
     return Registry.create(root, base_model=base, default_retain=_default_rows(default_retain, "retain"),
                            default_reference=_default_rows(default_reference, "reference"))
 
@@ -68,19 +71,22 @@ def base_model_dir(state: Snapshot, model_dir: Path | None = None) -> Path:
     return path
 
 
-def live_model(state: Snapshot, model_dir: Path | None = None):
-    """(model, processor): the base model with every request active in `state` composed in."""
-    live = Live.load(state, base_model_dir(state, model_dir))
+def live_model(state: Snapshot, model_dir: Path | None = None, dtype: str | None = None):
+    """(model, processor): the base model with every request active in `state` composed in,
+    in `dtype` (default: the registry's)."""
+    live = Live.load(state, base_model_dir(state, model_dir), dtype)
     return live.model, live.processor
 
 
 def apply_request(root: Path, request: Path | Request, model_dir: Path | None = None, show_progress: bool = True,
-                  wait: bool = True, live: Live | None = None, stop=None, source: dict | None = None) -> dict:
+                  wait: bool = True, live: Live | None = None, stop=None, source: dict | None = None,
+                  dtype: str | None = None) -> dict:
     """Apply one deletion request (a request file, or one `read_request` read) and commit it;
     return its manifest entry. `live`: a live model of this registry to use and keep up to
     date (a stream's), instead of loading one. `stop`: a callable; when it returns true
     during training, the request is abandoned (seqforget.errors.Stopped) and nothing commits.
-    `source`: where a stream read the request ({"source", "digest"}), kept in the entry."""
+    `source`: where a stream read the request ({"source", "digest"}), kept in the entry.
+    `dtype`: the precision to load the model in, if not the registry's (no effect with `live`)."""
     reg = Registry.open(root)
     if not isinstance(request, Request):
         request = read_request(reg.snapshot(), request)
@@ -89,7 +95,7 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
         state = writer.snapshot()
         _refuse_if_present(state, request)
         if live is None:
-            live = Live.load(state, base_model_dir(state, model_dir))
+            live = Live.load(state, base_model_dir(state, model_dir), dtype)
         else:
             live.sync(state)
         model, processor = live.model, live.processor
@@ -107,7 +113,8 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
         with writer.begin(request.id, method=request.method, scope=request.scope) as txn:
             adapter, metrics = _unlearn(live, method, request, before, forget, retain, guard, reference, targets, nullspaces,
                                        Progress(request.training.steps, f"apply {request.id}", show_progress, stop=stop))
-            metrics.update(basis=growth, seconds=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb())
+            metrics.update(basis=growth, seconds=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb(),
+                           dtype=str(model.dtype).removeprefix("torch."))
             txn.put_adapter(adapter)
             metrics.update(basis_seconds=basis_seconds, basis_bytes=txn.put_bases(added))
             txn.put_record("request.json", request.describe())
@@ -129,13 +136,14 @@ def rollback_request(root: Path, request_id: str, wait: bool = True) -> dict:
         return writer.set_state(request_id, "rolled_back")
 
 
-def export_model(root: Path, out_dir: Path, model_dir: Path | None = None) -> Path:
-    """Write the live model (base + active requests) as a transformers model folder, all at once."""
+def export_model(root: Path, out_dir: Path, model_dir: Path | None = None, dtype: str | None = None) -> Path:
+    """Write the live model (base + active requests) as a transformers model folder, all at once,
+    in `dtype` (default: the registry's)."""
     state = Registry.open(root).snapshot()
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise SeqforgetError(f"{out_dir} already exists and is not an empty folder")
-    model, processor = live_model(state, model_dir)
+    model, processor = live_model(state, model_dir, dtype)
     with new_folder(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)

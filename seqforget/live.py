@@ -27,6 +27,11 @@ from seqforget.data import Encoder
 from seqforget.models import load_model
 
 
+def registry_dtype(state: Snapshot) -> str:
+    """The precision the registry's live model is kept in: chosen at `init`, float32 before there was a choice."""
+    return state.base_model.get("dtype", "float32")
+
+
 def entry_key(entry: dict) -> str:
     """What identifies a committed request's term: its id and the sha256 of its files."""
     files = hashlib.sha256(json.dumps(entry["files"], sort_keys=True).encode()).hexdigest()
@@ -44,9 +49,10 @@ class Live:
         self._bases: dict[str, dict[str, Basis]] = {}  # entry key -> the basis columns that request added
 
     @classmethod
-    def load(cls, state: Snapshot, model_dir: Path) -> "Live":
-        """The base model of `model_dir` with every request active in `state` composed in."""
-        model, processor = load_model(model_dir)
+    def load(cls, state: Snapshot, model_dir: Path, dtype: str | None = None) -> "Live":
+        """The base model of `model_dir` with every request active in `state` composed in, its
+        weights in `dtype` (default: the registry's, chosen at `init`)."""
+        model, processor = load_model(model_dir, dtype or registry_dtype(state))
         live = cls(model, processor)
         live.sync(state)
         return live

@@ -32,17 +32,30 @@ def _quiet_transformers() -> None:
     logging.disable_progress_bar()
 
 
-def load_model(path: Path, dtype=None):
-    """(model, processor) from a local folder; the model in eval mode, float32 unless told."""
-    _quiet_transformers()
+DTYPES = ("float32", "bfloat16", "float16")  # the precisions a model is loaded, trained and composed in
+
+
+def torch_dtype(name):
+    """The torch dtype of one of DTYPES (a torch dtype itself passes as it is), or a one-line error."""
     import torch
+
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise SeqforgetError(f"unknown dtype {name!r} (one of {', '.join(DTYPES)})")
+    return getattr(torch, name)
+
+
+def load_model(path: Path, dtype="float32"):
+    """(model, processor) from a local folder; the model in eval mode, its weights in `dtype` (one of DTYPES, or a torch dtype)."""
+    _quiet_transformers()
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = Path(path)
     if not (path / "config.json").is_file():
         raise SeqforgetError(f"{path} is not a model folder (no config.json)")
     try:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype or torch.float32)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype(dtype))
         processor = AutoProcessor.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise SeqforgetError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from e

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 
 def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """(n_images, T, H) projector outputs for pixel_values (n_images, 3, S, S)."""
+    """(n_images, T, H) projector outputs for pixel_values (n_images, 3, S, S), in float32 whatever the model's dtype."""
     out = model.get_image_features(pixel_values=pixel_values)
     features = out.pooler_output if hasattr(out, "pooler_output") else out
-    return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+    return (torch.stack(list(features)) if isinstance(features, (list, tuple)) else features).float()
 
 
 def augment(pixels: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:

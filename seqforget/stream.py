@@ -125,13 +125,14 @@ class Tally:
 
 
 def run_stream(root: Path, source: Path, model_dir: Path | None = None, once: bool = False, poll: float = 2.0,
-               show_progress: bool = True, log=print, stop: Stop | None = None, wait: bool = True) -> Tally:
+               show_progress: bool = True, log=print, stop: Stop | None = None, wait: bool = True,
+               dtype: str | None = None) -> Tally:
     """Apply SOURCE's requests in order until it is drained (`once`) or a stop is asked for.
     The registry's lock is held for each request in hand, not while the stream waits for more;
     `wait=False`: a lock another process holds stops the stream (RegistryBusy) instead."""
     reg = Registry.open(root)
     state = reg.snapshot()
-    live = Live.load(state, base_model_dir(state, model_dir))
+    live = Live.load(state, base_model_dir(state, model_dir), dtype)
     tally = Tally()
     stop = stop or Stop()
     handled: set[tuple[str, str]] = set()  # items this run took, whatever came of them (an equal re-sent one leaves no record)

@@ -87,7 +87,7 @@ class _Residual(nn.Module):
 
     def __init__(self, weight: torch.Tensor, fn):
         super().__init__()
-        self.delta = nn.Parameter(torch.zeros_like(weight))  # (d_out, d_in)
+        self.delta = nn.Parameter(torch.zeros_like(weight, dtype=torch.float32))  # (d_out, d_in), float32 whatever the weight's
         self.mask: torch.Tensor | None = None  # (d_out, d_in) bool, or None: every entry free
         self.fn, self.on = fn, True
 
@@ -95,7 +95,7 @@ class _Residual(nn.Module):
         if not self.on:
             return weight
         delta = self.delta if self.mask is None else self.delta * self.mask
-        return weight + self.fn(delta)
+        return weight + self.fn(delta).to(weight.dtype)
 
 
 class _DenseUpdate:
