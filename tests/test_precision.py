@@ -98,3 +98,17 @@ def test_export_writes_the_registry_s_precision_unless_told_and_init_refuses_an_
 def test_the_loader_loads_in_the_dtype_asked(world, dtype):
     model, _ = load_model(world / "model", dtype)
     assert model.dtype == getattr(torch, dtype)
+
+
+def test_apply_and_stream_take_a_dtype_for_one_run(world, tmp_path):
+    reg = tmp_path / "reg"
+    invoke("init", "--model", world / "model", "--registry", reg)
+    fields = {"steps": 2, "forget": str(world / "forget_a.jsonl"), "retain": str(world / "retain.jsonl")}
+    invoke("apply", write_request(tmp_path, "a", **fields), "--registry", reg, "--dtype", "bfloat16", "-q")
+    source = tmp_path / "source"
+    source.mkdir()
+    write_request(source, "b", **fields)
+    invoke("stream", source, "--registry", reg, "--once", "--dtype", "float16", "-q")
+    state = Registry.open(reg).snapshot()
+    assert state.base_model["dtype"] == "float32"
+    assert [state.record(e, "metrics.json")["dtype"] for e in state.requests] == ["bfloat16", "float16"]
