@@ -57,6 +57,12 @@ dtype_option = click.option(
     type=click.Choice(DTYPES),
     help="Precision to load, train and compose the model in (default: the registry's, chosen at init).",
 )
+checkpointing_option = click.option(
+    "--gradient-checkpointing",
+    "checkpointing",
+    is_flag=True,
+    help="Recompute activations in the backward pass instead of keeping them: less memory, slower steps.",
+)
 wait_option = click.option(
     "--wait/--no-wait",
     default=True,
@@ -122,13 +128,15 @@ def init(model_dir, retain, reference, dtype, registry_path):
 @registry_option
 @model_option
 @dtype_option
+@checkpointing_option
 @wait_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
-def apply(request, registry_path, model_dir, dtype, wait, quiet):
+def apply(request, registry_path, model_dir, dtype, checkpointing, wait, quiet):
     """Apply one deletion request (YAML or JSON file)."""
     from seqforget.engine import apply_request
 
-    entry = apply_request(registry_path, request, model_dir, show_progress=not quiet, wait=wait, dtype=dtype)
+    entry = apply_request(registry_path, request, model_dir, show_progress=not quiet, wait=wait, dtype=dtype,
+                          checkpointing=checkpointing)
     m = entry["metrics"]
     click.echo(
         f"applied {entry['id']} ({entry['method']}, {entry['scope']}): "
@@ -142,12 +150,13 @@ def apply(request, registry_path, model_dir, dtype, wait, quiet):
 @registry_option
 @model_option
 @dtype_option
+@checkpointing_option
 @click.option("--once", is_flag=True, help="Apply what SOURCE holds now, then exit (default: keep watching it).")
 @click.option("--poll", default=2.0, show_default=True, type=click.FloatRange(min=0.05),
               help="Seconds between looks at SOURCE when it holds nothing new.")
 @wait_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
-def stream(source, registry_path, model_dir, dtype, once, poll, wait, quiet):
+def stream(source, registry_path, model_dir, dtype, checkpointing, once, poll, wait, quiet):
     """Apply the requests of SOURCE as they arrive: a folder of request files, or a JSONL file.
 
     Each request is applied once; after a stop or a kill, the next start goes on where it
@@ -157,7 +166,7 @@ def stream(source, registry_path, model_dir, dtype, once, poll, wait, quiet):
 
     with Stop() as stop:
         tally = run_stream(registry_path, source, model_dir, once=once, poll=poll, show_progress=not quiet,
-                           log=click.echo, stop=stop, wait=wait, dtype=dtype)
+                           log=click.echo, stop=stop, wait=wait, dtype=dtype, checkpointing=checkpointing)
     ended = f"stopped by {stop.signal}" if stop.signal else "drained"
     click.echo(f"stream {ended}: {tally.applied} applied, {tally.skipped} already done, {tally.rejected} rejected"
                + (f"; {tally.abandoned} abandoned, to be applied by the next start" if tally.abandoned else ""))

@@ -80,13 +80,14 @@ def live_model(state: Snapshot, model_dir: Path | None = None, dtype: str | None
 
 def apply_request(root: Path, request: Path | Request, model_dir: Path | None = None, show_progress: bool = True,
                   wait: bool = True, live: Live | None = None, stop=None, source: dict | None = None,
-                  dtype: str | None = None) -> dict:
+                  dtype: str | None = None, checkpointing: bool = False) -> dict:
     """Apply one deletion request (a request file, or one `read_request` read) and commit it;
     return its manifest entry. `live`: a live model of this registry to use and keep up to
     date (a stream's), instead of loading one. `stop`: a callable; when it returns true
     during training, the request is abandoned (seqforget.errors.Stopped) and nothing commits.
     `source`: where a stream read the request ({"source", "digest"}), kept in the entry.
-    `dtype`: the precision to load the model in, if not the registry's (no effect with `live`)."""
+    `dtype`: the precision to load the model in, if not the registry's (no effect with `live`).
+    `checkpointing`: train with gradient checkpointing (seqforget.training.train_adapter)."""
     reg = Registry.open(root)
     if not isinstance(request, Request):
         request = read_request(reg.snapshot(), request)
@@ -112,7 +113,8 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
         nullspaces = _nullspaces(request, targets, bases, added)
         with writer.begin(request.id, method=request.method, scope=request.scope) as txn:
             adapter, metrics = _unlearn(live, method, request, before, forget, retain, guard, reference, targets, nullspaces,
-                                       Progress(request.training.steps, f"apply {request.id}", show_progress, stop=stop))
+                                       Progress(request.training.steps, f"apply {request.id}", show_progress, stop=stop),
+                                       checkpointing)
             metrics.update(basis=growth, seconds=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb(),
                            dtype=str(model.dtype).removeprefix("torch."))
             txn.put_adapter(adapter)
@@ -227,7 +229,7 @@ def _encode(request: Request, processor, encoder: data.Encoder) -> tuple[data.Ro
 
 def _unlearn(live: Live, method, request: Request, before: dict, forget: data.Rows, retain: data.Rows,
              guard: data.Rows | None, reference: data.Rows | None, targets: list[str], nullspaces: dict[str, NullSpace],
-             progress: Progress):
+             progress: Progress, checkpointing: bool = False):
     """Train the adapter under the null spaces, probe after (`before`: the probes before):
     (adapter, metrics). The live model ends with the adapter composed in, pending until the
     request commits."""
@@ -238,7 +240,8 @@ def _unlearn(live: Live, method, request: Request, before: dict, forget: data.Ro
     try:
         with progress:
             trained = train_adapter(model, method, forget, retain, guard, reference, targets, nullspaces, settings,
-                                    progress, earlier, guard_start=before["guard" if guard is not None else "retain"]["token_acc"])
+                                    progress, earlier, guard_start=before["guard" if guard is not None else "retain"]["token_acc"],
+                                    checkpointing=checkpointing)
     finally:
         if earlier is not None:
             earlier.remove()
@@ -250,7 +253,7 @@ def _unlearn(live: Live, method, request: Request, before: dict, forget: data.Ro
                "rows": {"forget": len(forget), "retain": len(retain), "guard": len(guard) if guard else 0,
                         "guard_tokens": guard.answer_tokens if guard else 0},
                "targets": len(targets), "projection": settings.projection and UPDATES[method.adapter_kind].projected,
-               "stop": {**trained.stop.record(), "reached": trained.stop.reached},
+               "stop": {**trained.stop.record(), "reached": trained.stop.reached}, "gradient_checkpointing": checkpointing,
                "trajectory": trained.trajectory, "train_seconds": trained.seconds, "step_seconds": trained.step_seconds}
     return trained.adapter, metrics
 

@@ -126,7 +126,7 @@ class Tally:
 
 def run_stream(root: Path, source: Path, model_dir: Path | None = None, once: bool = False, poll: float = 2.0,
                show_progress: bool = True, log=print, stop: Stop | None = None, wait: bool = True,
-               dtype: str | None = None) -> Tally:
+               dtype: str | None = None, checkpointing: bool = False) -> Tally:
     """Apply SOURCE's requests in order until it is drained (`once`) or a stop is asked for.
     The registry's lock is held for each request in hand, not while the stream waits for more;
     `wait=False`: a lock another process holds stops the stream (RegistryBusy) instead."""
@@ -141,7 +141,7 @@ def run_stream(root: Path, source: Path, model_dir: Path | None = None, once: bo
         for n, item in enumerate(todo, start=1):
             if stop():
                 break
-            _one(reg, item, live, f"[{n}/{len(todo)}]", show_progress, log, stop, tally, wait)
+            _one(reg, item, live, f"[{n}/{len(todo)}]", show_progress, log, stop, tally, wait, checkpointing)
             if tally.abandoned:
                 return tally
             handled.add((item.source, item.digest))
@@ -161,13 +161,14 @@ def _pending(reg: Registry, items: list[Item]) -> list[Item]:
 
 
 def _one(reg: Registry, item: Item, live: Live, counter: str, show_progress: bool, log, stop: Stop, tally: Tally,
-         wait: bool) -> None:
+         wait: bool, checkpointing: bool = False) -> None:
     start = time.perf_counter()
     try:
         if item.problem:
             raise SeqforgetError(item.problem)
         request = read_request(reg.snapshot(), item.path, item.raw, item.source)
         entry = apply_request(reg.root, request, live=live, show_progress=show_progress, stop=stop, wait=wait,
+                              checkpointing=checkpointing,
                               source={"source": item.source, "digest": item.digest})
     except Stopped:
         tally.abandoned = item.id or item.source

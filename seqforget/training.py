@@ -21,6 +21,7 @@ import torch
 
 from registry import Adapter, pause_point
 from seqforget.data import Rows
+from seqforget.errors import SeqforgetError
 from seqforget.losses import answer_nll
 from seqforget.projection import NullSpace
 from seqforget.stopping import Stop, Stopping
@@ -38,7 +39,7 @@ class Trained:
 
 def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None, reference: Rows | None,
                   targets: list[str], nullspaces: dict[str, NullSpace], settings, progress=None, earlier=None,
-                  guard_start: float | None = None) -> Trained:
+                  guard_start: float | None = None, checkpointing: bool = False) -> Trained:
     """Train the method's update on `model` (left unchanged on return) and give back its adapter.
 
     forget, retain: the request's encoded rows, as the scope means them; guard: retain rows
@@ -48,6 +49,9 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
     settings: seqforget.requests.Training. progress: a seqforget.progress.Progress, or None.
     earlier: a seqforget.live.EarlierOff to draw from at every step, or None.
     guard_start: the token accuracy of the guard's rows before training, if already probed.
+    checkpointing: recompute the layers' activations in the backward pass instead of keeping them
+    (transformers' gradient checkpointing): less memory for the same gradients, at about one more
+    forward pass's time.
     """
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
@@ -59,6 +63,8 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
         original = _without(original, earlier)  # ... or as the base model, every earlier request off
     net.eval()
     try:
+        if checkpointing:  # after PEFT wrapped the model: wrapping a checkpointed one, it adds input hooks of its own
+            _checkpointing_on(model)
         method.prepare(net, forget, retain, reference, original, update)
         forget_batches = forget.endless(settings.batch_size, settings.seed)
         retain_batches = retain.endless(settings.batch_size, settings.seed + 1)
@@ -105,6 +111,9 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
     finally:
         net.eval()
         update.remove()
+        if checkpointing:
+            model.activation_checkpointing_disable()
+            model.disable_input_require_grads()  # enabling made the input embeddings' outputs require grad
     stop = stopping.result()
     del trajectory[stop.step:]  # steps after the kept check were undone by the retain guard (checks say which before it)
     return Trained(adapter, trajectory, stop, time.perf_counter() - start, step_seconds)
@@ -131,6 +140,13 @@ def guarded_step(model, update, optimizer, retain: dict, bound: float) -> str:
             outcome = "undone"
     model.train()
     return outcome
+
+
+def _checkpointing_on(model) -> None:
+    try:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    except ValueError as e:
+        raise SeqforgetError(f"gradient checkpointing is not available for this model ({e})") from None
 
 
 def _without(original, earlier):
