@@ -55,7 +55,7 @@ def load_model(path: Path, dtype="float32"):
     if not (path / "config.json").is_file():
         raise SeqforgetError(f"{path} is not a model folder (no config.json)")
     try:
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype(dtype))
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype(dtype or "float32"))
         processor = AutoProcessor.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise SeqforgetError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from e
