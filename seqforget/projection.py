@@ -9,7 +9,8 @@ dW = B A (A is r x d) leaves every retained input untouched when A U = 0:
 Bases grow as in Gradient Projection Memory (Saha et al., 2021): given the Gram
 matrix G = R^T R of new retained inputs R (n, d), the part U does not capture is
 P G P with P = I - U U^T; its top eigenvectors are added until the captured share
-of trace(G) reaches the threshold.
+of trace(G) reaches the threshold. P is never formed: every product with it is one
+with U (d, k), at O(d^2 k) where a formed P costs O(d^3) and another d x d matrix.
 """
 
 import numpy as np
@@ -36,10 +37,10 @@ def extend_basis(basis: Basis | None, gram: torch.Tensor, threshold: float, owne
     total = torch.trace(gram).item()
     if total <= 0.0:
         return Basis(np.zeros((d, 0)), np.zeros(0), []), 1.0, 1.0
-    before = torch.trace(u.T @ gram @ u).item() / total
-    p = torch.eye(d, dtype=torch.float64) - u @ u.T
-    residual = p @ gram @ p
-    evals, evecs = torch.linalg.eigh((residual + residual.T) / 2)  # ascending
+    gu = gram @ u  # (d, k)
+    before = torch.trace(u.T @ gu).item() / total
+    residual = _outside(gram, u, gu)
+    evals, evecs = torch.linalg.eigh(residual)  # ascending
     evals, evecs = evals.flip(0).clamp_min(0.0), evecs.flip(1)
     share = evals / total
     captured, m = before, 0
@@ -52,6 +53,18 @@ def extend_basis(basis: Basis | None, gram: torch.Tensor, threshold: float, owne
         new, _ = torch.linalg.qr(new)
     added = Basis(new.numpy(), share[:m].numpy(), [owner] * m)  # float64; the registry stores float32
     return added, before, captured
+
+
+def _outside(gram: torch.Tensor, u: torch.Tensor, gu: torch.Tensor) -> torch.Tensor:
+    """P G P with P = I - U U^T, for G (d, d) symmetric and U (d, k), GU = G @ U: what U does not
+    capture, symmetrised. P is never formed: G - U (GU)^T - (GU) U^T + U (U^T G U) U^T, in one
+    d x d buffer, each term added in place at O(d^2 k)."""
+    out = (gram + gram.T) / 2
+    if u.shape[1]:
+        out.addmm_(u, gu.T, alpha=-1.0)
+        out.addmm_(gu, u.T, alpha=-1.0)
+        out.addmm_(u @ (u.T @ gu), u.T)
+    return out
 
 
 class NullSpace:
@@ -68,9 +81,9 @@ class NullSpace:
         self.dim, self.rank = d, k
         self.complement = k > d // 2
         if self.complement:
-            # eigenvectors of I - U U^T with eigenvalue 1 span the complement
-            evals, evecs = torch.linalg.eigh(torch.eye(d, dtype=torch.float64) - u.double() @ u.double().T)
-            self.basis = evecs[:, evals > 0.5].to(u.dtype)
+            # the last d - k columns of a complete QR of U span its complement: no d x d projector, no eigh
+            q, _ = torch.linalg.qr(u.double(), mode="complete")
+            self.basis = q[:, k:].to(u.dtype)
         else:
             self.basis = u
 

@@ -8,7 +8,7 @@ from torch import nn
 from registry import Adapter, Basis
 from seqforget.composition import compose, delta
 from seqforget.errors import SeqforgetError
-from seqforget.projection import NullSpace, extend_basis, project_out
+from seqforget.projection import NullSpace, _outside, extend_basis, project_out
 
 
 def as_basis(u: torch.Tensor | None) -> Basis | None:
@@ -157,6 +157,16 @@ def test_bases_grown_over_many_requests_stay_orthonormal():
 
 
 # ---- NullSpace ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, D - 1])
+def test_what_u_does_not_capture_is_p_g_p_without_forming_p(k):
+    gen = torch.Generator().manual_seed(300 + k)
+    u = orthonormal(gen, D, k)
+    r = torch.randn(3 * D, D, generator=gen, dtype=torch.float64)
+    g = r.T @ r  # (D, D) a Gram matrix
+    p = projector(u)  # the d x d matrix the engine never forms
+    torch.testing.assert_close(_outside(g, u, g @ u), p @ g @ p, rtol=0, atol=1e-9 * g.abs().max().item())
 
 
 @pytest.mark.parametrize("k", [0, 3, D // 2, D // 2 + 1, 13, D])
