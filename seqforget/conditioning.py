@@ -15,12 +15,15 @@ TOKENS_PER_IMAGE = 4  # tokens of each image whose Jacobian is taken, spread ove
 IMAGES = 4  # images a request's figure is taken on: 16 SVDs of (d_out, d_in), seconds on a CPU at 7B
 
 
+def projector_name(model: nn.Module) -> str | None:
+    """The name of the module that maps vision features to the language model's width, or None."""
+    return next((name for name, _ in model.named_modules() if name.endswith("multi_modal_projector")), None)
+
+
 def find_projector(model: nn.Module) -> nn.Module | None:
-    """The module that maps vision features to the language model's width, or None."""
-    for name, module in model.named_modules():
-        if name.endswith("multi_modal_projector"):
-            return module
-    return None
+    """That module itself, or None."""
+    name = projector_name(model)
+    return None if name is None else model.get_submodule(name)
 
 
 @torch.no_grad()

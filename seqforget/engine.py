@@ -23,7 +23,7 @@ import torch
 from registry import Basis, Registry, Snapshot, new_folder, sha256_file
 from seqforget import data
 from seqforget.activations import InputGrams
-from seqforget.conditioning import IMAGES, find_projector, projector_condition
+from seqforget.conditioning import IMAGES, projector_condition, projector_name
 from seqforget.errors import AlreadyDone, SeqforgetError
 from seqforget.evaluation import probe
 from seqforget.live import Live
@@ -328,8 +328,7 @@ def _after(model, trained, before: dict, forget: data.Rows, retain: data.Rows, g
         after["retain"], after["guard"] = probe(model, retain.fixed), seen["guard"]
     else:
         after["retain"] = seen["guard"]
-    module = find_projector(model)
-    projector = next((name for name, m in model.named_modules() if m is module), None) if module is not None else None
+    projector = projector_name(model)
     moved = projector is not None and any(t.startswith(projector + ".") for t in trained.adapter.modules)
     after["projector_condition"] = _projector_condition(model, forget, retain) if moved else before["projector_condition"]
     return after

@@ -6,25 +6,18 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from peft import PeftModel
 
 from conftest import write_request
 from registry import Registry
-from seqforget.cli import cli
 from seqforget.composition import compose
 from seqforget.engine import apply_request, rollback_request
 from seqforget.live import Live
 from seqforget.models import load_model
+from test_cli import invoke
 
 KINDS = {"sine": {"scope": "visual", "method": "sine"}, "masked": {"scope": "visual", "method": "mmunlearner"},
          "lora": {"scope": "full", "method": "gd"}}
-
-
-def invoke(*args, code=0):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    assert result.exit_code == code, result.output
-    return result
 
 
 def bits_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -90,8 +83,8 @@ def test_export_writes_the_registry_s_precision_unless_told_and_init_refuses_an_
     invoke("export", tmp_path / "out32", "--registry", reg, "--dtype", "float32")
     assert json.loads((tmp_path / "out32" / "config.json").read_text())["dtype"] == "float32"
 
-    refused = invoke("init", "--model", world / "model", "--registry", tmp_path / "other", "--dtype", "float8", code=2)
-    assert "float8" in refused.output and not (tmp_path / "other").exists()
+    refused = invoke("init", "--model", world / "model", "--registry", tmp_path / "other", "--dtype", "float8", check=False)
+    assert refused.exit_code == 2 and "float8" in refused.output and not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
