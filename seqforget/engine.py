@@ -6,7 +6,7 @@
       -> check the base model -> live model (base + active adapters, exact sums; a stream
          keeps one and brings it up to date by differences: seqforget.live)
       -> probe forget/retain before (the pass over the retained rows also gathers their
-         inputs' Gram matrices) -> extend the null-space bases with them
+         inputs' statistics: Gram matrices, or sketches for wide layers) -> extend the null-space bases with them
       -> begin -> train this request's adapter -> forget/retain after (the stopping rule's
          last check gave most of them)
       -> put adapter, bases and records -> commit (the one commit point) -> unlock
@@ -22,7 +22,7 @@ import torch
 
 from registry import Basis, Registry, Snapshot, new_folder, sha256_file
 from seqforget import data
-from seqforget.activations import InputGrams
+from seqforget.activations import InputStats
 from seqforget.conditioning import IMAGES, projector_condition, projector_name
 from seqforget.errors import AlreadyDone, SeqforgetError
 from seqforget.evaluation import probe
@@ -30,7 +30,7 @@ from seqforget.live import Live
 from seqforget.methods import make_method
 from seqforget.models import model_sha256, model_signature, torch_dtype
 from seqforget.progress import Progress
-from seqforget.projection import NullSpace, extend_basis
+from seqforget.projection import NullSpace, Sketch, extend_basis
 from seqforget.requests import Request, load_request, parse_request
 from seqforget.scopes import SCOPES, match_layers, scope_layers
 from seqforget.stopping import stranger_rows
@@ -105,7 +105,7 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
         start = time.perf_counter()
         _reset_peak_rss()
         bases = live.bases(state)
-        retained = InputGrams(model, targets)  # the guard's rows are retained inputs too
+        retained = InputStats(model, targets, request.training.sketch_rows)  # the guard's rows are retained inputs too
         before = _probes(model, forget, retain, guard, retained)
         grown = time.perf_counter()
         added, growth = _grow_bases(model, retained, targets, bases, request)
@@ -262,9 +262,9 @@ def _pending(request: Request) -> str:
     return f"pending:{request.id}"
 
 
-def _grow_bases(model, retained: InputGrams, targets: list[str], bases: dict[str, Basis], request: Request):
+def _grow_bases(model, retained: InputStats, targets: list[str], bases: dict[str, Basis], request: Request):
     """The basis columns this request adds per target layer, and how much they capture, from the
-    Gram matrices of its retained inputs. Layers that read the same input and have the same
+    statistics of its retained inputs. Layers that read the same input and have the same
     basis so far share their new columns (one Basis object, stored once)."""
     layers = dict(model.named_modules())
     for name in targets:
@@ -278,11 +278,13 @@ def _grow_bases(model, retained: InputGrams, targets: list[str], bases: dict[str
     threshold = request.training.energy_threshold
     added, growth = {}, {}
     for lead, members in groups.items():
-        part, before, after = extend_basis(bases.get(lead), retained.gram(lead), threshold, request.id)
+        stats = retained.stats(lead)
+        part, before, after = extend_basis(bases.get(lead), stats, threshold, request.id)
         for name in members:
             added[name] = part
             growth[name] = {"columns_before": bases[name].rank if name in bases else 0, "columns_added": part.rank,
-                            "captured_before": before, "captured_after": after, "shares_with": lead}
+                            "captured_before": before, "captured_after": after, "shares_with": lead,
+                            "sketched": isinstance(stats, Sketch)}
     return added, growth
 
 
@@ -303,9 +305,9 @@ def _nullspaces(request: Request, targets: list[str], bases: dict[str, Basis], a
     return nullspaces
 
 
-def _probes(model, forget: data.Rows, retain: data.Rows, guard: data.Rows | None, retained: InputGrams | None = None) -> dict:
+def _probes(model, forget: data.Rows, retain: data.Rows, guard: data.Rows | None, retained: InputStats | None = None) -> dict:
     """Forget, retain and guard figures, and the projector's condition. `retained`: gathers the
-    Gram matrices of the retained rows' inputs while they are probed (forget rows are not)."""
+    statistics of the retained rows' inputs while they are probed (forget rows are not)."""
     with retained or contextlib.nullcontext():
         out = {"retain": probe(model, retain.fixed)}
         if guard is not None:

@@ -12,7 +12,7 @@ from transformers import AutoModelForImageTextToText
 from conftest import fixed_batch, logits, write_request
 from registry import Registry
 from seqforget import data
-from seqforget.activations import InputGrams, input_grams
+from seqforget.activations import InputStats, input_stats
 from seqforget.composition import compose, delta
 from seqforget.evaluation import probe
 from seqforget.engine import apply_request, export_model, init_registry, live_model, rollback_request
@@ -106,12 +106,12 @@ def test_layers_that_read_the_same_input_share_one_stored_basis(world, two_reque
     model, processor = load_model(world / "model")
     batch = fixed_batch(world, processor)
     names = [n.replace("q_proj", p) for n in q for p in ("q_proj", "v_proj", "o_proj")]
-    with InputGrams(model, names) as seen:
+    with InputStats(model, names) as seen:
         model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
     leader = seen.leader
     assert all(leader[n] == n and leader[n.replace("q_proj", "v_proj")] == n and leader[n.replace("q_proj", "o_proj")]
                == n.replace("q_proj", "o_proj") for n in q)
-    grams = input_grams(model, [batch], names)
+    grams = input_stats(model, [batch], names)
     assert all(torch.equal(grams[n], grams[n.replace("q_proj", "v_proj")]) for n in q)
 
 
@@ -131,7 +131,7 @@ def test_the_grams_gathered_while_probing_are_those_of_the_retained_tokens(world
 
     modules = dict(model.named_modules())
     hooks = [modules[n].register_forward_hook(keep(n)) for n in names]
-    with InputGrams(model, names) as gathered:
+    with InputStats(model, names) as gathered:
         probe(model, batches)
     for h in hooks:
         h.remove()
@@ -139,9 +139,9 @@ def test_the_grams_gathered_while_probing_are_those_of_the_retained_tokens(world
     for name in names:
         x = seen[name]
         x = (x[mask] if x.dim() == 3 and x.shape[:2] == mask.shape else x.reshape(-1, x.shape[-1])).double()
-        assert torch.allclose(gathered.gram(name), x.T @ x, rtol=1e-9, atol=1e-9), name
+        assert torch.allclose(gathered.stats(name), x.T @ x, rtol=1e-9, atol=1e-9), name
         if name.endswith("v_proj"):
-            assert gathered.gram(name) is gathered.gram(name.replace("v_proj", "q_proj"))
+            assert gathered.stats(name) is gathered.stats(name.replace("v_proj", "q_proj"))
     assert any(x.shape[:2] == mask.shape and not mask.all() for x in seen.values())  # padding was there to drop
 
 
@@ -308,7 +308,7 @@ def _retained_inputs_response(world, reg_dir, entry) -> float:
     rows = [json.loads(line) for line in (world / "retain.jsonl").read_text().splitlines()]
     examples = [data.encode(processor, data.Row(r["question"], r["answer"], world / r["image"] if "image" in r else None))
                 for r in rows]
-    grams = input_grams(model, data.batches(examples, 16, processor.tokenizer.pad_token_id), adapter.modules)
+    grams = input_stats(model, data.batches(examples, 16, processor.tokenizer.pad_token_id), adapter.modules)
     worst = 0.0
     for module in adapter.modules:
         dw, g = delta(adapter, module), grams[module]  # (d_out, d), (d, d) = X^T X
@@ -332,6 +332,21 @@ def test_the_stored_update_leaves_retained_inputs_nearly_untouched_only_when_pro
     # 0.999 of the retained energy lies in the basis: what is left can move dW X by about sqrt(0.001)
     assert response[True] < 0.05, response
     assert response[False] > 0.1, response  # the same bound fails without the projection
+
+
+def test_sketched_statistics_protect_retained_inputs_as_gram_matrices_do(world, tmp_path):
+    """With `sketch_rows` below every target layer's width, no layer keeps a Gram matrix, and the
+    stored update still leaves the retained inputs nearly untouched."""
+    reg_dir = tmp_path / "reg"
+    init_registry(reg_dir, world / "model")
+    request = write_request(tmp_path, "sketched", scope="full", method="gd", steps=10, lr=3e-3, energy_threshold=0.999,
+                            sketch_rows=24, reference=str(world / "reference.jsonl"), partial=True,
+                            forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl"))
+    entry = apply_request(reg_dir, request, show_progress=False)
+    growth = Registry.open(reg_dir).snapshot().record(entry, "metrics.json")["basis"]
+    assert growth and all(g["sketched"] for g in growth.values())
+    assert all(0 < g["columns_added"] <= 2 * 24 for g in growth.values())  # no more directions than the sketch holds
+    assert _retained_inputs_response(world, reg_dir, entry) < 0.05
 
 
 def test_forgetting_lowers_likelihood_and_projection_protects_retain(world, tmp_path):
