@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 from seqforget.losses import MODEL_INPUTS
-from seqforget.projection import Sketch
+from seqforget.projection import Sketch, sketch_directions
 from seqforget.requests import Training
 
-SKETCH_ROWS = Training.sketch_rows  # layers wider than this keep a sketch of their inputs, not a Gram matrix
+SKETCH_RANK = Training.sketch_rank  # layers wider than twice this keep a sketch of their inputs, not a Gram matrix
 
 
 class InputStats:
@@ -16,9 +16,10 @@ class InputStats:
     gathered from every forward pass of the model while this is open (`with InputStats(...)`):
     the passes that probe the retained rows give the statistics too, at no second pass.
 
-    A layer of input width d <= `sketch_rows` keeps G = sum of x x^T, (d, d) in float64; a
-    wider one keeps a seqforget.projection.Sketch of the x with at most 2 * `sketch_rows`
-    rows, so that memory grows with d, not d^2 (at d = 11008: 180 MB against 970 MB).
+    A layer of input width d <= 2 * `sketch_rank` keeps G = sum of x x^T, (d, d) in float64; a
+    wider one keeps a seqforget.projection.Sketch of rank `sketch_rank`, G Omega (d, s), with
+    one Omega per width: memory grows with d, not d^2 (at d = 11008, s = 1024: 90 MB a layer
+    against 970 MB).
 
     Layers that read the very same input tensor (a transformer's q, k and v projections; an
     MLP's gate and up projections) have the same Gram matrix: it is gathered once, for the
@@ -27,8 +28,9 @@ class InputStats:
     (B, T) shape.
     """
 
-    def __init__(self, model: nn.Module, modules: list[str], sketch_rows: int = SKETCH_ROWS):
-        self.model, self.modules, self.sketch_rows = model, list(modules), sketch_rows
+    def __init__(self, model: nn.Module, modules: list[str], sketch_rank: int = SKETCH_RANK):
+        self.model, self.modules, self.sketch_rank = model, list(modules), sketch_rank
+        self._omegas: dict[int, torch.Tensor] = {}  # width -> the sketches' test matrix
         self.leader: dict[str, str] = {}  # layer -> the first layer that read its input (itself if none)
         self._stats: dict[str, torch.Tensor | Sketch] = {}
         self._mask: torch.Tensor | None = None
@@ -43,7 +45,11 @@ class InputStats:
         return self._stats[lead]
 
     def _empty(self, d: int) -> torch.Tensor | Sketch:
-        return Sketch(d, self.sketch_rows) if d > self.sketch_rows else torch.zeros(d, d, dtype=torch.float64)
+        if d <= 2 * self.sketch_rank:  # a Gram matrix holds no more than a sketch's G Omega and Omega
+            return torch.zeros(d, d, dtype=torch.float64)
+        if d not in self._omegas:
+            self._omegas[d] = sketch_directions(d, self.sketch_rank)
+        return Sketch(d, self.sketch_rank, self._omegas[d])
 
     def __enter__(self) -> "InputStats":
         named = dict(self.model.named_modules())
@@ -85,9 +91,9 @@ class InputStats:
 
 @torch.no_grad()
 def input_stats(model: nn.Module, batches: list[dict[str, torch.Tensor]], modules: list[str],
-                sketch_rows: int = SKETCH_ROWS) -> dict[str, torch.Tensor | Sketch]:
+                sketch_rank: int = SKETCH_RANK) -> dict[str, torch.Tensor | Sketch]:
     """InputStats over forward passes of `batches`: {layer: its Gram matrix or sketch}."""
-    with InputStats(model, modules, sketch_rows) as grams:
+    with InputStats(model, modules, sketch_rank) as grams:
         for batch in batches:
             model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
     return {name: grams.stats(name) for name in modules}

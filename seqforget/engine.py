@@ -105,7 +105,7 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
         start = time.perf_counter()
         _reset_peak_rss()
         bases = live.bases(state)
-        retained = InputStats(model, targets, request.training.sketch_rows)  # the guard's rows are retained inputs too
+        retained = InputStats(model, targets, request.training.sketch_rank)  # the guard's rows are retained inputs too
         before = _probes(model, forget, retain, guard, retained)
         grown = time.perf_counter()
         added, growth = _grow_bases(model, retained, targets, bases, request)

@@ -13,8 +13,8 @@ of trace(G) reaches the threshold. P is never formed: every product with it is o
 with U (d, k), at O(d^2 k) where a formed P costs O(d^3) and another d x d matrix.
 
 For wide layers G itself is too big to hold (about 1 GB at d = 11008): a `Sketch`
-of R with at most 2l rows stands for it, B^T B ~ G, and what U does not capture
-is then read off the singular vectors of B - (B U) U^T, at O(l d k + l^2 d).
+of rank s stands for it, G_hat = F F^T with F (d, s), and what U does not capture is
+then read off the singular vectors of F - U (U^T F), at O(d s k + d s^2).
 """
 
 import numpy as np
@@ -29,43 +29,50 @@ def project_out(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 class Sketch:
-    """Frequent Directions (Liberty, 2013; Ghashami et al., 2016): rows B (m <= 2l, d) of the
-    inputs R added to it, in O(l d) memory however many rows come, such that for every x
+    """A randomised Nystrom sketch of G = R^T R for rows R (n, d) added in batches (Tropp,
+    Yurtsever, Udell and Cevher, 2017): Y = G Omega for a fixed orthonormal Omega (d, s), grown
+    by R^T (R Omega) per batch (two GEMMs, no decomposition) in O(d s) memory. It stands for
 
-        0 <= x^T (R^T R - B^T B) x <= shrunk * |x|^2,  shrunk <= |R - R_j|_F^2 / (l - j) for any j < l,
+        G_hat = Y (Omega^T Y)^+ Y^T,   0 <= G_hat <= G (positive semidefinite order),
 
-    R_j being R's best rank-j approximation. Inputs of rank at most l are kept exactly
-    (nothing is shrunk). `total` is trace(R^T R), exactly."""
+    exact when the inputs have rank at most s, and in expectation within a factor
+    1 + j / (s - j - 1) of the trace of G's tail beyond its top j directions otherwise.
+    `total` is trace(G), exactly. Omega is drawn from a seeded generator: the same inputs give
+    the same sketch; sketches of one width may share it (`sketch_directions`)."""
 
-    def __init__(self, dim: int, rows: int):
-        self.rows, self.total, self.shrunk = rows, 0.0, 0.0
-        self._b = torch.zeros(2 * rows, dim, dtype=torch.float64)
-        self._used = 0
+    def __init__(self, dim: int, rank: int, omega: torch.Tensor | None = None):
+        self.omega = sketch_directions(dim, rank) if omega is None else omega  # (d, s)
+        self.y = torch.zeros(dim, rank, dtype=torch.float64)  # G Omega
+        self.total = 0.0
 
     def add(self, x: torch.Tensor) -> None:
         """Add the rows of x (n, d)."""
         x = x.double()
+        omega = self.omega.to(x.device)
         self.total += float((x * x).sum())
-        while len(x):
-            if self._used == len(self._b):
-                self._shrink()
-            take = min(len(x), len(self._b) - self._used)
-            self._b[self._used:self._used + take] = x[:take]
-            self._used, x = self._used + take, x[take:]
-
-    def _shrink(self) -> None:
-        """Keep the top l directions of the buffer, each shortened by the (l+1)-th's energy."""
-        _, s, vt = torch.linalg.svd(self._b[:self._used], full_matrices=False)
-        energy = s * s
-        cut = energy[self.rows].item() if len(energy) > self.rows else 0.0
-        keep = min(self.rows, len(energy))
-        self._b.zero_()
-        self._b[:keep] = (energy[:keep] - cut).clamp_min(0.0).sqrt()[:, None] * vt[:keep]
-        self._used, self.shrunk = keep, self.shrunk + cut
+        self.y += (x.T @ (x @ omega)).to(self.y.device)
 
     def factor(self) -> torch.Tensor:
-        """B (m, d), B^T B standing for R^T R."""
-        return self._b[:self._used]
+        """F (d, m) with F F^T = G_hat, m <= s (Tropp et al.'s stable Algorithm 3: a tiny shift
+        nu keeps the Cholesky factor defined and is taken off again)."""
+        norm = torch.linalg.matrix_norm(self.y, 2).item()
+        if norm == 0.0:
+            return self.y[:, :0]
+        nu = self.y.shape[0] ** 0.5 * torch.finfo(torch.float64).eps * norm
+        y = self.y + nu * self.omega
+        core = self.omega.T @ y
+        c = torch.linalg.cholesky((core + core.T) / 2)  # lower triangular, (s, s)
+        f = torch.linalg.solve_triangular(c, y.T, upper=False).T  # Y C^-T: F F^T = Y (Omega^T Y)^-1 Y^T
+        u, sv, _ = torch.linalg.svd(f, full_matrices=False)
+        energy = (sv * sv - nu).clamp_min(0.0)
+        keep = energy > 0
+        return u[:, keep] * energy[keep].sqrt()
+
+
+def sketch_directions(dim: int, rank: int, seed: int = 0) -> torch.Tensor:
+    """Omega (d, s): orthonormal columns of a seeded Gaussian matrix."""
+    omega = torch.randn(dim, rank, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return torch.linalg.qr(omega)[0]
 
 
 def extend_basis(basis: Basis | None, stats: torch.Tensor | Sketch, threshold: float,
@@ -78,7 +85,7 @@ def extend_basis(basis: Basis | None, stats: torch.Tensor | Sketch, threshold: f
     carries, owned by `owner`; the captured shares are those of span(basis) and of
     span(basis + added). A sketch's shares are lower bounds, as its directions' energy is.
     """
-    d = stats.shape[0] if isinstance(stats, torch.Tensor) else stats.factor().shape[1]
+    d = stats.shape[0] if isinstance(stats, torch.Tensor) else stats.y.shape[0]
     u = torch.zeros(d, 0, dtype=torch.float64) if basis is None else torch.from_numpy(basis.columns).double()
     total, kept, evals, evecs = _uncaptured(stats, u)
     if total <= 0.0:
@@ -101,10 +108,10 @@ def _uncaptured(stats: torch.Tensor | Sketch, u: torch.Tensor) -> tuple[float, f
     """(total energy, energy inside span(U), eigenvalues descending, eigenvectors) of what U does
     not capture of the inputs `stats` stands for."""
     if isinstance(stats, Sketch):
-        b = stats.factor()  # (m, d)
-        bu = b @ u
-        _, s, vt = torch.linalg.svd(b - bu @ u.T, full_matrices=False)
-        return stats.total, float((bu * bu).sum()), s * s, vt.T
+        f = stats.factor()  # (d, m): G_hat = F F^T
+        uf = u.T @ f  # (k, m)
+        left, s, _ = torch.linalg.svd(f - u @ uf, full_matrices=False)  # P F = P G_hat P's square root
+        return stats.total, float((uf * uf).sum()), s * s, left
     gram = stats.double()
     gu = gram @ u  # (d, k)
     evals, evecs = torch.linalg.eigh(_outside(gram, u, gu))  # ascending

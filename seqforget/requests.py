@@ -47,7 +47,7 @@ class Training:
     alpha: float = 16.0  # LoRA alpha; the update is (alpha / r) * B A
     batch_size: int = 8  # rows per forget batch and per retain batch
     energy_threshold: float = 0.97  # share of retained input energy the null-space basis must hold
-    sketch_rows: int = 1024  # layers wider than this sketch their retained inputs in 2x this many rows, not a d x d Gram
+    sketch_rank: int = 1024  # layers wider than twice this keep a sketch of this rank of their retained inputs, not a Gram
     projection: bool = True  # project updates into the null space of retained inputs
     seed: int = 0
     check_every: int = 25  # steps between checks of the stopping rule and the retain guard
@@ -112,7 +112,7 @@ _CONTRACT = {"id", "scope", "method", "forget", "retain", "reference", "partial"
 _TRAINING = {f.name: f for f in dataclasses.fields(Training)}
 # Training fields added since earlier_dropout: they count in a request's identity only when set,
 # so that a request committed before them is still recognised when re-sent. A new field goes here.
-_LATER = ("targets_from_base", "sketch_rows")
+_LATER = ("targets_from_base", "sketch_rank")
 
 
 def read_request_file(path: Path) -> dict:
@@ -276,7 +276,7 @@ def _training(raw: dict, problems: list[str], budget: dict) -> Training:
         "alpha": (1e-6, 1e6),
         "batch_size": (1, 4096),
         "energy_threshold": (0.0, 1.0),
-        "sketch_rows": (1, 65_536),
+        "sketch_rank": (1, 65_536),
         "seed": (0, 2**32 - 1),
         "check_every": (1, 100_000),
         "retain_tolerance": (0.0, 1.0),
