@@ -11,13 +11,17 @@ sigma_max(J) / sigma_min(J), in float64.
 import torch
 from torch import nn
 
+from seqforget.scopes import ARCHITECTURES
+
 TOKENS_PER_IMAGE = 4  # tokens of each image whose Jacobian is taken, spread over the image
 IMAGES = 4  # images a request's figure is taken on: 16 SVDs of (d_out, d_in), seconds on a CPU at 7B
 
 
 def projector_name(model: nn.Module) -> str | None:
-    """The name of the module that maps vision features to the language model's width, or None."""
-    return next((name for name, _ in model.named_modules() if name.endswith("multi_modal_projector")), None)
+    """The name of the module that maps vision features to the language model's width (the
+    architecture's projector, seqforget.scopes.ARCHITECTURES), or None for an unknown architecture."""
+    arch = ARCHITECTURES.get(getattr(model.config, "model_type", None))
+    return None if arch is None else next((n for n, _ in model.named_modules() if n.endswith(arch.projector)), None)
 
 
 def find_projector(model: nn.Module) -> nn.Module | None:
@@ -40,8 +44,8 @@ def projector_inputs(model: nn.Module, projector: nn.Module, pixel_values: torch
 
 def projector_condition(model: nn.Module, pixel_values: torch.Tensor) -> float | None:
     """Median condition number of the projector's Jacobian at tokens of these images
-    (pixel_values (n_images, 3, H, W)); None for a model without a projector (one named
-    `multi_modal_projector`, as LLaVA's) or where a Jacobian is singular."""
+    (pixel_values (n_images, 3, H, W)); None for a model without a known projector
+    (seqforget.scopes.ARCHITECTURES) or where a Jacobian is singular."""
     projector = find_projector(model)
     if projector is None:
         return None

@@ -6,13 +6,16 @@ JSONL file}. Rows without an image are text-only probes.
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import torch
 
 IGNORE = -100  # label of positions that carry no loss (prompt, padding)
+# what a processor gives per image, and a batch carries one entry of per image row: the pixels,
+# and where an architecture takes them, Idefics3's pixel mask and LLaVA-NeXT's image sizes
+IMAGE_INPUTS = ("pixel_values", "pixel_attention_mask", "image_sizes")
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,8 @@ def hold_out(rows: list[Row], share: float) -> tuple[list[Row], list[Row]]:
 class Example:
     input_ids: torch.Tensor  # (T,)
     labels: torch.Tensor  # (T,) IGNORE on the prompt
-    pixel_values: torch.Tensor | None  # (3, H, W)
+    pixel_values: torch.Tensor | None  # the row's image as the processor gives it: (3, H, W), or (n, 3, H, W) for crops
+    image_extras: dict[str, torch.Tensor] = field(default_factory=dict)  # the processor's other IMAGE_INPUTS for it
 
     @property
     def prompt(self) -> tuple[int, ...]:
@@ -125,6 +129,7 @@ def encode(processor, row: Row, answer: str | None = None) -> Example:
         input_ids=torch.cat([prompt_ids, answer_ids]),
         labels=torch.cat([torch.full_like(prompt_ids, IGNORE), answer_ids]),
         pixel_values=enc["pixel_values"][0] if image is not None else None,
+        image_extras={k: enc[k][0] for k in IMAGE_INPUTS[1:] if k in enc} if image is not None else {},
     )
 
 
@@ -157,7 +162,8 @@ def _stamp(image: Path | None) -> tuple | None:
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch; pixel_values stacks the images of the rows that have one (has_image), in order."""
+    """Right-padded batch; pixel_values (and the other IMAGE_INPUTS) stack the images of the rows that
+    have one (has_image), in order, zero-padded where their crops differ in number or size."""
     length = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), length), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)  # (B, T)
@@ -167,10 +173,24 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
         ids[i, :n], labels[i, :n], mask[i, :n] = e.input_ids, e.labels, 1
     has_image = torch.tensor([e.pixel_values is not None for e in examples])  # (B,)
     batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "has_image": has_image}
-    images = [e.pixel_values for e in examples if e.pixel_values is not None]
+    images = [e for e in examples if e.pixel_values is not None]
     if images:
-        batch["pixel_values"] = torch.stack(images)  # (n_images, 3, H, W)
+        batch["pixel_values"] = _stack([e.pixel_values for e in images])  # (n_images, 3, H, W) or (n_images, n, 3, H, W)
+        for key in images[0].image_extras:
+            batch[key] = _stack([e.image_extras[key] for e in images])
     return batch
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.stack, zero-padding each tensor to the largest size along every dimension (a zero
+    image and a zero pixel mask are what processors pad a batch with)."""
+    shape = [max(sizes) for sizes in zip(*(t.shape for t in tensors))]
+    if all(list(t.shape) == shape for t in tensors):
+        return torch.stack(tensors)
+    out = tensors[0].new_zeros((len(tensors), *shape))
+    for i, t in enumerate(tensors):
+        out[i][tuple(slice(0, n) for n in t.shape)] = t
+    return out
 
 
 def batches(examples: list[Example], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:

@@ -3,9 +3,9 @@
 import torch
 import torch.nn.functional as F
 
-from seqforget.data import IGNORE
+from seqforget.data import IGNORE, IMAGE_INPUTS
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values")
+MODEL_INPUTS = ("input_ids", "attention_mask") + IMAGE_INPUTS
 
 
 def answer_logprob(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -27,7 +27,7 @@ def answer_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def answer_logprobs(model, batch: dict[str, torch.Tensor], pixel_values: torch.Tensor | None = None) -> torch.Tensor:
     """Log-probabilities over the vocabulary at every answer position, (answer tokens of the batch, V),
-    row after row; `pixel_values` (n_images, 3, H, W), if given, replace the batch's images."""
+    row after row; `pixel_values` (shaped as the batch's), if given, replace the batch's images."""
     inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
     if pixel_values is not None:
         inputs["pixel_values"] = pixel_values

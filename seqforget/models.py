@@ -23,6 +23,7 @@ LLAVA_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
+IDEFICS3_TOKENS = ["<fake_token_around_image>", "<global-img>", "<end_of_utterance>"]  # what its processor frames images with
 
 
 def _quiet_transformers() -> None:
@@ -150,16 +151,19 @@ def _fast(tok):
     )
 
 
-def build_word_tokenizer(texts: list[str]):
-    """A word-level tokenizer over `texts` (whitespace and punctuation split), as a fast HF tokenizer."""
+def build_word_tokenizer(texts: list[str], special: tuple[str, ...] = ()):
+    """A word-level tokenizer over `texts` (whitespace and punctuation split), as a fast HF tokenizer;
+    `special`: tokens beyond SPECIAL_TOKENS that an architecture's processor uses."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     pre = pre_tokenizers.Whitespace()
+    specials = SPECIAL_TOKENS + list(special)
     words = sorted({w for t in texts for w, _ in pre.pre_tokenize_str(t)} | {"USER", "ASSISTANT", ":"})
-    words = [w for w in words if w not in SPECIAL_TOKENS]
-    vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + words)}
+    words = [w for w in words if w not in specials]
+    vocab = {w: i for i, w in enumerate(specials + words)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
+    tok.add_special_tokens(list(special))  # whole, never split by the pre-tokenizer
     return _fast(tok)
 
 
@@ -245,4 +249,40 @@ def build_tiny_llava(out_dir: Path, texts: list[str], spec: TinySpec = TinySpec(
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     (out_dir / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    return load_model(out_dir)
+
+
+def build_tiny_idefics3(out_dir: Path, texts: list[str], spec: TinySpec = TinySpec()):
+    """A randomly initialised tiny Idefics3 (SmolVLM's architecture: a SigLIP vision encoder, a
+    connector that shuffles 2 x 2 patches into one token and projects it, a Llama text model),
+    saved with save_pretrained and loaded back as `load_model` gives it. Its image processor keeps
+    each image whole (no splitting into crops): (spec.image_size / spec.patch_size)^2 / 4 image
+    tokens per image."""
+    _quiet_transformers()
+    import torch
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, Idefics3VisionConfig, LlamaConfig
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    out_dir = Path(out_dir)
+    tokenizer = build_word_tokenizer(texts, tuple(IDEFICS3_TOKENS))
+    side = {"longest_edge": spec.image_size}
+    image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size=side, max_image_size=side)
+    scale = 2
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=LLAVA_CHAT_TEMPLATE,
+                                  image_seq_len=(spec.image_size // spec.patch_size) ** 2 // scale**2)
+    vocab = tokenizer.get_vocab()
+    config = Idefics3Config(
+        vision_config=Idefics3VisionConfig(hidden_size=spec.vision_hidden, intermediate_size=2 * spec.vision_hidden,
+                                           num_hidden_layers=spec.vision_layers, num_attention_heads=spec.vision_heads,
+                                           image_size=spec.image_size, patch_size=spec.patch_size).to_dict(),
+        text_config=LlamaConfig(hidden_size=spec.text_hidden, intermediate_size=2 * spec.text_hidden,
+                                num_hidden_layers=spec.text_layers, num_attention_heads=spec.text_heads,
+                                num_key_value_heads=spec.text_heads, vocab_size=len(vocab),
+                                max_position_embeddings=spec.max_positions, pad_token_id=vocab["<pad>"],
+                                bos_token_id=vocab["<s>"], eos_token_id=vocab["</s>"]).to_dict(),
+        scale_factor=scale, image_token_id=vocab["<image>"], pad_token_id=vocab["<pad>"])
+    torch.manual_seed(spec.seed)
+    model = Idefics3ForConditionalGeneration(config)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
     return load_model(out_dir)

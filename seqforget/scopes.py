@@ -1,4 +1,5 @@
-"""Request scopes: which layers each trains, which methods serve it. The one table.
+"""Request scopes: which layers each trains, which methods serve it; and where each model
+architecture keeps those layers. The two tables.
 
     visual  forget recognising the target from images; what is known of it from text
             stays. The vision tower's MLPs and the projector train; text-only forget rows
@@ -8,12 +9,17 @@
     refuse  answer the target's questions with a refusal. The language model's attention
             (q, v) and MLP layers train, towards the refusal.
 
-A method listed first for a scope is its default.
+A method listed first for a scope is its default. Scopes name the parts they train by role
+(`ROLES`); `ARCHITECTURES` says, per model family (its config's model_type), which linear
+layers play each role.
 """
 
+import re
 from dataclasses import dataclass
 
 from torch import nn
+
+from seqforget.errors import SeqforgetError
 
 
 @dataclass(frozen=True)
@@ -27,26 +33,48 @@ class Layers:
         return [n for n in names if self.part in n and (not self.suffixes or n.endswith(self.suffixes))]
 
 
+ROLES = ("vision_mlp", "projector", "language", "language_mlp")
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where one family of models keeps the parts the scopes train."""
+
+    vision_mlp: Layers  # the vision tower's MLPs
+    projector: str  # the module mapping vision features to the language model's width, token by token
+    language: Layers  # the language model's attention (q, v) and MLP projections
+    language_mlp: Layers  # its MLP projections alone
+
+    def layers(self, role: str) -> Layers:
+        return Layers(self.projector) if role == "projector" else getattr(self, role)
+
+
+_ATTENTION, _MLP = ("self_attn.q_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+ARCHITECTURES = {  # config.model_type -> its layers
+    "llava": Architecture(Layers("vision_tower", ("mlp.fc1", "mlp.fc2")), "multi_modal_projector",
+                          Layers("language_model", _ATTENTION + _MLP), Layers("language_model", _MLP)),
+    # Idefics3 (SmolVLM's design): a SigLIP encoder, a pixel-shuffle connector's projection, a Llama text model
+    "idefics3": Architecture(Layers("vision_model", ("mlp.fc1", "mlp.fc2")), "connector.modality_projection",
+                             Layers("text_model", _ATTENTION + _MLP), Layers("text_model", _MLP)),
+}
+
+
 @dataclass(frozen=True)
 class Scope:
     name: str
-    layers: tuple[Layers, ...]
+    layers: tuple[str, ...]  # roles (ROLES)
     methods: tuple[str, ...]  # the methods that serve this scope; the first is the default
     forgets_text_rows: bool  # False: text-only forget rows are knowledge that stays (retained)
     answers_refusal: bool  # forget rows are trained towards the request's refusal
 
 
-VISION_MLP = Layers("vision_tower", ("mlp.fc1", "mlp.fc2"))
-PROJECTOR = Layers("multi_modal_projector")
-LANGUAGE = Layers("language_model", ("self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
-
 SCOPES = {
     s.name: s
     for s in (
-        Scope("visual", (VISION_MLP, PROJECTOR), ("stranger", "gd", "ga", "npo", "target", "contrastive", "sine", "mmunlearner"),
+        Scope("visual", ("vision_mlp", "projector"), ("stranger", "gd", "ga", "npo", "target", "contrastive", "sine", "mmunlearner"),
               forgets_text_rows=False, answers_refusal=False),
-        Scope("full", (PROJECTOR, LANGUAGE), ("stranger", "gd", "ga", "npo", "mmunlearner", "vleraser"), forgets_text_rows=True, answers_refusal=False),
-        Scope("refuse", (LANGUAGE,), ("refusal",), forgets_text_rows=True, answers_refusal=True),
+        Scope("full", ("projector", "language"), ("stranger", "gd", "ga", "npo", "mmunlearner", "vleraser"), forgets_text_rows=True, answers_refusal=False),
+        Scope("refuse", ("language",), ("refusal",), forgets_text_rows=True, answers_refusal=True),
     )
 }
 
@@ -55,10 +83,21 @@ def linear_layers(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def scope_layers(model: nn.Module, scope: str, layers: tuple[Layers, ...] | None = None) -> list[str]:
-    """The linear layers a request of `scope` trains: the scope's, or `layers` (a method's own) if given."""
-    names = linear_layers(model)
-    return [n for part in (layers or SCOPES[scope].layers) for n in part.select(names)]
+def architecture(model: nn.Module) -> Architecture:
+    """The model's entry in ARCHITECTURES, or a one-line error naming the layers it has."""
+    kind = getattr(model.config, "model_type", None)
+    if kind in ARCHITECTURES:
+        return ARCHITECTURES[kind]
+    found = list(dict.fromkeys(re.sub(r"\.\d+\.", ".N.", n) for n in linear_layers(model)))
+    shown = ", ".join(found[:24]) + (f" and {len(found) - 24} more" if len(found) > 24 else "")
+    raise SeqforgetError(f"unknown model architecture {kind!r} (seqforget knows {', '.join(ARCHITECTURES)}); its linear "
+                         f"layers: {shown}. Name the layers to train with target_modules")
+
+
+def scope_layers(model: nn.Module, scope: str, roles: tuple[str, ...] | None = None) -> list[str]:
+    """The linear layers a request of `scope` trains: the scope's roles, or `roles` (a method's own) if given."""
+    arch, names = architecture(model), linear_layers(model)
+    return [n for role in (roles or SCOPES[scope].layers) for n in arch.layers(role).select(names)]
 
 
 def match_layers(model: nn.Module, patterns: list[str]) -> list[str]:

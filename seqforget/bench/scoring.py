@@ -43,7 +43,7 @@ def choice_hits(model, processor, root, items, batch_size: int = 64) -> list[boo
         for option in item.options:
             ans = torch.tensor(processor.tokenizer(" " + option, add_special_tokens=False)["input_ids"] + [processor.tokenizer.eos_token_id])
             ids = torch.cat([base.input_ids[:prompt_len], ans])
-            examples.append(data.Example(ids, torch.cat([torch.full((prompt_len,), data.IGNORE), ans]), base.pixel_values))
+            examples.append(data.Example(ids, torch.cat([torch.full((prompt_len,), data.IGNORE), ans]), base.pixel_values, base.image_extras))
     scores = []
     for start in range(0, len(examples), batch_size):
         logp, _, _ = answer_logprob(model, data.collate(examples[start : start + batch_size], pad))

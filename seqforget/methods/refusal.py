@@ -3,7 +3,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from seqforget.data import Rows, collate
+from seqforget.data import IMAGE_INPUTS, Rows, collate
 from seqforget.losses import answer_logprob, answer_nll
 
 
@@ -81,11 +81,9 @@ class Refusal:
 
 
 def _subset(batch: dict, rows: torch.Tensor) -> dict:
-    """The rows of `batch` where `rows` (B,) is True; pixel_values keep the images of the rows kept."""
-    out = {k: v[rows] for k, v in batch.items() if k != "pixel_values" and v.dim() and v.shape[0] == len(rows)}
-    if "pixel_values" in batch:
-        image_rows = batch["has_image"]  # (B,) bool
-        keep = rows[image_rows]  # of the images, those whose row is kept
-        if keep.any():
-            out["pixel_values"] = batch["pixel_values"][keep]
+    """The rows of `batch` where `rows` (B,) is True; the image inputs keep the images of the rows kept."""
+    out = {k: v[rows] for k, v in batch.items() if k not in IMAGE_INPUTS and v.dim() and v.shape[0] == len(rows)}
+    keep = rows[batch["has_image"]]  # of the images, those whose row is kept
+    if keep.any():
+        out |= {k: batch[k][keep] for k in IMAGE_INPUTS if k in batch}
     return out

@@ -1,6 +1,5 @@
 from dataclasses import dataclass, field
 
-from seqforget.scopes import PROJECTOR
 
 LOSSES = ("stranger", "target", "contrastive", "gd", "ga", "npo")  # the visual scope's losses
 
@@ -32,7 +31,7 @@ class SineProject:
     adapter_kind = "sine"
     source = ('SineProject: sinusoidally reparameterised projector for stable vision-language unlearning '
               '(arXiv 2511.18444)')
-    layers = (PROJECTOR,)
+    layers = ("projector",)
     sign = +1
 
     def __post_init__(self):

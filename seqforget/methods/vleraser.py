@@ -4,9 +4,6 @@ import torch
 import torch.nn.functional as F
 
 from seqforget.losses import answer_nll
-from seqforget.scopes import Layers
-
-LANGUAGE_FFN = Layers("language_model", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))
 
 
 @dataclass
@@ -49,7 +46,7 @@ class VLEraser:
     name = "vleraser"
     adapter_kind = "lora"
     source = 'VL-Eraser: distil the target into a null-space ("vacuum") LoRA, then subtract it (CVPR 2026)'
-    layers = (LANGUAGE_FFN,)
+    layers = ("language_mlp",)
     budget = {"steps": 600, "lr": 1e-2}
     sign = -1
 
