@@ -132,11 +132,15 @@ def init(model_dir, retain, reference, dtype, registry_path):
 @wait_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 def apply(request, registry_path, model_dir, dtype, checkpointing, wait, quiet):
-    """Apply one deletion request (YAML or JSON file)."""
+    """Apply one deletion request (YAML or JSON file). Under torchrun or `accelerate launch`, the
+    processes share each batch and only the main one writes (seqforget.distributed)."""
+    from seqforget.distributed import is_main_process
     from seqforget.engine import apply_request
 
     entry = apply_request(registry_path, request, model_dir, show_progress=not quiet, wait=wait, dtype=dtype,
                           checkpointing=checkpointing)
+    if not is_main_process():
+        return  # the main process of several says what was applied
     m = entry["metrics"]
     click.echo(
         f"applied {entry['id']} ({entry['method']}, {entry['scope']}): "

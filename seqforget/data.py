@@ -181,6 +181,15 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def subset(batch: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The rows of `batch` where `rows` (B,) is True; the image inputs keep the images of the rows kept."""
+    out = {k: v[rows] for k, v in batch.items() if k not in IMAGE_INPUTS and v.dim() and v.shape[0] == len(rows)}
+    keep = rows[batch["has_image"]]  # of the images, those whose row is kept
+    if keep.any():
+        out |= {k: batch[k][keep] for k in IMAGE_INPUTS if k in batch}
+    return out
+
+
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     """torch.stack, zero-padding each tensor to the largest size along every dimension (a zero
     image and a zero pixel mask are what processors pad a batch with)."""

@@ -24,6 +24,7 @@ from registry import Basis, Registry, Snapshot, new_folder, sha256_file
 from seqforget import data
 from seqforget.activations import InputStats
 from seqforget.conditioning import IMAGES, projector_condition, projector_name
+from seqforget.distributed import Follower, Group
 from seqforget.errors import AlreadyDone, SeqforgetError
 from seqforget.evaluation import probe
 from seqforget.live import Live
@@ -92,8 +93,12 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
     if not isinstance(request, Request):
         request = read_request(reg.snapshot(), request)
     method = make_method(request.method, request.method_args)
-    with reg.writer(wait=wait) as writer:
+    group = Group()  # several processes under torchrun or accelerate: only the main one writes
+    show_progress = show_progress and group.main
+    with reg.writer(wait=wait) if group.main else Follower(reg, group) as writer:
         state = writer.snapshot()
+        if group.main:
+            group.wait()  # the others (seqforget.distributed.Follower) read the registry once this process holds its lock
         _refuse_if_present(state, request)
         if live is None:
             live = Live.load(state, base_model_dir(state, model_dir), dtype)
@@ -114,7 +119,7 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
         with writer.begin(request.id, method=request.method, scope=request.scope) as txn:
             adapter, metrics = _unlearn(live, method, request, before, forget, retain, guard, reference, targets, nullspaces,
                                        Progress(request.training.steps, f"apply {request.id}", show_progress, stop=stop),
-                                       checkpointing)
+                                       checkpointing, group)
             metrics.update(basis=growth, seconds=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb(),
                            dtype=str(model.dtype).removeprefix("torch."))
             txn.put_adapter(adapter)
@@ -124,6 +129,8 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
             entry = txn.commit({"state": "active", "method": request.method, "scope": request.scope, "sign": method.sign,
                                 "sha256": request.sha256(), "partial": not metrics["stop"]["reached"],
                                 "metrics": _summary(metrics), **({"stream": source} if source else {})})
+            if group.main:
+                group.wait()  # the others (seqforget.distributed.Follower) return the entry this commit wrote
         live.commit(_pending(request), entry)
         return entry
 
@@ -229,7 +236,7 @@ def _encode(request: Request, processor, encoder: data.Encoder) -> tuple[data.Ro
 
 def _unlearn(live: Live, method, request: Request, before: dict, forget: data.Rows, retain: data.Rows,
              guard: data.Rows | None, reference: data.Rows | None, targets: list[str], nullspaces: dict[str, NullSpace],
-             progress: Progress, checkpointing: bool = False):
+             progress: Progress, checkpointing: bool = False, group: Group | None = None):
     """Train the adapter under the null spaces, probe after (`before`: the probes before):
     (adapter, metrics). The live model ends with the adapter composed in, pending until the
     request commits."""
@@ -241,7 +248,7 @@ def _unlearn(live: Live, method, request: Request, before: dict, forget: data.Ro
         with progress:
             trained = train_adapter(model, method, forget, retain, guard, reference, targets, nullspaces, settings,
                                     progress, earlier, guard_start=before["guard" if guard is not None else "retain"]["token_acc"],
-                                    checkpointing=checkpointing)
+                                    checkpointing=checkpointing, processes=group)
     finally:
         if earlier is not None:
             earlier.remove()

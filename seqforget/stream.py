@@ -32,6 +32,7 @@ from pathlib import Path
 
 from registry import Registry
 from seqforget.engine import apply_request, base_model_dir, read_request
+from seqforget.distributed import launched
 from seqforget.errors import AlreadyDone, SeqforgetError, Stopped
 from seqforget.live import Live
 from seqforget.requests import read_request_file
@@ -130,6 +131,8 @@ def run_stream(root: Path, source: Path, model_dir: Path | None = None, once: bo
     """Apply SOURCE's requests in order until it is drained (`once`) or a stop is asked for.
     The registry's lock is held for each request in hand, not while the stream waits for more;
     `wait=False`: a lock another process holds stops the stream (RegistryBusy) instead."""
+    if launched():
+        raise SeqforgetError("a stream runs in one process; under torchrun or accelerate launch, use `seqforget apply`")
     reg = Registry.open(root)
     state = reg.snapshot()
     live = Live.load(state, base_model_dir(state, model_dir), dtype)

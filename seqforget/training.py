@@ -21,6 +21,7 @@ import torch
 
 from registry import Adapter, pause_point
 from seqforget.data import Rows
+from seqforget.distributed import Group
 from seqforget.errors import SeqforgetError
 from seqforget.losses import answer_nll
 from seqforget.projection import NullSpace
@@ -39,7 +40,7 @@ class Trained:
 
 def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None, reference: Rows | None,
                   targets: list[str], nullspaces: dict[str, NullSpace], settings, progress=None, earlier=None,
-                  guard_start: float | None = None, checkpointing: bool = False) -> Trained:
+                  guard_start: float | None = None, checkpointing: bool = False, processes: Group | None = None) -> Trained:
     """Train the method's update on `model` (left unchanged on return) and give back its adapter.
 
     forget, retain: the request's encoded rows, as the scope means them; guard: retain rows
@@ -51,9 +52,12 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
     guard_start: the token accuracy of the guard's rows before training, if already probed.
     checkpointing: recompute the layers' activations in the backward pass instead of keeping them
     (transformers' gradient checkpointing): less memory for the same gradients, at about one more
-    forward pass's time.
+    forward pass's time. processes: the processes sharing each batch (seqforget.distributed), or
+    None for this one alone.
     """
     start = time.perf_counter()
+    processes = processes or Group()
+    processes.check(settings.batch_size)
     torch.manual_seed(settings.seed)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -81,9 +85,10 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
             if dropping:
                 earlier.draw()
             retain_batch = next(retain_batches)
-            loss, logs = method.loss(net, next(forget_batches), retain_batch, original)
+            loss, logs = method.loss(net, processes.share(next(forget_batches)), processes.share(retain_batch), original)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            processes.average(update.parameters)
             if bound is None:
                 optimizer.step()
                 update.project()

@@ -3,7 +3,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from seqforget.data import IMAGE_INPUTS, Rows, collate
+from seqforget.data import Rows, collate, subset
 from seqforget.losses import answer_logprob, answer_nll
 
 
@@ -61,7 +61,7 @@ class Refusal:
         logs, loss = {}, torch.zeros(())
         for kind, weight, rows in (("image", 1.0, has_image), ("text", self.text_weight, ~has_image)):
             if rows.any() and weight:
-                part = self._forget_loss(model, _subset(forget, rows), original)
+                part = self._forget_loss(model, subset(forget, rows), original)
                 loss, logs[f"forget_{kind}"] = loss + weight * part, part.item()
         if self._decoupled_batches is not None and self.decouple_weight:
             decoupled = answer_nll(model, next(self._decoupled_batches))
@@ -79,11 +79,3 @@ class Refusal:
         margin = (answer_logprob(model, batch)[0] - chosen0) - (answer_logprob(model, rejected)[0] - rejected0)  # (B,)
         return -F.logsigmoid(self.beta * margin).mean()
 
-
-def _subset(batch: dict, rows: torch.Tensor) -> dict:
-    """The rows of `batch` where `rows` (B,) is True; the image inputs keep the images of the rows kept."""
-    out = {k: v[rows] for k, v in batch.items() if k not in IMAGE_INPUTS and v.dim() and v.shape[0] == len(rows)}
-    keep = rows[batch["has_image"]]  # of the images, those whose row is kept
-    if keep.any():
-        out |= {k: batch[k][keep] for k in IMAGE_INPUTS if k in batch}
-    return out

@@ -1,0 +1,112 @@
+"""One request trained by two processes under `accelerate launch` (seqforget.distributed)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import snapshot, write_request
+from registry import Registry
+from seqforget.composition import delta
+from seqforget.engine import apply_request, init_registry
+
+# the same update as one process, up to the order floating-point sums take across processes
+# (measured: at most 2e-6 of each layer's update, after 6 AdamW steps)
+TOLERANCE = 1e-4
+
+
+def launch(request: Path, reg: Path, tag: str = "", **popen) -> subprocess.Popen:
+    """`seqforget apply` in two CPU processes, as accelerate launches them on several GPUs."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+               "-m", "seqforget", "apply", str(request), "--registry", str(reg), "--quiet"]
+    env = {**os.environ, "SEQFORGET_TEST_LAUNCH": tag, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def test_two_processes_store_the_adapter_one_process_stores(world, tmp_path):
+    request = write_request(tmp_path, "dp", method="gd", steps=6, batch_size=8, forget=str(world / "forget_a.jsonl"),
+                            retain=str(world / "retain.jsonl"))
+    alone, shared = tmp_path / "alone", tmp_path / "shared"
+    for reg in (alone, shared):
+        init_registry(reg, world / "model")
+    apply_request(alone, request, show_progress=False)
+    proc = launch(request, shared)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert out.count("applied dp") == 1  # said once, by the main process
+
+    one, two = (Registry.open(r).snapshot() for r in (alone, shared))
+    a, b = (s.adapter(s.find("dp")) for s in (one, two))
+    assert sorted(a.modules) == sorted(b.modules)
+    for module in a.modules:
+        da, db = delta(a, module), delta(b, module)
+        assert da.norm() > 0
+        assert (da - db).norm() / da.norm() < TOLERANCE, module
+    assert two.bases().keys() == one.bases().keys()
+    assert not Registry.open(shared).verify()  # one request, written once, whole
+
+
+def _worker(tag: str, rank: int) -> int | None:
+    """The pid of the launched process of this rank, found by the tag in its environment."""
+    for proc in Path("/proc").iterdir():
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if f"SEQFORGET_TEST_LAUNCH={tag}".encode() in env and f"RANK={rank}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+def committed(reg: Path) -> dict[str, str]:
+    """The registry's committed files, byte for byte: all but the journal, the lock and staging."""
+    return {k: v for k, v in snapshot(reg).items() if not k.startswith(("journal", "lock", "staging"))}
+
+
+def test_a_killed_process_leaves_the_registry_as_it_was(world, tmp_path):
+    reg = tmp_path / "reg"
+    init_registry(reg, world / "model")
+    first = write_request(tmp_path, "first", steps=2, forget=str(world / "forget_b.jsonl"), retain=str(world / "retain.jsonl"))
+    apply_request(reg, first, show_progress=False)
+    before = committed(reg)
+    request = write_request(tmp_path, "dp", method="gd", steps=400, check_every=400, forget=str(world / "forget_a.jsonl"),
+                            retain=str(world / "retain.jsonl"))
+    tag = uuid.uuid4().hex
+    proc = launch(request, reg, tag, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        journal = reg / "journal.jsonl"
+        while '"dp"' not in journal.read_text() and time.monotonic() < deadline:  # the main process began its write
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            time.sleep(0.2)
+        time.sleep(1.0)  # into the optimiser steps
+        follower = _worker(tag, 1)
+        assert follower is not None
+        os.kill(follower, signal.SIGKILL)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert Registry.open(reg).snapshot().find("dp") is None
+    assert committed(reg) == before  # byte for byte
+    entry = apply_request(reg, request, show_progress=False)  # the next writer clears what the killed write left
+    assert entry["id"] == "dp" and not Registry.open(reg).verify()
+
+
+def test_a_stream_refuses_to_run_as_one_of_several_processes(world, tmp_path, monkeypatch):
+    from seqforget.errors import SeqforgetError
+    from seqforget.stream import run_stream
+
+    reg = tmp_path / "reg"
+    init_registry(reg, world / "model")
+    (tmp_path / "inbox").mkdir()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SeqforgetError, match="one process"):
+        run_stream(reg, tmp_path / "inbox", once=True, show_progress=False, log=lambda s: None)
