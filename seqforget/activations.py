@@ -4,7 +4,7 @@ matrix, or a sketch of the inputs for wide layers), and which target layers rece
 import torch
 from torch import nn
 
-from seqforget.losses import MODEL_INPUTS
+from seqforget.losses import model_inputs
 from seqforget.projection import Sketch, sketch_directions
 from seqforget.requests import Training
 
@@ -83,8 +83,8 @@ class InputStats:
                 stats = self._stats[name] = self._empty(x.shape[-1])
             if isinstance(stats, Sketch):
                 stats.add(x)
-            else:
-                stats.addmm_(x.T, x)
+            else:  # computed where the inputs are, kept on the CPU
+                stats.add_((x.T @ x).cpu())
 
         return collect
 
@@ -95,6 +95,6 @@ def input_stats(model: nn.Module, batches: list[dict[str, torch.Tensor]], module
     """InputStats over forward passes of `batches`: {layer: its Gram matrix or sketch}."""
     with InputStats(model, modules, sketch_rank) as grams:
         for batch in batches:
-            model(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+            model(**model_inputs(model, batch))
     return {name: grams.stats(name) for name in modules}
 

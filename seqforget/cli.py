@@ -57,6 +57,10 @@ dtype_option = click.option(
     type=click.Choice(DTYPES),
     help="Precision to load, train and compose the model in (default: the registry's, chosen at init).",
 )
+device_option = click.option(
+    "--device",
+    help="Where the model runs: auto, cpu, cuda or cuda:N (default: the registry's, chosen at init).",
+)
 checkpointing_option = click.option(
     "--gradient-checkpointing",
     "checkpointing",
@@ -114,13 +118,15 @@ def cli():
               help="Default reference set (JSONL): rows the model never saw, the level requests stop at.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
               help="Precision the live model is loaded, trained and composed in; adapters are stored in float32.")
+@click.option("--device", default="auto", show_default=True,
+              help="Where the live model runs: auto (this process's GPU if there is one, else the CPU), cpu, cuda, cuda:N.")
 @registry_option
-def init(model_dir, retain, reference, dtype, registry_path):
+def init(model_dir, retain, reference, dtype, device, registry_path):
     """Bind a new registry to a local base model (its files are hashed once, here)."""
     from seqforget.engine import init_registry
 
-    reg = init_registry(registry_path, model_dir, retain, reference, dtype)
-    click.echo(f"initialised registry {reg.root} for model {model_dir} ({dtype})")
+    reg = init_registry(registry_path, model_dir, retain, reference, dtype, device)
+    click.echo(f"initialised registry {reg.root} for model {model_dir} ({dtype}, device {device})")
 
 
 @cli.command()
@@ -128,17 +134,18 @@ def init(model_dir, retain, reference, dtype, registry_path):
 @registry_option
 @model_option
 @dtype_option
+@device_option
 @checkpointing_option
 @wait_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
-def apply(request, registry_path, model_dir, dtype, checkpointing, wait, quiet):
+def apply(request, registry_path, model_dir, dtype, device, checkpointing, wait, quiet):
     """Apply one deletion request (YAML or JSON file). Under torchrun or `accelerate launch`, the
     processes share each batch and only the main one writes (seqforget.distributed)."""
     from seqforget.distributed import is_main_process
     from seqforget.engine import apply_request
 
     entry = apply_request(registry_path, request, model_dir, show_progress=not quiet, wait=wait, dtype=dtype,
-                          checkpointing=checkpointing)
+                          checkpointing=checkpointing, device=device)
     if not is_main_process():
         return  # the main process of several says what was applied
     m = entry["metrics"]
@@ -154,13 +161,14 @@ def apply(request, registry_path, model_dir, dtype, checkpointing, wait, quiet):
 @registry_option
 @model_option
 @dtype_option
+@device_option
 @checkpointing_option
 @click.option("--once", is_flag=True, help="Apply what SOURCE holds now, then exit (default: keep watching it).")
 @click.option("--poll", default=2.0, show_default=True, type=click.FloatRange(min=0.05),
               help="Seconds between looks at SOURCE when it holds nothing new.")
 @wait_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
-def stream(source, registry_path, model_dir, dtype, checkpointing, once, poll, wait, quiet):
+def stream(source, registry_path, model_dir, dtype, device, checkpointing, once, poll, wait, quiet):
     """Apply the requests of SOURCE as they arrive: a folder of request files, or a JSONL file.
 
     Each request is applied once; after a stop or a kill, the next start goes on where it
@@ -170,7 +178,7 @@ def stream(source, registry_path, model_dir, dtype, checkpointing, once, poll, w
 
     with Stop() as stop:
         tally = run_stream(registry_path, source, model_dir, once=once, poll=poll, show_progress=not quiet,
-                           log=click.echo, stop=stop, wait=wait, dtype=dtype, checkpointing=checkpointing)
+                           log=click.echo, stop=stop, wait=wait, dtype=dtype, checkpointing=checkpointing, device=device)
     ended = f"stopped by {stop.signal}" if stop.signal else "drained"
     click.echo(f"stream {ended}: {tally.applied} applied, {tally.skipped} already done, {tally.rejected} rejected"
                + (f"; {tally.abandoned} abandoned, to be applied by the next start" if tally.abandoned else ""))
@@ -193,11 +201,12 @@ def rollback(request_id, registry_path, wait):
 @registry_option
 @model_option
 @dtype_option
-def export(out_dir, registry_path, model_dir, dtype):
+@device_option
+def export(out_dir, registry_path, model_dir, dtype, device):
     """Write the live model (base + active requests) as a transformers model folder."""
     from seqforget.engine import export_model
 
-    path = export_model(registry_path, out_dir, model_dir, dtype)
+    path = export_model(registry_path, out_dir, model_dir, dtype, device)
     click.echo(f"exported the live model to {path}")
 
 

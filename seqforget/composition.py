@@ -86,7 +86,7 @@ def terms(model: nn.Module, adapters: list[Adapter]) -> dict[str, torch.Tensor]:
 
 def added(weight: torch.Tensor, total: torch.Tensor, direction: int = +1) -> torch.Tensor:
     """`weight` plus (or minus) an exact sum of terms, rounded once to the weight's dtype."""
-    return (weight.double() + direction * total.double() * QUANTUM).to(weight.dtype)
+    return (weight.double() + direction * total.to(weight.device).double() * QUANTUM).to(weight.dtype)
 
 
 @torch.no_grad()

@@ -37,7 +37,9 @@ class Group:
     def __init__(self):
         self.world = int(os.environ.get("WORLD_SIZE", "1")) if launched() else 1
         if self.world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+            if torch.cuda.is_available():  # each process on its own GPU, as seqforget.models.torch_device places it
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.distributed.init_process_group()  # gloo for tensors on the CPU, and NCCL for GPU ones where there is CUDA
         self.rank = torch.distributed.get_rank() if self.world > 1 else 0
 
     @property

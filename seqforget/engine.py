@@ -29,7 +29,7 @@ from seqforget.errors import AlreadyDone, SeqforgetError
 from seqforget.evaluation import probe
 from seqforget.live import Live
 from seqforget.methods import make_method
-from seqforget.models import model_sha256, model_signature, torch_dtype
+from seqforget.models import check_device, device_of, model_sha256, model_signature, torch_dtype
 from seqforget.progress import Progress
 from seqforget.projection import NullSpace, Sketch, extend_basis
 from seqforget.requests import Request, load_request, parse_request
@@ -39,14 +39,16 @@ from seqforget.training import train_adapter
 from seqforget.updates import UPDATES
 
 def init_registry(root: Path, model_dir: Path, default_retain: Path | None = None,
-                  default_reference: Path | None = None, dtype: str = "float32") -> Registry:
+                  default_reference: Path | None = None, dtype: str = "float32", device: str = "auto") -> Registry:
     """A new registry bound to the model in `model_dir`, fingerprinted once, here; requests that
     name no retain or reference rows use the defaults given here. `dtype`: the precision the
-    live model is loaded, trained and composed in (seqforget.models.DTYPES)."""
+    live model is loaded, trained and composed in (seqforget.models.DTYPES); `device`: where it
+    runs (seqforget.models.DEVICES)."""
     model_dir = Path(model_dir).absolute()
     torch_dtype(dtype)  # an unknown name is refused before anything is written
+    check_device(device)
     base = {"path": str(model_dir), "sha256": model_sha256(model_dir), "signature": model_signature(model_dir),
-            "dtype": dtype}
+            "dtype": dtype, "device": device}
     return Registry.create(root, base_model=base, default_retain=_default_rows(default_retain, "retain"),
                            default_reference=_default_rows(default_reference, "reference"))
 
@@ -72,22 +74,23 @@ def base_model_dir(state: Snapshot, model_dir: Path | None = None) -> Path:
     return path
 
 
-def live_model(state: Snapshot, model_dir: Path | None = None, dtype: str | None = None):
+def live_model(state: Snapshot, model_dir: Path | None = None, dtype: str | None = None, device: str | None = None):
     """(model, processor): the base model with every request active in `state` composed in,
-    in `dtype` (default: the registry's)."""
-    live = Live.load(state, base_model_dir(state, model_dir), dtype)
+    in `dtype` on `device` (default: the registry's)."""
+    live = Live.load(state, base_model_dir(state, model_dir), dtype, device)
     return live.model, live.processor
 
 
 def apply_request(root: Path, request: Path | Request, model_dir: Path | None = None, show_progress: bool = True,
                   wait: bool = True, live: Live | None = None, stop=None, source: dict | None = None,
-                  dtype: str | None = None, checkpointing: bool = False) -> dict:
+                  dtype: str | None = None, checkpointing: bool = False, device: str | None = None) -> dict:
     """Apply one deletion request (a request file, or one `read_request` read) and commit it;
     return its manifest entry. `live`: a live model of this registry to use and keep up to
     date (a stream's), instead of loading one. `stop`: a callable; when it returns true
     during training, the request is abandoned (seqforget.errors.Stopped) and nothing commits.
     `source`: where a stream read the request ({"source", "digest"}), kept in the entry.
-    `dtype`: the precision to load the model in, if not the registry's (no effect with `live`).
+    `dtype`, `device`: the precision to load the model in and where it runs, if not the registry's
+    (no effect with `live`).
     `checkpointing`: train with gradient checkpointing (seqforget.training.train_adapter)."""
     reg = Registry.open(root)
     if not isinstance(request, Request):
@@ -101,7 +104,7 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
             group.wait()  # the others (seqforget.distributed.Follower) read the registry once this process holds its lock
         _refuse_if_present(state, request)
         if live is None:
-            live = Live.load(state, base_model_dir(state, model_dir), dtype)
+            live = Live.load(state, base_model_dir(state, model_dir), dtype, device)
         else:
             live.sync(state)
         model, processor = live.model, live.processor
@@ -121,7 +124,7 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
                                        Progress(request.training.steps, f"apply {request.id}", show_progress, stop=stop),
                                        checkpointing, group)
             metrics.update(basis=growth, seconds=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb(),
-                           dtype=str(model.dtype).removeprefix("torch."))
+                           dtype=str(model.dtype).removeprefix("torch."), device=str(device_of(model)))
             txn.put_adapter(adapter)
             metrics.update(basis_seconds=basis_seconds, basis_bytes=txn.put_bases(added))
             txn.put_record("request.json", request.describe())
@@ -145,14 +148,15 @@ def rollback_request(root: Path, request_id: str, wait: bool = True) -> dict:
         return writer.set_state(request_id, "rolled_back")
 
 
-def export_model(root: Path, out_dir: Path, model_dir: Path | None = None, dtype: str | None = None) -> Path:
+def export_model(root: Path, out_dir: Path, model_dir: Path | None = None, dtype: str | None = None,
+                 device: str | None = None) -> Path:
     """Write the live model (base + active requests) as a transformers model folder, all at once,
-    in `dtype` (default: the registry's)."""
+    in `dtype` (default: the registry's), composed on `device` (default: the registry's)."""
     state = Registry.open(root).snapshot()
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise SeqforgetError(f"{out_dir} already exists and is not an empty folder")
-    model, processor = live_model(state, model_dir, dtype)
+    model, processor = live_model(state, model_dir, dtype, device)
     with new_folder(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)

@@ -3,6 +3,7 @@
 import torch
 
 from seqforget.losses import answer_logprob
+from seqforget.models import device_of
 
 
 @torch.no_grad()
@@ -29,7 +30,7 @@ def answer(model, processor, row, max_new_tokens: int = 8) -> str:
         text=[prompt_text(processor, row.question, image is not None)],
         images=[image] if image is not None else None,
         return_tensors="pt",
-    )
+    ).to(device_of(model))
     tokenizer = processor.tokenizer
     out = model.generate(
         **enc, max_new_tokens=max_new_tokens, do_sample=False,

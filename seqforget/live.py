@@ -32,6 +32,11 @@ def registry_dtype(state: Snapshot) -> str:
     return state.base_model.get("dtype", "float32")
 
 
+def registry_device(state: Snapshot) -> str:
+    """Where the registry's live model runs: chosen at `init`, "auto" before there was a choice."""
+    return state.base_model.get("device", "auto")
+
+
 def entry_key(entry: dict) -> str:
     """What identifies a committed request's term: its id and the sha256 of its files."""
     files = hashlib.sha256(json.dumps(entry["files"], sort_keys=True).encode()).hexdigest()
@@ -49,10 +54,10 @@ class Live:
         self._bases: dict[str, dict[str, Basis]] = {}  # entry key -> the basis columns that request added
 
     @classmethod
-    def load(cls, state: Snapshot, model_dir: Path, dtype: str | None = None) -> "Live":
+    def load(cls, state: Snapshot, model_dir: Path, dtype: str | None = None, device: str | None = None) -> "Live":
         """The base model of `model_dir` with every request active in `state` composed in, its
-        weights in `dtype` (default: the registry's, chosen at `init`)."""
-        model, processor = load_model(model_dir, dtype or registry_dtype(state))
+        weights in `dtype` on `device` (default: the registry's, chosen at `init`)."""
+        model, processor = load_model(model_dir, dtype or registry_dtype(state), device or registry_device(state))
         live = cls(model, processor)
         live.sync(state)
         return live
@@ -84,7 +89,7 @@ class Live:
         modules = dict(self.model.named_modules())
         for name, t in terms(self.model, [adapter]).items():
             if name not in self._base:
-                self._base[name] = modules[name].weight.detach().clone()
+                self._base[name] = modules[name].weight.detach().to("cpu", copy=True)  # kept off the model's device
                 self._sums[name] = torch.zeros_like(t)
             self._sums[name] += direction * t
             modules[name].weight.copy_(added(self._base[name], self._sums[name]))
@@ -185,6 +190,6 @@ class EarlierOff:
                 return output
             x = inputs[0]  # (..., d_in)
             if now[0] == "factors":
-                return output - (x @ now[2].to(x.dtype).T) @ now[1].to(x.dtype).T
-            return output - x @ now[1].to(x.dtype).T
+                return output - (x @ now[2].to(x).T) @ now[1].to(x).T
+            return output - x @ now[1].to(x).T
         return hook

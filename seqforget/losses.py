@@ -4,15 +4,25 @@ import torch
 import torch.nn.functional as F
 
 from seqforget.data import IGNORE, IMAGE_INPUTS
+from seqforget.models import device_of
 
 MODEL_INPUTS = ("input_ids", "attention_mask") + IMAGE_INPUTS
 
 
+def model_inputs(model, batch: dict[str, torch.Tensor], pixel_values: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """What the model's forward takes of `batch` (its images replaced by `pixel_values` if given), on the model's device."""
+    device = device_of(model)
+    inputs = {k: batch[k].to(device) for k in MODEL_INPUTS if k in batch}
+    if pixel_values is not None:
+        inputs["pixel_values"] = pixel_values.to(device)
+    return inputs
+
+
 def answer_logprob(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sum of answer-token log-probabilities per row (B,), answer tokens per row (B,), and
-    how many answer tokens per row the model ranks first (B,), teacher-forced."""
-    logits = model(**{k: batch[k] for k in MODEL_INPUTS if k in batch}).logits[:, :-1]  # (B, T-1, V)
-    labels = batch["labels"][:, 1:]  # (B, T-1)
+    how many answer tokens per row the model ranks first (B,), teacher-forced; on the model's device."""
+    logits = model(**model_inputs(model, batch)).logits[:, :-1]  # (B, T-1, V)
+    labels = batch["labels"][:, 1:].to(logits.device)  # (B, T-1)
     mask = labels != IGNORE
     token_logp = -F.cross_entropy(logits.transpose(1, 2).float(), labels.clamp_min(0), reduction="none")  # (B, T-1)
     hits = ((logits.argmax(-1) == labels) & mask).sum(1)
@@ -28,11 +38,8 @@ def answer_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 def answer_logprobs(model, batch: dict[str, torch.Tensor], pixel_values: torch.Tensor | None = None) -> torch.Tensor:
     """Log-probabilities over the vocabulary at every answer position, (answer tokens of the batch, V),
     row after row; `pixel_values` (shaped as the batch's), if given, replace the batch's images."""
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    if pixel_values is not None:
-        inputs["pixel_values"] = pixel_values
-    logits = model(**inputs).logits[:, :-1]  # (B, T-1, V)
-    mask = batch["labels"][:, 1:] != IGNORE  # (B, T-1)
+    logits = model(**model_inputs(model, batch, pixel_values)).logits[:, :-1]  # (B, T-1, V)
+    mask = batch["labels"][:, 1:].to(logits.device) != IGNORE  # (B, T-1)
     return F.log_softmax(logits[mask].float(), dim=-1)
 
 

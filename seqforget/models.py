@@ -6,6 +6,7 @@ with `save_pretrained` and read back through the same path a 7B checkpoint takes
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -47,8 +48,42 @@ def torch_dtype(name):
     return getattr(torch, name)
 
 
-def load_model(path: Path, dtype="float32"):
-    """(model, processor) from a local folder; the model in eval mode, its weights in `dtype` (one of DTYPES, or a torch dtype)."""
+DEVICES = ("auto", "cpu", "cuda", "cuda:N")  # where a model runs; auto: this process's GPU if there is one, else the CPU
+
+
+def torch_device(name: str | None = "auto"):
+    """The torch device `name` (one of DEVICES) means here, or a one-line error. Under a launcher
+    (torchrun, accelerate), "auto" and "cuda" mean this process's own GPU (LOCAL_RANK)."""
+    import os
+
+    import torch
+
+    name = check_device(name or "auto")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise SeqforgetError(f"device {name} asked for, but torch finds no CUDA device here")
+    index = int(name.split(":")[1]) if ":" in name else int(os.environ.get("LOCAL_RANK", "0"))
+    if index >= torch.cuda.device_count():
+        raise SeqforgetError(f"device {name} asked for, but torch finds {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
+def check_device(name: str) -> str:
+    """`name` if it is one of DEVICES, else a one-line error (whether the machine has it is not asked)."""
+    if name not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", name):
+        raise SeqforgetError(f"unknown device {name!r} (one of {', '.join(DEVICES)})")
+    return name
+
+
+def device_of(model):
+    """The device of a model's parameters (inputs go there)."""
+    return next(model.parameters()).device
+
+
+def load_model(path: Path, dtype="float32", device="cpu"):
+    """(model, processor) from a local folder; the model in eval mode, its weights in `dtype` (one of
+    DTYPES, or a torch dtype), on `device` (one of DEVICES)."""
     _quiet_transformers()
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -60,7 +95,7 @@ def load_model(path: Path, dtype="float32"):
         processor = AutoProcessor.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise SeqforgetError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from e
-    model.eval()
+    model.to(torch_device(device)).eval()
     return model, processor
 
 

@@ -41,16 +41,18 @@ class Sketch:
     the same sketch; sketches of one width may share it (`sketch_directions`)."""
 
     def __init__(self, dim: int, rank: int, omega: torch.Tensor | None = None):
-        self.omega = sketch_directions(dim, rank) if omega is None else omega  # (d, s)
+        self.omega = sketch_directions(dim, rank) if omega is None else omega  # (d, s), on the CPU as Y is
+        self._omega = self.omega
         self.y = torch.zeros(dim, rank, dtype=torch.float64)  # G Omega
         self.total = 0.0
 
     def add(self, x: torch.Tensor) -> None:
         """Add the rows of x (n, d)."""
         x = x.double()
-        omega = self.omega.to(x.device)
+        if self._omega.device != x.device:
+            self._omega = self.omega.to(x.device)  # a copy where the inputs are, made once
         self.total += float((x * x).sum())
-        self.y += (x.T @ (x @ omega)).to(self.y.device)
+        self.y += (x.T @ (x @ self._omega)).cpu()
 
     def factor(self) -> torch.Tensor:
         """F (d, m) with F F^T = G_hat, m <= s (Tropp et al.'s stable Algorithm 3: a tiny shift
@@ -149,9 +151,12 @@ class NullSpace:
             self.basis = q[:, k:].to(u.dtype)
         else:
             self.basis = u
+        self._on = self.basis
 
     def project(self, a: torch.Tensor) -> torch.Tensor:
-        v = self.basis.to(a.dtype)
+        if (self._on.device, self._on.dtype) != (a.device, a.dtype):
+            self._on = self.basis.to(a)  # a copy where the update is, made once
+        v = self._on
         if self.complement:
             return (a @ v) @ v.T
         return project_out(a, v)

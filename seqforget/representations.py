@@ -13,12 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from seqforget.errors import SeqforgetError
+from seqforget.models import device_of
 
 
 def image_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """(n_images, T, H) projector outputs for pixel_values (n_images, 3, S, S), in float32 whatever the
     model's dtype; for crops (n_images, n, 3, S, S), each image's crops' tokens one after another."""
-    out = model.get_image_features(pixel_values=pixel_values)
+    out = model.get_image_features(pixel_values=pixel_values.to(device_of(model)))
     features = out.pooler_output if hasattr(out, "pooler_output") else out
     features = (torch.stack(list(features)) if isinstance(features, (list, tuple)) else features).float()
     if pixel_values.dim() == 5:

@@ -88,7 +88,7 @@ def stranger_level(model, reference: Rows) -> dict:
         lp, n, _ = answer_logprob(model, batch)  # (B,) summed log-probability of each answer, (B,) its tokens
         logp.append(lp)
         tokens.append(n)
-    logp, tokens = torch.cat(logp), torch.cat(tokens)
+    logp, tokens = torch.cat(logp).cpu(), torch.cat(tokens).cpu()
     owners = torch.tensor(reference.stands_for)
     levels = []
     for k in owners.unique():

@@ -127,7 +127,7 @@ class Tally:
 
 def run_stream(root: Path, source: Path, model_dir: Path | None = None, once: bool = False, poll: float = 2.0,
                show_progress: bool = True, log=print, stop: Stop | None = None, wait: bool = True,
-               dtype: str | None = None, checkpointing: bool = False) -> Tally:
+               dtype: str | None = None, checkpointing: bool = False, device: str | None = None) -> Tally:
     """Apply SOURCE's requests in order until it is drained (`once`) or a stop is asked for.
     The registry's lock is held for each request in hand, not while the stream waits for more;
     `wait=False`: a lock another process holds stops the stream (RegistryBusy) instead."""
@@ -135,7 +135,7 @@ def run_stream(root: Path, source: Path, model_dir: Path | None = None, once: bo
         raise SeqforgetError("a stream runs in one process; under torchrun or accelerate launch, use `seqforget apply`")
     reg = Registry.open(root)
     state = reg.snapshot()
-    live = Live.load(state, base_model_dir(state, model_dir), dtype)
+    live = Live.load(state, base_model_dir(state, model_dir), dtype, device)
     tally = Tally()
     stop = stop or Stop()
     handled: set[tuple[str, str]] = set()  # items this run took, whatever came of them (an equal re-sent one leaves no record)

@@ -71,8 +71,8 @@ class LoraUpdate:
         return self.model.disable_adapter()
 
     def adapter(self, sign: int) -> Adapter:
-        weights = {name: {"A": layer.lora_A["default"].weight.detach().numpy().copy(),
-                          "B": sign * layer.lora_B["default"].weight.detach().numpy().copy()}
+        weights = {name: {"A": layer.lora_A["default"].weight.detach().cpu().numpy().copy(),
+                          "B": sign * layer.lora_B["default"].weight.detach().cpu().numpy().copy()}
                    for name, layer in self.layers.items()}
         return Adapter("lora", weights, _peft_config(self.config))
 
@@ -152,7 +152,7 @@ class SineUpdate(_DenseUpdate):
 
     def adapter(self, sign: int) -> Adapter:
         # sin is odd: sin(-dW) = -sin(dW), so the negated update stores -dW
-        weights = {name: {"dW": sign * r.delta.detach().numpy().copy()} for name, r in self.residuals.items()}
+        weights = {name: {"dW": sign * r.delta.detach().cpu().numpy().copy()} for name, r in self.residuals.items()}
         return Adapter("sine", weights, {"modules": sorted(weights)})
 
 
@@ -171,7 +171,7 @@ class MaskedUpdate(_DenseUpdate):
     def adapter(self, sign: int) -> Adapter:
         weights, shapes = {}, {}
         for name, r in self.residuals.items():
-            flat = (r.delta.detach() if r.mask is None else r.delta.detach() * r.mask).reshape(-1)
+            flat = (r.delta.detach() if r.mask is None else r.delta.detach() * r.mask).reshape(-1).cpu()
             indices = flat.nonzero().reshape(-1)  # (n,) entries that moved
             weights[name] = {"indices": indices.numpy().astype("int64"), "values": sign * flat[indices].numpy().copy()}
             shapes[name] = list(r.delta.shape)

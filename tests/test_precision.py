@@ -28,7 +28,7 @@ def bits_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 def test_a_bfloat16_registry_trains_composes_and_rolls_back_exactly_in_bfloat16(world, tmp_path):
     reg = tmp_path / "reg"
-    assert "(bfloat16)" in invoke("init", "--model", world / "model", "--registry", reg, "--dtype", "bfloat16").output
+    assert "(bfloat16, device auto)" in invoke("init", "--model", world / "model", "--registry", reg, "--dtype", "bfloat16").output
     state = Registry.open(reg).snapshot()
     assert state.base_model["dtype"] == "bfloat16"
     live = Live.load(state, world / "model")  # the stream's path: one live model, kept by differences

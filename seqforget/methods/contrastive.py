@@ -63,7 +63,7 @@ class ContrastiveVisual:
         with torch.no_grad(), original():
             strangers = _features(model, torch.stack(images))  # (n_ref, T * H)
             own = _features(model, torch.stack([e.pixel_values for e in forget.examples]))  # (n_forget, T * H)
-        owners = torch.tensor(owners)
+        owners = torch.tensor(owners, device=strangers.device)
         self._targets = torch.stack([strangers[owners == k].mean(0) for k in range(len(forget))])  # (n_forget, T * H)
         self._negatives = F.normalize(own.unique(dim=0), dim=-1)  # (n_images, T * H): each forget image once
         self._generator = torch.Generator().manual_seed(0)

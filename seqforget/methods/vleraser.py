@@ -62,7 +62,7 @@ class VLEraser:
                 h = inputs[0]  # (B, T, d_in)
                 lora = layer.lora_B["default"](layer.lora_A["default"](h)) * layer.scaling["default"]  # (B, T, d_out)
                 base = output.detach() - lora.detach()  # the layer's own output, W h (PEFT adds the LoRA's in its forward)
-                picked = mask if h.shape[:2] == mask.shape else torch.ones(h.shape[:2], dtype=torch.bool)
+                picked = (mask if h.shape[:2] == mask.shape else torch.ones(h.shape[:2], dtype=torch.bool)).to(h.device)
                 distances.append(1 - F.cosine_similarity(base[picked], lora[picked], dim=-1).mean())
             return hook
 
