@@ -6,8 +6,8 @@
 Every process loads the live model, probes the same rows, grows the same bases and draws the
 same batches; each optimiser step then takes its share of each batch's rows (rank, rank +
 world, ...), and the gradients are averaged across processes before the step, so every process
-holds the same adapter. The stopping checks and the retain guard see whole rows sets in every
-process, so they decide alike. Only the main process (rank 0) takes the registry's writer lock
+holds the same adapter. The stopping checks and the retain guard see every row in every process,
+so they decide alike. Only the main process (rank 0) takes the registry's writer lock
 and writes; the others wait for its commit. If any process dies, the launcher stops the rest and
 the request is not committed (the main process's unfinished write is removed by the next writer).
 """
@@ -35,7 +35,7 @@ class Group:
     """The processes training one request: this one's rank and how many there are."""
 
     def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1")) if launched() else 1
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
         if self.world > 1 and not torch.distributed.is_initialized():
             if torch.cuda.is_available():  # each process on its own GPU, as seqforget.models.torch_device places it
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
