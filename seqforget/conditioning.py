@@ -11,7 +11,7 @@ sigma_max(J) / sigma_min(J), in float64.
 import torch
 from torch import nn
 
-from seqforget.models import device_of
+from seqforget.representations import image_features
 from seqforget.scopes import ARCHITECTURES
 
 TOKENS_PER_IMAGE = 4  # tokens of each image whose Jacobian is taken, spread over the image
@@ -37,7 +37,7 @@ def projector_inputs(model: nn.Module, projector: nn.Module, pixel_values: torch
     seen = []
     handle = projector.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
     try:
-        model.get_image_features(pixel_values=pixel_values.to(device_of(model)))
+        image_features(model, pixel_values)
     finally:
         handle.remove()
     return seen[0]
