@@ -93,8 +93,8 @@ class InputStats:
 def input_stats(model: nn.Module, batches: list[dict[str, torch.Tensor]], modules: list[str],
                 sketch_rank: int = SKETCH_RANK) -> dict[str, torch.Tensor | Sketch]:
     """InputStats over forward passes of `batches`: {layer: its Gram matrix or sketch}."""
-    with InputStats(model, modules, sketch_rank) as grams:
+    with InputStats(model, modules, sketch_rank) as gathered:
         for batch in batches:
             model(**model_inputs(model, batch))
-    return {name: grams.stats(name) for name in modules}
+    return {name: gathered.stats(name) for name in modules}
 

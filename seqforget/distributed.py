@@ -26,16 +26,21 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def world_size() -> int:
+    """How many processes the launcher started (1 without one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched() -> bool:
     """Whether a launcher started this process as one of several."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return world_size() > 1
 
 
 class Group:
     """The processes training one request: this one's rank and how many there are."""
 
     def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.world = world_size()
         if self.world > 1 and not torch.distributed.is_initialized():
             if torch.cuda.is_available():  # each process on its own GPU, as seqforget.models.torch_device places it
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -72,7 +77,6 @@ class Group:
         """Until every process is here."""
         if self.world > 1:
             torch.distributed.barrier()
-
 
 
 class Follower:
