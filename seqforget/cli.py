@@ -136,16 +136,20 @@ def init(model_dir, retain, reference, dtype, device, registry_path):
 @dtype_option
 @device_option
 @checkpointing_option
+@click.option("--shard", is_flag=True,
+              help="Under torchrun or accelerate launch: split the model's weights across the processes (FSDP) "
+                   "instead of each holding all of them.")
 @wait_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
-def apply(request, registry_path, model_dir, dtype, device, checkpointing, wait, quiet):
+def apply(request, registry_path, model_dir, dtype, device, checkpointing, shard, wait, quiet):
     """Apply one deletion request (YAML or JSON file). Under torchrun or `accelerate launch`, the
-    processes share each batch and only the main one writes (seqforget.distributed)."""
+    processes share each batch, or with --shard the model's weights, and only the main one
+    writes (seqforget.distributed)."""
     from seqforget.distributed import is_main_process
     from seqforget.engine import apply_request
 
     entry = apply_request(registry_path, request, model_dir, show_progress=not quiet, wait=wait, dtype=dtype,
-                          checkpointing=checkpointing, device=device)
+                          checkpointing=checkpointing, device=device, shard=shard)
     if not is_main_process():
         return  # the main process of several says what was applied
     m = entry["metrics"]

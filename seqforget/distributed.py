@@ -1,4 +1,4 @@
-"""One request trained by several processes: data parallel under torchrun or `accelerate launch`.
+"""One request trained by several processes under torchrun or `accelerate launch`.
 
     accelerate launch --multi_gpu --num_processes 4 -m seqforget apply REQUEST --registry REG
     torchrun --nproc_per_node 4 -m seqforget apply REQUEST --registry REG
@@ -10,12 +10,28 @@ holds the same adapter. The stopping checks and the retain guard see every row i
 so they decide alike. Only the main process (rank 0) takes the registry's writer lock
 and writes; the others wait for its commit. If any process dies, the launcher stops the rest and
 the request is not committed (the main process's unfinished write is removed by the next writer).
+
+With `--shard` (or `accelerate launch --use_fsdp`), the processes pool their memory instead:
+
+    torchrun --nproc_per_node 4 -m seqforget apply REQUEST --registry REG --shard
+
+Each process holds 1/N of the weights of the model's stacks of blocks (`block_stacks`: its
+transformer layers), and a block's weights are gathered whole only while it runs
+(PyTorch's FSDP, `fully_shard`: what DeepSpeed calls ZeRO stage 3, here for frozen weights).
+Every process then runs every row of every batch: each gather needs all the processes, and a
+share of rows without images would skip the vision blocks that the others gather. The rest of
+the model (embeddings, norms, the projector, the language model's head) and the update stay
+whole in every process, so the update's gradients, its projection and the stored adapter are
+those one process would compute. The live model's exact bookkeeping (seqforget.live) is split
+with the weights. Each process loads and composes the whole model in host memory first, then
+keeps its share.
 """
 
 import os
 from contextlib import contextmanager
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from seqforget.data import subset
 from seqforget.errors import SeqforgetError
@@ -37,10 +53,14 @@ def launched() -> bool:
 
 
 class Group:
-    """The processes training one request: this one's rank and how many there are."""
+    """The processes training one request: this one's rank and how many there are, and
+    whether they share the model's weights (`shard`) or each hold all of them."""
 
-    def __init__(self):
-        self.world = world_size()
+    def __init__(self, shard: bool = False):
+        self.world, self.sharded = world_size(), shard or _accelerate_asks_to_shard()
+        if self.sharded and self.world == 1:
+            raise SeqforgetError("--shard splits the model across the processes of a launcher (torchrun, accelerate launch); "
+                                 "this process runs alone")
         if self.world > 1 and not torch.distributed.is_initialized():
             if torch.cuda.is_available():  # each process on its own GPU, as seqforget.models.torch_device places it
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -52,12 +72,13 @@ class Group:
         return self.rank == 0
 
     def check(self, batch_size: int) -> None:
-        if batch_size < self.world:
+        if batch_size < self.world and not self.sharded:
             raise SeqforgetError(f"batch_size {batch_size} is smaller than the {self.world} processes sharing each batch")
 
     def share(self, batch: dict) -> dict:
-        """This process's rows of a batch (rank, rank + world, ...), with the image inputs of those rows."""
-        if self.world == 1:
+        """This process's rows of a batch (rank, rank + world, ...), with the image inputs of those
+        rows; all of them when the weights are sharded."""
+        if self.world == 1 or self.sharded:
             return batch
         rows = torch.zeros(len(batch["input_ids"]), dtype=torch.bool)
         rows[self.rank::self.world] = True
@@ -77,6 +98,76 @@ class Group:
         """Until every process is here."""
         if self.world > 1:
             torch.distributed.barrier()
+
+    def shard(self, model, device: torch.device, keep=()) -> None:
+        """Split the weights of the model's stacks of blocks across the processes, each holding
+        its share on `device`; the rest of the model goes to `device` whole. `keep`: names of
+        layers that stay whole in every process (an update that reparametrises a weight needs it
+        whole)."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        stacks = block_stacks(model)
+        if not stacks:
+            raise SeqforgetError(f"{type(model).__name__} has no stack of blocks to shard (its class names none in "
+                                 "_no_split_modules)")
+        named = dict(model.named_modules())
+        kept = {p for name in keep for p in named[name].parameters()}
+        mesh = init_device_mesh(device.type, (self.world,))
+        for owner, stack in stacks:
+            for block in stack:
+                fully_shard(block, mesh=mesh, ignored_params=set(block.parameters()) & kept or None)
+            # the stack's owner coordinates its blocks' gathers (with each block on its own, a
+            # block run twice before the backward pass recomputes wrongly under checkpointing);
+            # its own weights stay whole: a model may call them outside the owner's forward
+            fully_shard(owner, mesh=mesh, ignored_params={p for p in owner.parameters() if not isinstance(p, DTensor)})
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                if not isinstance(t, DTensor):
+                    t.data = t.data.to(device)
+
+
+def _accelerate_asks_to_shard() -> bool:
+    """Whether `accelerate launch` was told to shard the model (--use_fsdp, or an FSDP config):
+    that is --shard, whatever else the config sets. A DeepSpeed config is refused."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise SeqforgetError("DeepSpeed is not supported: launch without it, and pass --shard to split the model "
+                             "across the processes (FSDP)")
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
+def block_stacks(model) -> list[tuple[torch.nn.Module, torch.nn.ModuleList]]:
+    """(owner, blocks) for each list of the model's repeated blocks, outermost lists only, with
+    the module holding the list. A block is a module that is, or holds, one of the classes the
+    model names in `_no_split_modules` (transformers' transformer layers, or their attention)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+
+    def block(m) -> bool:
+        return any(type(s).__name__ in names for s in m.modules())
+
+    stacks = {name: m for name, m in model.named_modules()
+              if isinstance(m, torch.nn.ModuleList) and len(m) and all(block(b) for b in m)}
+    outer = [name for name in stacks if not any(name.startswith(other + ".") for other in stacks)]
+    return [(model.get_submodule(name.rpartition(".")[0]), stacks[name]) for name in outer]
+
+
+def own(weight: torch.Tensor) -> torch.Tensor:
+    """The part of a weight this process holds: its rows if the weight is sharded, else all of it."""
+    return weight.to_local() if isinstance(weight, DTensor) else weight
+
+
+def rows(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Of `value`, a tensor shaped as the whole weight, the rows this process holds of it (where
+    `value` is: the live model's bookkeeping stays off the device)."""
+    if not isinstance(weight, DTensor):
+        return value
+    share = distribute_tensor(value, weight.device_mesh, weight.placements, src_data_rank=None)  # no communication
+    return share.to_local().to(value.device)
+
+
+def held_bytes(model) -> int:
+    """Bytes of the model's parameters this process holds: its shares of sharded ones, all of the others."""
+    return sum(own(p).nbytes for p in model.parameters())
 
 
 class Follower:

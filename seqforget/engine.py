@@ -24,12 +24,12 @@ from registry import Basis, Registry, Snapshot, new_folder, sha256_file
 from seqforget import data
 from seqforget.activations import InputStats
 from seqforget.conditioning import IMAGES, projector_condition, projector_name
-from seqforget.distributed import Follower, Group
+from seqforget.distributed import Follower, Group, held_bytes
 from seqforget.errors import AlreadyDone, SeqforgetError
 from seqforget.evaluation import probe
-from seqforget.live import Live
+from seqforget.live import Live, registry_device
 from seqforget.methods import make_method
-from seqforget.models import check_device, device_of, model_sha256, model_signature, torch_dtype
+from seqforget.models import check_device, device_of, model_sha256, model_signature, torch_device, torch_dtype
 from seqforget.progress import Progress
 from seqforget.projection import NullSpace, Sketch, extend_basis
 from seqforget.requests import Request, load_request, parse_request
@@ -83,7 +83,8 @@ def live_model(state: Snapshot, model_dir: Path | None = None, dtype: str | None
 
 def apply_request(root: Path, request: Path | Request, model_dir: Path | None = None, show_progress: bool = True,
                   wait: bool = True, live: Live | None = None, stop=None, source: dict | None = None,
-                  dtype: str | None = None, checkpointing: bool = False, device: str | None = None) -> dict:
+                  dtype: str | None = None, checkpointing: bool = False, device: str | None = None,
+                  shard: bool = False) -> dict:
     """Apply one deletion request (a request file, or one `read_request` read) and commit it;
     return its manifest entry. `live`: a live model of this registry to use and keep up to
     date (a stream's), instead of loading one. `stop`: a callable; when it returns true
@@ -91,24 +92,29 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
     `source`: where a stream read the request ({"source", "digest"}), kept in the entry.
     `dtype`, `device`: the precision to load the model in and where it runs, if not the registry's
     (no effect with `live`).
-    `checkpointing`: train with gradient checkpointing (seqforget.training.train_adapter)."""
+    `checkpointing`: train with gradient checkpointing (seqforget.training.train_adapter).
+    `shard`: under a launcher, split the model's weights across the processes instead of each
+    holding all of them (seqforget.distributed)."""
     reg = Registry.open(root)
     if not isinstance(request, Request):
         request = read_request(reg.snapshot(), request)
     method = make_method(request.method, request.method_args)
-    group = Group()  # several processes under torchrun or accelerate: only the main one writes
+    group = Group(shard)  # several processes under torchrun or accelerate: only the main one writes
     show_progress = show_progress and group.main
     with reg.writer(wait=wait) if group.main else Follower(reg, group) as writer:
         state = writer.snapshot()
         if group.main:
             group.wait()  # the others (seqforget.distributed.Follower) read the registry once this process holds its lock
         _refuse_if_present(state, request)
-        if live is None:
-            live = Live.load(state, base_model_dir(state, model_dir), dtype, device)
+        if live is None:  # a sharded model is composed whole on the CPU, then split
+            live = Live.load(state, base_model_dir(state, model_dir), dtype, "cpu" if shard else device)
         else:
             live.sync(state)
         model, processor = live.model, live.processor
         targets = _targets(request, method, model)
+        if shard:
+            live.shard(group, torch_device(device or registry_device(state)),
+                       keep=targets if UPDATES[method.adapter_kind].whole_layers else ())
         forget, retain, guard, reference = _encode(request, processor, live.encoder)
         start = time.perf_counter()
         _reset_peak_rss()
@@ -124,7 +130,9 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
                                        Progress(request.training.steps, f"apply {request.id}", show_progress, stop=stop),
                                        checkpointing, group)
             metrics.update(basis=growth, seconds=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb(),
-                           dtype=str(model.dtype).removeprefix("torch."), device=str(device_of(model)))
+                           dtype=str(model.dtype).removeprefix("torch."), device=str(device_of(model)),
+                           processes={"count": group.world, "sharded": group.sharded,
+                                      "weights_mb": held_bytes(model) / 2**20})
             txn.put_adapter(adapter)
             metrics.update(basis_seconds=basis_seconds, basis_bytes=txn.put_bases(added))
             txn.put_record("request.json", request.describe())

@@ -7,6 +7,8 @@ the registry says by differences: a request that became active adds its term, on
 its own term off, and every layer they touch is rewritten as base + sum, rounded once. The
 cost is that of the requests that changed, not of the history, and the weights are the same
 bits as a model composed from scratch: the sums are exact, so the path does not matter.
+Once its weights are sharded across processes (`shard`), each process keeps the rows of the
+base copies and sums that it holds of the weights.
 
 It also keeps the null-space bases of the registry's requests, read once each, and lets a
 new request train with the earlier requests' terms switched off (`EarlierOff`): at random for
@@ -24,6 +26,7 @@ import torch
 from registry import Adapter, Basis, Snapshot
 from seqforget.composition import added, delta, low_rank, terms
 from seqforget.data import Encoder
+from seqforget.distributed import own, rows
 from seqforget.models import load_model
 
 
@@ -88,15 +91,26 @@ class Live:
     def _change(self, key: str, adapter: Adapter, direction: int) -> None:
         modules = dict(self.model.named_modules())
         for name, t in terms(self.model, [adapter]).items():
+            weight = modules[name].weight
+            t = rows(weight, t)  # of a sharded weight, the rows this process holds
             if name not in self._base:
-                self._base[name] = modules[name].weight.detach().to("cpu", copy=True)  # kept off the model's device
+                self._base[name] = own(weight).detach().to("cpu", copy=True)  # kept off the model's device
                 self._sums[name] = torch.zeros_like(t)
             self._sums[name] += direction * t
-            modules[name].weight.copy_(added(self._base[name], self._sums[name]))
+            own(weight).copy_(added(self._base[name], self._sums[name]))
         if direction > 0:
             self._terms[key] = adapter
         else:
             del self._terms[key]
+
+    def shard(self, group, device, keep=()) -> None:
+        """Split the model's weights across `group`'s processes (seqforget.distributed.Group.shard),
+        and keep of each base copy and sum only the rows this process holds."""
+        group.shard(self.model, device, keep)
+        modules = dict(self.model.named_modules())
+        for name in self._base:
+            weight = modules[name].weight
+            self._base[name], self._sums[name] = rows(weight, self._base[name]), rows(weight, self._sums[name])
 
     def earlier_off(self, p: float, seed: int) -> "EarlierOff":
         """Switches for the committed active terms, each off with probability `p` at every draw."""

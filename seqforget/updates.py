@@ -10,6 +10,9 @@ One class per kind, each with the same few members, so the training loop never a
     original()     a context in which the model runs as it was before this request
     adapter(sign)  the registry's Adapter of the update, multiplied by `sign`
     remove()       take the update out of the model, leaving it as it was
+    whole_layers   whether its target layers must stay whole in every process when the model's
+                   weights are sharded (seqforget.distributed): torch's parametrize replaces the
+                   weight it reparametrises, which the sharding holds by name
 
     lora    PEFT's LoRA on the target layers: W + (alpha / r) B A. A is projected, A <- A (I - U U^T),
             so that dW x = 0 for retained x, exactly.
@@ -41,6 +44,7 @@ _PREFIX = "base_model.model."
 class LoraUpdate:
     kind = "lora"
     projected = True  # whether project() keeps it in the null space
+    whole_layers = False  # PEFT wraps the layer and leaves its weight where it is
 
     def __init__(self, model: nn.Module, targets: list[str], settings, nullspaces: dict[str, NullSpace]):
         from peft import LoraConfig, get_peft_model
@@ -104,6 +108,7 @@ class _DenseUpdate:
     kind: str
     fn = staticmethod(lambda d: d)
     projected = True
+    whole_layers = True
 
     def __init__(self, model: nn.Module, targets: list[str], settings, nullspaces: dict[str, NullSpace]):
         self.model = model

@@ -1,4 +1,5 @@
-"""One request trained by two processes under `accelerate launch` (seqforget.distributed)."""
+"""One request trained by two processes under `accelerate launch` (seqforget.distributed): sharing
+each batch, or with --shard the model's weights."""
 
 import os
 import signal
@@ -13,18 +14,21 @@ import pytest
 from conftest import snapshot, write_request
 from registry import Registry
 from seqforget.composition import delta
+from seqforget.distributed import block_stacks
 from seqforget.engine import apply_request, init_registry
+from seqforget.errors import SeqforgetError
+from seqforget.models import build_tiny_idefics3, load_model
 
 # the same update as one process, up to the order floating-point sums take across processes
 # (measured: at most 2e-6 of each layer's update, after 6 AdamW steps)
 TOLERANCE = 1e-4
 
 
-def launch(request: Path, reg: Path, tag: str = "", **popen) -> subprocess.Popen:
+def launch(request: Path, reg: Path, tag: str = "", *options: str, **popen) -> subprocess.Popen:
     """`seqforget apply` in two CPU processes, as accelerate launches them on several GPUs."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-               "-m", "seqforget", "apply", str(request), "--registry", str(reg), "--quiet"]
+               "-m", "seqforget", "apply", str(request), "--registry", str(reg), "--quiet", *options]
     env = {**os.environ, "SEQFORGET_TEST_LAUNCH": tag, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
@@ -42,14 +46,77 @@ def test_two_processes_store_the_adapter_one_process_stores(world, tmp_path):
     assert out.count("applied dp") == 1  # said once, by the main process
 
     one, two = (Registry.open(r).snapshot() for r in (alone, shared))
-    a, b = (s.adapter(s.find("dp")) for s in (one, two))
+    _same_updates(one, two, "dp")
+    assert two.bases().keys() == one.bases().keys()
+    assert not Registry.open(shared).verify()  # one request, written once, whole
+
+
+def _same_updates(one, two, request_id: str) -> None:
+    a, b = (s.adapter(s.find(request_id)) for s in (one, two))
     assert sorted(a.modules) == sorted(b.modules)
     for module in a.modules:
         da, db = delta(a, module), delta(b, module)
         assert da.norm() > 0
         assert (da - db).norm() / da.norm() < TOLERANCE, module
-    assert two.bases().keys() == one.bases().keys()
-    assert not Registry.open(shared).verify()  # one request, written once, whole
+
+
+@pytest.mark.parametrize("method, options", [("gd", ("--gradient-checkpointing",)), ("sine", ())])
+def test_sharded_processes_store_what_one_process_stores(world, tmp_path, method, options):
+    """Each process holds half of the blocks' weights (and of the live model's exact bookkeeping);
+    the adapter, the figures after it and the composed model are those of one process. An earlier
+    request is active, so its terms are split with the weights and the new one adds to shares of
+    them; `sine` reparametrises its target layers, which stay whole; checkpointing recomputes
+    blocks that run twice a step (gd's forget and retain batches) while their weights are split."""
+    first = write_request(tmp_path, "first", steps=2, forget=str(world / "forget_b.jsonl"), retain=str(world / "retain.jsonl"))
+    scope = "visual" if method == "sine" else "full"
+    request = write_request(tmp_path, "sh", method=method, scope=scope, steps=4, forget=str(world / "forget_a.jsonl"),
+                            retain=str(world / "retain.jsonl"), reference=str(world / "reference.jsonl"), partial=True)
+    alone, shared = tmp_path / "alone", tmp_path / "shared"
+    for reg in (alone, shared):
+        init_registry(reg, world / "model")
+        apply_request(reg, first, show_progress=False)
+    apply_request(alone, request, show_progress=False)
+    proc = launch(request, shared, "", "--shard", *options)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-2000:]
+    assert out.count("applied sh") == 1
+
+    one, two = (Registry.open(r).snapshot() for r in (alone, shared))
+    _same_updates(one, two, "sh")
+    m1, m2 = (s.record(s.find("sh"), "metrics.json") for s in (one, two))
+    assert m2["processes"]["count"] == 2 and m2["processes"]["sharded"]
+    assert m2["processes"]["weights_mb"] < 0.8 * m1["processes"]["weights_mb"]
+    for probe in ("forget", "retain"):  # after: probed on the shared model with the new term in its shares
+        assert m2["after"][probe]["nll"] == pytest.approx(m1["after"][probe]["nll"], rel=1e-4, abs=1e-6)
+    assert not Registry.open(shared).verify()
+
+
+def test_shard_is_refused_to_a_process_alone_and_deepspeed_to_any_with_nothing_written(world, tmp_path, monkeypatch):
+    reg = tmp_path / "reg"
+    init_registry(reg, world / "model")
+    before = snapshot(reg)
+    request = write_request(tmp_path, "alone", steps=2, forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl"))
+    with pytest.raises(SeqforgetError, match="runs alone"):
+        apply_request(reg, request, show_progress=False, shard=True)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # accelerate launch --use_fsdp: the same as --shard
+    with pytest.raises(SeqforgetError, match="runs alone"):
+        apply_request(reg, request, show_progress=False)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(SeqforgetError, match="DeepSpeed is not supported"):
+        apply_request(reg, request, show_progress=False)
+    assert snapshot(reg) == before
+
+
+def test_the_blocks_sharded_are_each_architectures_stacks_of_layers(world, tiny_bench, tmp_path):
+    llava, _ = load_model(world / "model")
+    assert [(type(o).__name__, type(s[0]).__name__, len(s)) for o, s in block_stacks(llava)] == [
+        ("CLIPEncoder", "CLIPEncoderLayer", llava.config.vision_config.num_hidden_layers),
+        ("LlamaModel", "LlamaDecoderLayer", llava.config.text_config.num_hidden_layers)]
+    build_tiny_idefics3(tmp_path / "idefics3", tiny_bench.world.corpus())
+    idefics3, _ = load_model(tmp_path / "idefics3")  # its class names the vision layers' attention, not the layers
+    assert [(type(o).__name__, type(s[0]).__name__) for o, s in block_stacks(idefics3)] == [
+        ("Idefics3Encoder", "Idefics3EncoderLayer"), ("LlamaModel", "LlamaDecoderLayer")]
 
 
 def _worker(tag: str, rank: int) -> int | None:
