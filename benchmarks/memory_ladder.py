@@ -1,7 +1,8 @@
 """What does one request cost as the model grows? One request on a ladder of LLaVA sizes.
 
     python -m benchmarks.memory_ladder [--rungs 1m,14m,99m,345m,613m] [--steps 4] [--dtype float32]
-                                       [--scope full] [--method gd] [--gradient-checkpointing] [--json out.json]
+                                       [--scope full] [--method gd] [--gradient-checkpointing]
+                                       [--processes N [--shard]] [--json out.json]
 
 Each rung is a randomly initialised LLaVA (CLIP vision tower, two-layer projector, Llama
 language model, MLP width twice the hidden width) with the default world's tokenizer, built
@@ -9,11 +10,15 @@ with transformers' config classes and saved with save_pretrained. On each, one r
 and `gd` unless told, --steps optimiser steps of 8 forget and 8 retain rows, 64 retain rows, one
 person's forget rows, the never-seen people's rows as reference; the guard off, one stopping
 check at the last step and partial: true, so every rung does the same work) is applied by
-`seqforget init` and `seqforget apply` in a fresh process, as a user runs them. Printed per rung:
+`seqforget init` and `seqforget apply` in a fresh process, as a user runs them (with
+--processes N, `apply` runs in N processes under torchrun, sharing each batch, or with --shard
+the model's weights). Printed per rung:
 
 - parameters, and the model's bytes on disk;
 - peak resident memory of the whole `apply` process, and of the request itself (from reading the
-  request to its commit, as metrics.json records it);
+  request to its commit, as metrics.json records it), the largest of its processes' if several
+  (the request's: the main process's);
+- the model weights one process holds during the request (its share of them, sharded);
 - wall time of the `apply` process, of the request, and per optimiser step;
 - registry bytes the request added (adapter, bases, records), and the basis columns it added
   against the summed width of the layers (one per group reading one input);
@@ -60,7 +65,7 @@ def build(rung: str, out: Path, cache: Path, profile: str = "default") -> None:
 
 
 def measure(rung: str, work: Path, cache: Path, steps: int, dtype: str, checkpointing: bool, scope: str = "full",
-            method: str = "gd", world_profile: str = "default", log=print) -> dict:
+            method: str = "gd", world_profile: str = "default", processes: int = 1, shard: bool = False, log=print) -> dict:
     """Build rung's model, init a registry on it, apply one request; the figures of that apply.
     `world_profile`: the benchmark profile whose world gives the tokenizer and the rows."""
     profile = PROFILES[world_profile]
@@ -74,9 +79,9 @@ def measure(rung: str, work: Path, cache: Path, steps: int, dtype: str, checkpoi
     person = world.forget_order()[0]
     request = write_request(bench, work / rung / "request", "ladder", [person], scope, method, 0.97,
                             fields={"steps": steps, "check_every": steps, "partial": True, "reference": "reference.jsonl"})
-    command = [sys.executable, "-m", "seqforget", "apply", str(request), "--registry", str(reg), "--quiet"]
-    if checkpointing:
-        command.append("--gradient-checkpointing")
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes)] if processes > 1 else []
+    command = [sys.executable, *launcher, "-m", "seqforget", "apply", str(request), "--registry", str(reg), "--quiet"]
+    command += ["--gradient-checkpointing"] * checkpointing + ["--shard"] * shard
     wall, peak = _run(command)
     from registry import Registry
 
@@ -95,7 +100,7 @@ def measure(rung: str, work: Path, cache: Path, steps: int, dtype: str, checkpoi
     files = sum(p.stat().st_size for p in (reg / entry["dir"]).iterdir())
     out = {"rung": rung, "parameters": _parameters(model), "model_bytes": sum(p.stat().st_size for p in model.glob("*.safetensors")),
            "dtype": metrics["dtype"], "gradient_checkpointing": checkpointing, "scope": scope, "method": method,
-           "peak_rss_mb": peak, "request_peak_rss_mb": metrics["peak_rss_mb"], "process_seconds": wall,
+           "processes": processes, "sharded": shard, "weights_mb": metrics["processes"]["weights_mb"], "peak_rss_mb": peak, "request_peak_rss_mb": metrics["peak_rss_mb"], "process_seconds": wall,
            "request_seconds": metrics["seconds"], "step_seconds": metrics["step_seconds"] / max(metrics["stop"]["step"], 1),
            "steps": metrics["stop"]["step"], "registry_bytes": files,
            "adapter_bytes": (reg / entry["dir"] / "adapter_model.safetensors").stat().st_size,
@@ -118,7 +123,8 @@ def _parameters(model: Path) -> int:
 
 
 def _run(command: list[str]) -> tuple[float, float]:
-    """Run a command to its end; (wall seconds, peak resident MiB of its process)."""
+    """Run a command to its end; (wall seconds, peak resident MiB of its process, or of the
+    largest of the processes it waited for)."""
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -130,13 +136,14 @@ def _run(command: list[str]) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024.0
 
 
-HEADER = ("| model | params | on disk | peak RSS, process | peak RSS, request | process s | request s | s / step | "
+HEADER = ("| model | params | on disk | weights / process | peak RSS, process | peak RSS, request | process s | request s | s / step | "
           "registry / request | adapter | bases (columns / width) | statistics held (as Gram matrices) |")
 
 
 def line(r: dict) -> str:
     mb = 1 << 20
-    return (f"| {r['rung']} | {r['parameters'] / 1e6:.1f}M | {r['model_bytes'] / mb:.0f} MB | {r['peak_rss_mb']:.0f} MiB | "
+    return (f"| {r['rung']} | {r['parameters'] / 1e6:.1f}M | {r['model_bytes'] / mb:.0f} MB | {r['weights_mb']:.0f} MiB | "
+            f"{r['peak_rss_mb']:.0f} MiB | "
             f"{r['request_peak_rss_mb']:.0f} MiB | {r['process_seconds']:.1f} | {r['request_seconds']:.1f} | "
             f"{r['step_seconds']:.2f} | {r['registry_bytes'] / mb:.2f} MB | {r['adapter_bytes'] / mb:.2f} MB | "
             f"{r['basis_bytes'] / mb:.2f} MB ({r['basis_columns']} / {r['basis_width']}) | {r['stats_bytes'] / mb:.0f} MB ({r['stats_as_grams_bytes'] / mb:.0f} MB), "
@@ -151,6 +158,8 @@ def main(argv=None) -> None:
     parser.add_argument("--scope", default="full")
     parser.add_argument("--method", default="gd")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--processes", type=int, default=1, help="apply in this many processes (torchrun)")
+    parser.add_argument("--shard", action="store_true", help="with --processes: split the weights across them")
     parser.add_argument("--cache", type=Path, default=None, help="where the world is kept")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--build", choices=sorted(RUNGS), help=argparse.SUPPRESS)
@@ -165,13 +174,15 @@ def main(argv=None) -> None:
     unknown = [r for r in rungs if r not in RUNGS]
     if unknown:
         parser.error(f"--rungs: unknown {', '.join(unknown)} (one of {', '.join(RUNGS)})")
+    if args.processes < 1 or (args.shard and args.processes < 2):
+        parser.error("--processes must be at least 1, and at least 2 with --shard")
     print(HEADER)
     print("|" + "---|" * HEADER.count(" | ") + "---|")
     results = []
     with tempfile.TemporaryDirectory(prefix="memory-ladder-") as work:
         for rung in rungs:
             results.append(measure(rung, Path(work), cache, args.steps, args.dtype, args.gradient_checkpointing,
-                                   args.scope, args.method))
+                                   args.scope, args.method, processes=args.processes, shard=args.shard))
             sys.stdout.flush()
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
