@@ -100,7 +100,8 @@ def measure(rung: str, work: Path, cache: Path, steps: int, dtype: str, checkpoi
     files = sum(p.stat().st_size for p in (reg / entry["dir"]).iterdir())
     out = {"rung": rung, "parameters": _parameters(model), "model_bytes": sum(p.stat().st_size for p in model.glob("*.safetensors")),
            "dtype": metrics["dtype"], "gradient_checkpointing": checkpointing, "scope": scope, "method": method,
-           "processes": processes, "sharded": shard, "weights_mb": metrics["processes"]["weights_mb"], "peak_rss_mb": peak, "request_peak_rss_mb": metrics["peak_rss_mb"], "process_seconds": wall,
+           "processes": processes, "sharded": shard, "weights_mb": metrics["processes"]["weights_mb"],
+           "peak_rss_mb": peak, "request_peak_rss_mb": metrics["peak_rss_mb"], "process_seconds": wall,
            "request_seconds": metrics["seconds"], "step_seconds": metrics["step_seconds"] / max(metrics["stop"]["step"], 1),
            "steps": metrics["stop"]["step"], "registry_bytes": files,
            "adapter_bytes": (reg / entry["dir"] / "adapter_model.safetensors").stat().st_size,
@@ -143,8 +144,7 @@ HEADER = ("| model | params | on disk | weights / process | peak RSS, process | 
 def line(r: dict) -> str:
     mb = 1 << 20
     return (f"| {r['rung']} | {r['parameters'] / 1e6:.1f}M | {r['model_bytes'] / mb:.0f} MB | {r['weights_mb']:.0f} MiB | "
-            f"{r['peak_rss_mb']:.0f} MiB | "
-            f"{r['request_peak_rss_mb']:.0f} MiB | {r['process_seconds']:.1f} | {r['request_seconds']:.1f} | "
+            f"{r['peak_rss_mb']:.0f} MiB | {r['request_peak_rss_mb']:.0f} MiB | {r['process_seconds']:.1f} | {r['request_seconds']:.1f} | "
             f"{r['step_seconds']:.2f} | {r['registry_bytes'] / mb:.2f} MB | {r['adapter_bytes'] / mb:.2f} MB | "
             f"{r['basis_bytes'] / mb:.2f} MB ({r['basis_columns']} / {r['basis_width']}) | {r['stats_bytes'] / mb:.0f} MB ({r['stats_as_grams_bytes'] / mb:.0f} MB), "
             f"{r['sketched_layers']}/{r['target_layers']} layers sketched |")
