@@ -23,8 +23,8 @@ share of rows without images would skip the vision blocks that the others gather
 the model (embeddings, norms, the projector, the language model's head) and the update stay
 whole in every process, so the update's gradients, its projection and the stored adapter are
 those one process would compute. The live model's exact bookkeeping (seqforget.live) is split
-with the weights. Each process loads and composes the whole model in host memory first, then
-keeps its share.
+with the weights. Each process loads and composes the whole model in host memory, then keeps
+its share, one process after another.
 """
 
 import os
@@ -98,6 +98,17 @@ class Group:
         """Until every process is here."""
         if self.world > 1:
             torch.distributed.barrier()
+
+    def in_turn(self, load):
+        """`load()` in every process: one process after another when the weights are sharded, so
+        that a host holds one whole model at a time while each loads it and keeps its share."""
+        if not self.sharded:
+            return load()
+        for turn in range(self.world):
+            if turn == self.rank:
+                out = load()
+            self.wait()
+        return out
 
     def shard(self, model, device: torch.device, keep=()) -> None:
         """Split the weights of the model's stacks of blocks across the processes, each holding

@@ -106,15 +106,12 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
         if group.main:
             group.wait()  # the others (seqforget.distributed.Follower) read the registry once this process holds its lock
         _refuse_if_present(state, request)
-        if live is None:  # a sharded model is composed whole on the CPU, then split
-            live = Live.load(state, base_model_dir(state, model_dir), dtype, "cpu" if shard else device)
+        if live is None:
+            live = group.in_turn(lambda: _load_live(state, model_dir, dtype, device, group, request, method))
         else:
             live.sync(state)
         model, processor = live.model, live.processor
         targets = _targets(request, method, model)
-        if shard:
-            live.shard(group, torch_device(device or registry_device(state)),
-                       keep=targets if UPDATES[method.adapter_kind].whole_layers else ())
         forget, retain, guard, reference = _encode(request, processor, live.encoder)
         start = time.perf_counter()
         _reset_peak_rss()
@@ -144,6 +141,19 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
                 group.wait()  # the others (seqforget.distributed.Follower) return the entry this commit wrote
         live.commit(_pending(request), entry)
         return entry
+
+
+def _load_live(state: Snapshot, model_dir: Path | None, dtype: str | None, device: str | None, group: Group,
+               request: Request, method) -> Live:
+    """The live model for a request; with the group's weights sharded, composed whole on the CPU,
+    then split, the request's target layers whole if its update needs them so."""
+    if not group.sharded:
+        return Live.load(state, base_model_dir(state, model_dir), dtype, device)
+    live = Live.load(state, base_model_dir(state, model_dir), dtype, "cpu")
+    targets = _targets(request, method, live.model)
+    live.shard(group, torch_device(device or registry_device(state)),
+               keep=targets if UPDATES[method.adapter_kind].whole_layers else ())
+    return live
 
 
 def rollback_request(root: Path, request_id: str, wait: bool = True) -> dict:

@@ -24,9 +24,10 @@ from seqforget.models import build_tiny_idefics3, load_model
 TOLERANCE = 1e-4
 
 
-def launch(request: Path, reg: Path, tag: str = "", *options: str, **popen) -> subprocess.Popen:
-    """`seqforget apply` in two CPU processes, as accelerate launches them on several GPUs."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+def launch(request: Path, reg: Path, tag: str = "", *options: str, mode: str = "--multi_gpu", **popen) -> subprocess.Popen:
+    """`seqforget apply` in two CPU processes, as accelerate launches them on several GPUs
+    (`mode`: accelerate's --multi_gpu, or --use_fsdp)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", mode, "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
                "-m", "seqforget", "apply", str(request), "--registry", str(reg), "--quiet", *options]
     env = {**os.environ, "SEQFORGET_TEST_LAUNCH": tag, "OMP_NUM_THREADS": "1"}
@@ -60,13 +61,15 @@ def _same_updates(one, two, request_id: str) -> None:
         assert (da - db).norm() / da.norm() < TOLERANCE, module
 
 
-@pytest.mark.parametrize("method, options", [("gd", ("--gradient-checkpointing",)), ("sine", ())])
-def test_sharded_processes_store_what_one_process_stores(world, tmp_path, method, options):
+@pytest.mark.parametrize("method, mode, options", [("gd", "--multi_gpu", ("--shard", "--gradient-checkpointing")),
+                                                  ("sine", "--use_fsdp", ())])
+def test_sharded_processes_store_what_one_process_stores(world, tmp_path, method, mode, options):
     """Each process holds half of the blocks' weights (and of the live model's exact bookkeeping);
     the adapter, the figures after it and the composed model are those of one process. An earlier
     request is active, so its terms are split with the weights and the new one adds to shares of
     them; `sine` reparametrises its target layers, which stay whole; checkpointing recomputes
-    blocks that run twice a step (gd's forget and retain batches) while their weights are split."""
+    blocks that run twice a step (gd's forget and retain batches) while their weights are split.
+    `accelerate launch --use_fsdp` asks for the same as --shard."""
     first = write_request(tmp_path, "first", steps=2, forget=str(world / "forget_b.jsonl"), retain=str(world / "retain.jsonl"))
     scope = "visual" if method == "sine" else "full"
     request = write_request(tmp_path, "sh", method=method, scope=scope, steps=4, forget=str(world / "forget_a.jsonl"),
@@ -76,7 +79,7 @@ def test_sharded_processes_store_what_one_process_stores(world, tmp_path, method
         init_registry(reg, world / "model")
         apply_request(reg, first, show_progress=False)
     apply_request(alone, request, show_progress=False)
-    proc = launch(request, shared, "", "--shard", *options)
+    proc = launch(request, shared, "", *options, mode=mode)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-2000:]
     assert out.count("applied sh") == 1
