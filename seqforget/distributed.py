@@ -31,7 +31,6 @@ import os
 from contextlib import contextmanager
 
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from seqforget.data import subset
 from seqforget.errors import SeqforgetError
@@ -117,6 +116,7 @@ class Group:
         whole)."""
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import DTensor
 
         stacks = block_stacks(model)
         if not stacks:
@@ -162,14 +162,22 @@ def block_stacks(model) -> list[tuple[torch.nn.Module, torch.nn.ModuleList]]:
     return [(model.get_submodule(name.rpartition(".")[0]), stacks[name]) for name in outer]
 
 
+# torch.distributed.tensor is imported where a weight is looked at, not with this module: it
+# takes half a second, which commands that load no model (init, rollback) need not pay
+
+
 def own(weight: torch.Tensor) -> torch.Tensor:
     """The part of a weight this process holds: its rows if the weight is sharded, else all of it."""
+    from torch.distributed.tensor import DTensor
+
     return weight.to_local() if isinstance(weight, DTensor) else weight
 
 
 def rows(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Of `value`, a tensor shaped as the whole weight, the rows this process holds of it (where
     `value` is: the live model's bookkeeping stays off the device)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     if not isinstance(weight, DTensor):
         return value
     share = distribute_tensor(value, weight.device_mesh, weight.placements, src_data_rank=None)  # no communication
