@@ -50,6 +50,14 @@ def delta(adapter: Adapter, module: str) -> torch.Tensor:
     return DELTAS[adapter.kind](adapter, module)
 
 
+def changes(adapter: Adapter, module: str) -> bool:
+    """Whether `adapter` changes the weight of `module` at all, read off its stored parts."""
+    parts = adapter.weights[module]
+    if adapter.kind == "lora":
+        return bool(parts["A"].any() and parts["B"].any())
+    return bool(delta(adapter, module).any())
+
+
 def low_rank(adapter: Adapter, module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(B', A) in float32 with delta = B' A, for a LoRA (B' = scale * B, (d_out, r); A (r, d_in));
     None for the kinds whose delta is dense."""

@@ -23,6 +23,7 @@ import torch
 from registry import Basis, Registry, Snapshot, new_folder, sha256_file
 from seqforget import data
 from seqforget.activations import InputStats
+from seqforget.composition import changes
 from seqforget.conditioning import IMAGES, projector_condition, projector_name
 from seqforget.distributed import Follower, Group, held_bytes
 from seqforget.errors import AlreadyDone, SeqforgetError
@@ -275,6 +276,7 @@ def _unlearn(live: Live, method, request: Request, before: dict, forget: data.Ro
         if earlier is not None:
             earlier.remove()
     _refuse_if_diverged(request, trained.adapter)
+    _refuse_if_unchanged(request, trained.adapter)
     _refuse_if_short(request, trained.stop)
     live.add(_pending(request), trained.adapter)
     after = _after(model, trained, before, forget, retain, guard)
@@ -377,6 +379,16 @@ def _projector_condition(model, forget: data.Rows, retain: data.Rows) -> float |
 def _refuse_if_diverged(request: Request, adapter) -> None:
     if not all(torch.isfinite(torch.from_numpy(w)).all() for parts in adapter.weights.values() for w in parts.values()):
         raise SeqforgetError(f"request {request.id}: training diverged (non-finite adapter weights); lower lr")
+
+
+def _refuse_if_unchanged(request: Request, adapter) -> None:
+    """An update that moves no weight (its rows never reach the target layers, a mask freed
+    nothing, the guards undid every step) is not a deletion, partial or not."""
+    if any(changes(adapter, module) for module in adapter.modules):
+        return
+    raise SeqforgetError(f"request {request.id} changed no weight: its update is zero on every target layer (do its rows "
+                         f"reach {', '.join(adapter.modules[:3])}{' ...' if len(adapter.modules) > 3 else ''}? did the "
+                         f"guards undo every step?). Nothing was committed")
 
 
 def _refuse_if_short(request: Request, stop) -> None:

@@ -87,6 +87,9 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
             retain_batch = next(retain_batches)
             loss, logs = method.loss(net, processes.share(next(forget_batches)), processes.share(retain_batch), original)
             optimizer.zero_grad(set_to_none=True)
+            if not loss.requires_grad:
+                raise SeqforgetError(f"the method's loss does not depend on the target layers ({', '.join(targets[:3])}"
+                                     f"{' ...' if len(targets) > 3 else ''}): its rows never reach them, so no weight can change")
             loss.backward()
             processes.average(update.parameters)
             if bound is None:

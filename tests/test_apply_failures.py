@@ -62,3 +62,26 @@ def test_failure_after_the_commit_point_reports_the_request_as_committed(world, 
     with reg.writer():  # the next writer closes the open begin as committed
         pass
     assert ("recovered", "r", "committed") in [(r["event"], r.get("id"), r.get("outcome")) for r in reg.journal()]
+
+
+@pytest.mark.parametrize("method", ["ga", "mmunlearner"])
+def test_an_update_that_changes_no_weight_is_refused_in_one_line_and_nothing_is_written(world, reg_dir, tmp_path, method):
+    """Text-only forget rows never reach the projector, so an update trained there stays zero: ascent's
+    LoRA keeps B = 0, and MMUnlearner's saliency mask frees no weight (only retained rows reach it).
+    The request did nothing, partial or not, and must not be committed."""
+    import json
+
+    from conftest import snapshot
+    from seqforget.errors import SeqforgetError
+
+    rows = [line for line in (world / "forget_a.jsonl").read_text().splitlines() if "image" not in json.loads(line)]
+    (tmp_path / "text_only.jsonl").write_text("\n".join(rows) + "\n")
+    request = write_request(tmp_path, "nothing", method=method, steps=4, partial=True, target_modules=["linear_1"],
+                            forget=str(tmp_path / "text_only.jsonl"), retain=str(world / "retain.jsonl"))
+    before = snapshot(reg_dir)
+    with pytest.raises(SeqforgetError, match="changed no weight|never reach") as failure:
+        apply_request(reg_dir, request, show_progress=False)
+    assert "\n" not in str(failure.value)
+    after = snapshot(reg_dir)
+    assert {k: v for k, v in after.items() if "journal" not in k} == {k: v for k, v in before.items() if "journal" not in k}
+    assert Registry.open(reg_dir).snapshot().requests == []

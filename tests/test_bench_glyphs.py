@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks.forget_retain import PROFILES
+from conftest import tiny_profile
 from seqforget.bench.scoring import choice_accuracy, generation_scores
 from seqforget.bench.vanilla import cached_model
 from seqforget.bench.world import ATTRIBUTES, STYLES, cached_world
 from seqforget.models import load_model
 
-TINY = PROFILES["tiny"]
+TINY = tiny_profile()
 
 
 @pytest.fixture(scope="module")

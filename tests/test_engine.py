@@ -299,22 +299,30 @@ def test_a_visual_request_leaves_the_language_model_bit_identical(world, tmp_pat
 # ---- the projection, under every scope ---------------------------------------------------------
 
 
-def _retained_inputs_response(world, reg_dir, entry) -> float:
-    """Largest, over the adapter's layers, of ||dW X|| / (||dW|| ||X||) for the retained inputs X
-    each layer receives (the request's own retain set and its text-only forget rows)."""
+def _retained_inputs_response(world, reg_dir, entry) -> tuple[float, float, bool]:
+    """(response, leak, within): the largest, over the adapter's layers, of ||dW X|| / (||dW|| ||X||)
+    for the retained inputs X each layer receives (the request's own retain set and its text-only
+    forget rows), and of sqrt(share of X's energy outside the layer's stored basis U); and whether
+    every layer's response is at most its leak. An update kept in the null space (dW U = 0) is
+    within in every layer, on any build of the model."""
     state = Registry.open(reg_dir).snapshot()
-    adapter = state.adapter(entry)
+    adapter, bases = state.adapter(entry), state.bases()
     model, processor = load_model(world / "model")
     rows = [json.loads(line) for line in (world / "retain.jsonl").read_text().splitlines()]
     examples = [data.encode(processor, data.Row(r["question"], r["answer"], world / r["image"] if "image" in r else None))
                 for r in rows]
     grams = input_stats(model, data.batches(examples, 16, processor.tokenizer.pad_token_id), adapter.modules)
-    worst = 0.0
+    worst, leak, within = 0.0, 0.0, True
     for module in adapter.modules:
         dw, g = delta(adapter, module), grams[module]  # (d_out, d), (d, d) = X^T X
         response = torch.trace(dw @ g @ dw.T).clamp_min(0).sqrt()  # ||dW X^T||_F
-        worst = max(worst, (response / (torch.linalg.matrix_norm(dw, 2) * torch.trace(g).sqrt())).item())
-    return worst
+        ratio = (response / (torch.linalg.matrix_norm(dw, 2) * torch.trace(g).sqrt())).item()
+        u = torch.from_numpy(bases[module].columns).double() if module in bases else torch.zeros(g.shape[0], 0).double()
+        outside = (torch.trace(g) - torch.trace(u.T @ g @ u)) / torch.trace(g)  # share of tr(X^T X) off span(U)
+        share = outside.clamp_min(0).sqrt().item()
+        within &= ratio <= share * (1 + 1e-3) + 1e-6
+        worst, leak = max(worst, ratio), max(leak, share)
+    return worst, leak, within
 
 
 @pytest.mark.parametrize("scope", list(SCOPES))
@@ -328,25 +336,35 @@ def test_the_stored_update_leaves_retained_inputs_nearly_untouched_only_when_pro
                                 energy_threshold=0.999, projection=projection, reference=str(world / "reference.jsonl"),
                                 partial=True, forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl"))
         entry = apply_request(reg_dir, request, show_progress=False)
-        response[projection] = _retained_inputs_response(world, reg_dir, entry)
-    # 0.999 of the retained energy lies in the basis: what is left can move dW X by about sqrt(0.001)
-    assert response[True] < 0.05, response
-    assert response[False] > 0.1, response  # the same bound fails without the projection
+        response[projection], leak, within = _retained_inputs_response(world, reg_dir, entry)
+        assert within == projection, (projection, response)
+    # 0.999 of the retained energy lies in the basis: what is left can move dW X by at most sqrt(0.001)
+    assert leak <= 0.001 ** 0.5 + 1e-6 and response[True] <= leak * (1 + 1e-3) + 1e-6, response
+    assert response[False] > 0.1, response  # without the projection the update reads the retained inputs
 
 
 def test_sketched_statistics_protect_retained_inputs_as_gram_matrices_do(world, tmp_path):
     """With `sketch_rank` below half of every target layer's width, no layer keeps a Gram matrix, and the
-    stored update still leaves the retained inputs nearly untouched."""
-    reg_dir = tmp_path / "reg"
-    init_registry(reg_dir, world / "model")
-    request = write_request(tmp_path, "sketched", scope="full", method="gd", steps=10, lr=3e-3, energy_threshold=0.999,
-                            sketch_rank=24, reference=str(world / "reference.jsonl"), partial=True,
-                            forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl"))
-    entry = apply_request(reg_dir, request, show_progress=False)
-    growth = Registry.open(reg_dir).snapshot().record(entry, "metrics.json")["basis"]
-    assert growth and all(g["sketched"] for g in growth.values())
-    assert all(0 < g["columns_added"] <= 24 for g in growth.values())  # no more directions than the sketch holds
-    assert _retained_inputs_response(world, reg_dir, entry) < 0.05
+    stored update still leaves the retained inputs nearly untouched: as exactly as its basis allows in
+    every layer, and far less moved than by the same update unprojected. The sketch keeps fewer
+    directions than the Gram matrix's 0.999 of the energy, so it lets more through: on seeds 0-2 of
+    the tiny world 0.05-0.06 of an unprojected update's 0.33, against 0.01 with Gram matrices."""
+    response = {}
+    for sketch_rank, projection in ((24, True), (1024, True), (1024, False)):
+        reg_dir = tmp_path / f"reg-{sketch_rank}-{projection}"
+        init_registry(reg_dir, world / "model")
+        request = write_request(tmp_path, f"s{sketch_rank}{projection}", scope="full", method="gd", steps=10, lr=3e-3,
+                                energy_threshold=0.999, sketch_rank=sketch_rank, projection=projection,
+                                reference=str(world / "reference.jsonl"), partial=True,
+                                forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl"))
+        entry = apply_request(reg_dir, request, show_progress=False)
+        growth = Registry.open(reg_dir).snapshot().record(entry, "metrics.json")["basis"]
+        assert all(g["sketched"] == (sketch_rank == 24) for g in growth.values())
+        if sketch_rank == 24:  # no more directions than the sketch holds
+            assert all(0 < g["columns_added"] <= 24 for g in growth.values())
+        response[sketch_rank, projection], _, within = _retained_inputs_response(world, reg_dir, entry)
+        assert within == projection, response
+    assert response[1024, True] < response[24, True] < response[1024, False] / 3, response
 
 
 def test_forgetting_lowers_likelihood_and_projection_protects_retain(world, tmp_path):

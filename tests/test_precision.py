@@ -43,7 +43,7 @@ def test_a_bfloat16_registry_trains_composes_and_rolls_back_exactly_in_bfloat16(
     adapters = {e["id"]: state.adapter(e) for e in state.active}
     for adapter in adapters.values():
         assert all(w.dtype in (np.float32, np.int64) for parts in adapter.weights.values() for w in parts.values())
-        assert any(np.abs(w).max() > 0 for parts in adapter.weights.values() for w in parts.values() if w.dtype == np.float32)
+        assert any(w.any() for parts in adapter.weights.values() for w in parts.values() if w.dtype == np.float32)  # a layer may hold none
 
     base, _ = load_model(world / "model", "bfloat16")
     composed, _ = load_model(world / "model", "bfloat16")

@@ -9,6 +9,7 @@ The command reaches the CLI through the `seqforget.commands` entry point.
 import json
 import random
 import shutil
+import time
 from pathlib import Path
 
 import click
@@ -25,14 +26,25 @@ REQUESTS = [
 ]
 
 
-def default_world():
-    """(world, vanilla model folder) of the benchmark's default profile, built once and cached."""
+def default_world(log=lambda s: None):
+    """(world, vanilla model folder) of the benchmark's default profile, built once and cached;
+    `log` hears each training epoch while the model is built."""
     from seqforget.bench.vanilla import TrainSpec, cached_model
     from seqforget.bench.world import WorldSpec, cached_world
 
     world = cached_world(WorldSpec(), cache_root() / "bench")
-    model = cached_model(world, cache_root() / "bench", spec=TrainSpec(), log=lambda s: None)
+    model = cached_model(world, cache_root() / "bench", spec=TrainSpec(), log=log)
     return world, model
+
+
+def _epochs(out=click.echo):
+    """A log for the vanilla model's training: each epoch's line, with the time since the first."""
+    start = time.monotonic()
+
+    def log(line: str) -> None:
+        elapsed = int(time.monotonic() - start)
+        out(f"  [{elapsed // 60:2d}:{elapsed % 60:02d}] {line}")
+    return log
 
 
 @click.command()
@@ -54,7 +66,9 @@ def run_demo(out: Path) -> None:
     from seqforget.status import status_rows, status_table
 
     click.echo(f"loading the world of fictitious people and its tiny LLaVA (built once, cached in {cache_root()}) ...")
-    world, model_dir = default_world()
+    click.echo("  (the first run trains the model: its vision tower, then its language side, each until it knows "
+               "the world, some minutes on 2 cores)")
+    world, model_dir = default_world(_epochs())
     out = Path(out).absolute()
     if out.exists():
         if not (out / "demo.json").is_file():
