@@ -35,7 +35,7 @@ from seqforget.progress import Progress
 from seqforget.projection import NullSpace, Sketch, extend_basis
 from seqforget.requests import Request, load_request, parse_request
 from seqforget.scopes import SCOPES, match_layers, scope_layers
-from seqforget.stopping import stranger_rows
+from seqforget.stopping import REFUSED, SARR, stranger_rows
 from seqforget.training import train_adapter
 from seqforget.updates import UPDATES
 
@@ -224,10 +224,14 @@ def _targets(request: Request, method, model) -> list[str]:
     return match_layers(model, request.target_modules)
 
 
+REFUSAL_HELD_OUT = 0.25  # share of a refuse request's forget images kept out of training: its stopping rule's unseen views
+
+
 def _encode(request: Request, processor, encoder: data.Encoder) -> tuple[data.Rows, data.Rows, data.Rows | None, data.Rows | None]:
     """Forget, retain, guard and reference rows as the scope means them: a `visual` request
     keeps text-only knowledge (those forget rows join the retain set, and only image rows of the
-    reference count); a `refuse` request trains its forget rows towards the refusal. The guard
+    reference count); a `refuse` request trains its forget rows towards the refusal, but for a
+    share of its images (REFUSAL_HELD_OUT), whose rows its stopping rule checks. The guard
     rows are the share of the request's retain rows (whole images) that the loss never sees:
     the retain guard watches them, as it would watch retained data the request did not bring.
     None when the share is 0, or when they hold too few answer tokens for one wrong token to
@@ -241,11 +245,17 @@ def _encode(request: Request, processor, encoder: data.Encoder) -> tuple[data.Ro
         reference = [r for r in reference if r.image is not None]
     reference, stands_for = stranger_rows(forget, reference) if not scope.answers_refusal else ([], [])
     answer = request.refusal if scope.answers_refusal else None
+    held: list[data.Row] = []  # a refusal's check: some of its forget images, kept out of training
+    if answer is not None and len({r.image for r in forget if r.image is not None}) > 1:
+        images, held = data.hold_out([r for r in forget if r.image is not None], REFUSAL_HELD_OUT)
+        forget = images + [r for r in forget if r.image is None]
     pad = processor.tokenizer.pad_token_id
     try:
         encoder.next_request()
         own = [encoder(r) for r in forget] if answer is not None else None
-        forget, retain, guard, reference = (data.Rows([encoder(r, answer) for r in forget], pad, own_answers=own),
+        checked = data.Rows([encoder(r, answer) for r in held], pad) if held else None
+        forget, retain, guard, reference = (data.Rows([encoder(r, answer) for r in forget], pad, own_answers=own,
+                                                      held_out=checked),
                                             data.Rows([encoder(r) for r in retain], pad),
                                             data.Rows([encoder(r) for r in guard], pad),
                                             data.Rows([encoder(r) for r in reference], pad, stands_for=stands_for))
@@ -276,8 +286,8 @@ def _unlearn(live: Live, method, request: Request, before: dict, forget: data.Ro
         if earlier is not None:
             earlier.remove()
     _refuse_if_diverged(request, trained.adapter)
-    _refuse_if_unchanged(request, trained.adapter)
     _refuse_if_short(request, trained.stop)
+    _refuse_if_unchanged(request, trained.adapter)
     live.add(_pending(request), trained.adapter)
     after = _after(model, trained, before, forget, retain, guard)
     metrics = {"before": before, "after": after,
@@ -396,6 +406,17 @@ def _refuse_if_short(request: Request, stop) -> None:
     if stop.reached or request.partial:
         return
     last = stop.checks[-1] if stop.checks else None
+    if stop.rule == "refusal":
+        kept = next((c for c in reversed(stop.checks) if c["step"] == stop.step), None)
+        seen = (f"at step {stop.step} it refused {kept['refused']['trained']:.0%} of its trained forget questions, "
+                + (f"{kept['refused']['held_out']:.0%} of those about images it never trained on, "
+                   if kept["refused"]["held_out"] is not None else "")
+                + f"and {kept['sarr']:.0%} of the retained questions" if kept else "it kept no step")
+        why = ("the retain guard stopped it" if stop.reason == "retain_guard"
+               else f"its budget of {request.training.steps} steps ran out")
+        raise SeqforgetError(f"request {request.id} did not learn its refusal ({REFUSED:.0%} of its forget questions "
+                             f"refused, at most {SARR:.0%} of retained ones): {why}; {seen}. Nothing was committed: "
+                             f"raise steps or lr, or set partial: true to commit it as it is")
     where = (f"forget median NLL {last['forget']['median_nll']:.2f} against the reference's "
              f"{stop.reference['median_nll']:.2f}" if last and stop.reference else "no reference rows")
     why = ("the retain guard stopped it (the retain accuracy it watches fell more than "
@@ -417,12 +438,22 @@ def _summary(metrics: dict) -> dict:
         "held_out_retain_acc": [before["guard"]["token_acc"], after["guard"]["token_acc"]] if "guard" in before else None,
         "projector_condition": [before.get("projector_condition"), after.get("projector_condition")],
         "reference_nll": stop["reference"]["median_nll"] if stop["reference"] else None,
+        "refusal": _refusal(stop),
         "stop": {"rule": stop["rule"], "reason": stop["reason"], "step": stop["step"]},
         "basis": {"columns_added": sum(g["columns_added"] for lead, g in metrics["basis"].items() if g["shares_with"] == lead),
                   "bytes": metrics["basis_bytes"], "seconds": round(metrics["basis_seconds"], 3)},
         "steps": stop["step"],
         "seconds": round(metrics["seconds"], 2),
     }
+
+
+def _refusal(stop: dict) -> dict | None:
+    """A refusal's figures at the check whose adapter was kept: the share of its trained and of its
+    held-out forget questions refused, and of the retained questions (SARR); None for other rules."""
+    kept = next((c for c in stop["checks"] if c["step"] == stop["step"]), None)
+    if stop["rule"] != "refusal" or kept is None:
+        return None
+    return {**kept["refused"], "sarr": kept["sarr"]}
 
 
 def _reset_peak_rss() -> None:

@@ -37,6 +37,7 @@ def report(state: Snapshot, request_id: str) -> dict:
         "files": entry["files"],  # sha256 of every file the request committed: the adapter's, basis.h5, the records
         "stopping": {"rule": stop["rule"], "reason": stop["reason"], "step": stop["step"], "reached": stop["reached"],
                      "reference_median_nll": stop["reference"]["median_nll"] if stop.get("reference") else None,
+                     "refusal": entry["metrics"].get("refusal"),
                      "checks": stop.get("checks", [])},
         "figures": {"before": metrics["before"], "after": metrics["after"], "rows": metrics["rows"]},
         "projection": metrics["projection"],
@@ -71,7 +72,8 @@ def markdown(record: dict) -> str:
         f"Stopped by the {record['stopping']['rule']} rule ({record['stopping']['reason'].replace('_', ' ')}) at step "
         f"{record['stopping']['step']}; level {'reached' if record['stopping']['reached'] else 'not reached'}"
         + (f" (reference median NLL {record['stopping']['reference_median_nll']:.3f})"
-           if record["stopping"]["reference_median_nll"] is not None else "") + ".",
+           if record["stopping"]["reference_median_nll"] is not None else "")
+        + (_refusal_words(record["stopping"]["refusal"]) if record["stopping"].get("refusal") else "") + ".",
         f"Settings: {json.dumps(r['training'], sort_keys=True)}; method arguments: {json.dumps(r['method_args'], sort_keys=True)}.",
         f"Time: {record['times']['seconds']:.1f} s in all, {record['times']['train_seconds']:.1f} s training.",
         "", "## Figures before and after", "", "| rows | token accuracy | NLL | median NLL |", "|---|---|---|---|",
@@ -85,6 +87,12 @@ def markdown(record: dict) -> str:
         lines += ["", f"Projector Jacobian condition number: {before['projector_condition']:.4g} -> "
                       f"{after['projector_condition']:.4g}."]
     return "\n".join(lines) + "\n"
+
+
+def _refusal_words(figures: dict) -> str:
+    held = "" if figures["held_out"] is None else f", {figures['held_out']:.0%} of those about images it never trained on"
+    return (f": it refused {figures['trained']:.0%} of its trained forget questions{held}, and {figures['sarr']:.0%} "
+            f"of the retained questions the guard watched")
 
 
 def _basis_line(basis: dict) -> str:

@@ -24,9 +24,16 @@ def status_rows(state: Snapshot) -> list[dict]:
     ]
 
 
+def _refusal(figures: dict | None) -> str:
+    if not figures:
+        return "-"
+    held = "" if figures["held_out"] is None else f" ({figures['held_out']:.2f})"
+    return f"{figures['trained']:.2f}{held}, {figures['sarr']:.2f}"
+
+
 def status_table(rows: list[dict]) -> str:
     header = ["#", "id", "state", "method", "scope", "stopped", "forget median NLL", "reference", "retain NLL",
-              "forget acc", "retain acc", "held-out retain acc", "projector cond.", "applied"]
+              "forget acc", "retain acc", "held-out retain acc", "refused (held-out), SARR", "projector cond.", "applied"]
     lines = [header]
     for r in rows:
         m = r["metrics"]
@@ -39,6 +46,7 @@ def status_table(rows: list[dict]) -> str:
             "-" if m["reference_nll"] is None else f"{m['reference_nll']:.2f}", "{:.2f} -> {:.2f}".format(*m["retain_nll"]),
             "{:.2f} -> {:.2f}".format(*m["forget_acc"]), "{:.2f} -> {:.2f}".format(*m["retain_acc"]),
             "{:.2f} -> {:.2f}".format(*m["held_out_retain_acc"]) if m.get("held_out_retain_acc") else "-",  # what the guard watched
+            _refusal(m.get("refusal")),
             "{:.3g} -> {:.3g}".format(*m["projector_condition"]) if None not in m.get("projector_condition", [None]) else "-",
             r["applied_at"],
         ])

@@ -39,6 +39,11 @@ training never sees), because a retain term holds the rows it trains on whatever
 the rest: on the benchmark worlds, guarding the trained rows never fired while retained people
 outside the sample lost 5 to 15 points. With no reference rows there is no level to reach: the
 step budget alone ends training, and the record says so.
+
+A refusal (the `refuse` scope) has a level of its own: the request has reached it when greedy
+decoding answers its forget questions with the refusal, those it trains on and those about
+images it kept out of training alike (at least REFUSED of each), while the retained questions
+the guard watches are refused at most SARR of the time (SineProject's safe-answer refusal rate).
 """
 
 import difflib
@@ -46,8 +51,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from seqforget.data import Row, Rows
-from seqforget.evaluation import probe
+from seqforget.data import IGNORE, Row, Rows
+from seqforget.evaluation import opens_with, probe
 from seqforget.losses import answer_logprob
 
 
@@ -98,11 +103,15 @@ def stranger_level(model, reference: Rows) -> dict:
     return {"median_nll": torch.stack(levels).median().item(), "rows": len(levels), "strangers": len(reference)}
 
 
+REFUSED = 0.99  # share of a refuse request's forget questions answered with its refusal, trained and held-out views alike
+SARR = 0.10  # share of the retained questions the guard watches that it may refuse
+
+
 @dataclass
 class Stop:
     """How training ended, as stored with the request and shown by `status`."""
 
-    rule: str  # "reference" (the oracle's level from reference rows) | "budget" (no reference)
+    rule: str  # "reference" (the oracle's level from reference rows) | "refusal" (REFUSED, SARR) | "budget" (neither)
     reason: str  # "reached" | "retain_guard" | "budget"
     step: int  # optimiser steps taken up to the check whose adapter was kept (steps the guard undid before it count)
     checks: list[dict]  # one record per check: step, forget, guard (the rows the retain guard watches), decision
@@ -117,6 +126,13 @@ class Stop:
         return asdict(self)
 
 
+def refuses(check: dict) -> bool:
+    """Whether a refusal check (Stopping.check's record) shows the refusal learnt: REFUSED, SARR."""
+    refused = check["refused"]
+    return (refused["trained"] >= REFUSED and (refused["held_out"] is None or refused["held_out"] >= REFUSED)
+            and check["sarr"] <= SARR)
+
+
 SHRINKS = 3  # times the retain guard halves the learning rate before it stops training
 
 
@@ -128,6 +144,10 @@ class Stopping:
         under `model`, if already probed."""
         self.forget, self.guard, self.settings = forget, guard, settings
         self.reference = stranger_level(model, reference) if reference is not None and len(reference) else None
+        self.refusal = forget.own_answers is not None and len(forget) > 0  # the forget rows' answer is a refusal
+        if self.refusal:
+            labels = forget.examples[0].labels
+            self.refusal_token = int(labels[labels != IGNORE][0])  # the refusal's first token
         self.guard_start = probe(model, guard.fixed)["token_acc"] if guard_start is None else guard_start
         self.checks: list[dict] = []
         self.kept_step, self.kept = 0, None
@@ -144,6 +164,10 @@ class Stopping:
         forget, guard = probe(model, self.forget.fixed), probe(model, self.guard.fixed)
         self.rolled_back = False
         record = {"step": step, "forget": forget, "guard": guard}
+        if self.refusal:
+            held = self.forget.held_out
+            record["refused"] = {"trained": forget["exact"], "held_out": probe(model, held.fixed)["exact"] if held else None}
+            record["sarr"] = opens_with(model, self.guard.fixed, self.refusal_token)
         self.checks.append(record)
         if guard["token_acc"] < self.guard_start - self.settings.retain_tolerance:
             with torch.no_grad():
@@ -163,8 +187,12 @@ class Stopping:
             record["decision"] = "reached the reference level"
             self.reason = "reached"
             return True
+        if self.refusal and refuses(record):
+            record["decision"] = "refuses its questions"
+            self.reason = "reached"
+            return True
         return False
 
     def result(self) -> Stop:
-        rule = "reference" if self.reference is not None else "budget"
+        rule = "reference" if self.reference is not None else "refusal" if self.refusal else "budget"
         return Stop(rule, self.reason, self.kept_step, self.checks, self.reference)

@@ -347,8 +347,8 @@ def test_sketched_statistics_protect_retained_inputs_as_gram_matrices_do(world, 
     """With `sketch_rank` below half of every target layer's width, no layer keeps a Gram matrix, and the
     stored update still leaves the retained inputs nearly untouched: as exactly as its basis allows in
     every layer, and far less moved than by the same update unprojected. The sketch keeps fewer
-    directions than the Gram matrix's 0.999 of the energy, so it lets more through: on seeds 0-2 of
-    the tiny world 0.05-0.06 of an unprojected update's 0.33, against 0.01 with Gram matrices."""
+    directions than the Gram matrix's 0.999 of the energy, so it lets more through: on seed 0 of the
+    tiny world 0.05 against an unprojected update's 0.33, and 0.01 with Gram matrices."""
     response = {}
     for sketch_rank, projection in ((24, True), (1024, True), (1024, False)):
         reg_dir = tmp_path / f"reg-{sketch_rank}-{projection}"

@@ -59,7 +59,7 @@ def test_the_retain_guard_refuses_a_request_that_costs_retained_accuracy(world, 
 
 
 def test_a_partial_request_commits_what_the_guard_kept_and_says_so(world, reg_dir, tmp_path, unseen):
-    request = write_request(tmp_path, "r", method="ga", steps=60, check_every=10, lr=1e-1, projection=False,
+    request = write_request(tmp_path, "r", method="ga", steps=60, check_every=5, lr=1e-2, projection=False,
                             retain_tolerance=0.0, reference=unseen, partial=True,
                             forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl"))
     entry = apply_request(reg_dir, request, show_progress=False)
@@ -156,3 +156,21 @@ def test_hold_out_spreads_whole_images_over_the_rows(tmp_path):
                     Row("who ?", "a", images[9]), Row("where ?", "a", images[9]), Row("text 4", "b")]
     assert kept == [r for r in rows if r not in held]
     assert hold_out(rows, 0.0) == (rows, [])
+
+
+def test_a_refusal_not_learnt_is_refused_and_a_partial_one_shows_how_far_it_got(world, reg_dir, tmp_path):
+    """A refusal's rule: its forget questions refused (greedy), trained and held-out views alike, and
+    few retained ones. A few steps at a small learning rate refuse nothing: the request must fail."""
+    before = snapshot(reg_dir)
+    fields = dict(scope="refuse", method="refusal", steps=4, check_every=2, lr=1e-5, retain_tolerance=1.0,
+                  forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl"))
+    with pytest.raises(SeqforgetError, match=r"did not learn its refusal .* budget of 4 steps ran out; at step 4 it refused 0%"):
+        apply_request(reg_dir, write_request(tmp_path, "r", **fields), show_progress=False)
+    assert {k: v for k, v in snapshot(reg_dir).items() if k != "journal.jsonl"} == {
+        k: v for k, v in before.items() if k != "journal.jsonl"}
+    entry = apply_request(reg_dir, write_request(tmp_path, "p", partial=True, **fields), show_progress=False)
+    stop = Registry.open(reg_dir).snapshot().record(entry, "metrics.json")["stop"]
+    assert entry["partial"] and stop["rule"] == "refusal" and stop["reason"] == "budget"
+    assert [c["step"] for c in stop["checks"]] == [2, 4] and all("refused" in c and "sarr" in c for c in stop["checks"])
+    assert entry["metrics"]["refusal"] == {**stop["checks"][-1]["refused"], "sarr": stop["checks"][-1]["sarr"]}
+    assert "0.00" in status_table(status_rows(Registry.open(reg_dir).snapshot())).splitlines()[-1]

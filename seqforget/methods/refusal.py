@@ -33,9 +33,11 @@ class Refusal:
     person's job?" must come from the face, not the words.
 
     Defaults from SafeEraser's idk+PD configuration (decouple and retain weights 1); text_weight
-    1; beta 0.1 as in NPO and DPO. The budget (100 steps at lr 1e-2) is ours: on the tests' tiny
-    world, 30 steps at 1e-3 left every forget question answered, 100 at 1e-2 made the refusal
-    the first choice at every answer token of the forget rows, retained rows unchanged.
+    1; beta 0.1 as in NPO and DPO. Training stops when the refusal is learnt
+    (seqforget.stopping: the forget questions refused, trained and held-out views alike, the
+    retained ones not); the budget (600 steps at lr 1e-2) is ours: under the null-space
+    projection a refusal takes a few hundred steps to learn, and at 3e-2 the retain guard undoes
+    the first.
     """
 
     retain_weight: float = 1.0
@@ -47,7 +49,7 @@ class Refusal:
     adapter_kind = "lora"
     source = ('SafeEraser (Chen et al., arXiv 2502.12520): refusal with prompt decoupling, as SineProject (arXiv '
               '2511.18444) uses it; the cross-entropy towards a refusal is TOFU\'s "I don\'t know" baseline')
-    budget = {"steps": 100, "lr": 1e-2}  # there is no level to stop at: the budget alone ends training
+    budget = {"steps": 600, "lr": 1e-2}
     sign = +1
 
     def prepare(self, model, forget, retain, reference, original, update):
