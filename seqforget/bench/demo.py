@@ -63,9 +63,8 @@ def demo(out, seed):
     run_demo(out or cache_root() / "demo", world, model_dir)
 
 
-def run_demo(out: Path, world, model_dir: Path, fields: dict | None = None) -> None:
-    """The demo's requests, rollback and answers on `world`, whose vanilla model is in `model_dir`;
-    `fields`: request fields to set in every request besides the demo's own (e.g. a smaller budget)."""
+def run_demo(out: Path, world, model_dir: Path) -> None:
+    """The demo's requests, rollback and answers on `world`, whose vanilla model is in `model_dir`."""
     import yaml
 
     from registry import Registry
@@ -95,8 +94,7 @@ def run_demo(out: Path, world, model_dir: Path, fields: dict | None = None) -> N
         ids.append(request_id)
         world.write_jsonl(out / f"{person}.jsonl", world.select({"visual", "identity", "textual", "cloze"}, [person], "train"))
         path = out / f"{request_id}.yaml"
-        body = {"id": request_id, "scope": scope, **({"method": method} if method else {}), "forget": f"{person}.jsonl", **settings,
-                **(fields or {})}
+        body = {"id": request_id, "scope": scope, **({"method": method} if method else {}), "forget": f"{person}.jsonl", **settings}
         path.write_text(yaml.safe_dump(body, sort_keys=False))
         click.echo(f"$ seqforget apply {path.name}")
         try:
