@@ -16,8 +16,11 @@ from seqforget.live import Live
 from seqforget.models import load_model
 from test_cli import invoke
 
-KINDS = {"sine": {"scope": "visual", "method": "sine"}, "masked": {"scope": "visual", "method": "mmunlearner"},
-         "lora": {"scope": "full", "method": "gd"}}
+# mmunlearner's step guard undoes ascent steps that cost retained answers: at lr 1e-2 it undid all four
+# on seed 2 of the world, leaving nothing to commit; at 1e-3 they are taken
+KINDS = {"sine": {"scope": "visual", "method": "sine", "lr": 1e-2},
+         "masked": {"scope": "visual", "method": "mmunlearner", "lr": 1e-3},
+         "lora": {"scope": "full", "method": "gd", "lr": 1e-2}}
 
 
 def bits_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -34,7 +37,7 @@ def test_a_bfloat16_registry_trains_composes_and_rolls_back_exactly_in_bfloat16(
     live = Live.load(state, world / "model")  # the stream's path: one live model, kept by differences
     assert live.model.dtype == torch.bfloat16
     for kind, fields in KINDS.items():
-        request = write_request(tmp_path, kind, steps=4, lr=1e-2, partial=True, forget=str(world / "forget_a.jsonl"),
+        request = write_request(tmp_path, kind, steps=4, partial=True, forget=str(world / "forget_a.jsonl"),
                                 retain=str(world / "retain.jsonl"), reference=str(world / "reference.jsonl"), **fields)
         entry = apply_request(reg, request, show_progress=False, live=live)
         assert entry["kind"] == kind
