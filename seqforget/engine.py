@@ -35,7 +35,7 @@ from seqforget.progress import Progress
 from seqforget.projection import NullSpace, Sketch, extend_basis
 from seqforget.requests import Request, load_request, parse_request
 from seqforget.scopes import SCOPES, match_layers, scope_layers
-from seqforget.stopping import REFUSED, SARR, stranger_rows
+from seqforget.stopping import REFUSED, SARR, kept_check, refusal_figures, stranger_rows
 from seqforget.training import train_adapter
 from seqforget.updates import UPDATES
 
@@ -364,7 +364,7 @@ def _after(model, trained, before: dict, forget: data.Rows, retain: data.Rows, g
     at its check (none kept: the model as before); only what no check saw is probed again, and
     the projector's condition only if the adapter changed the projector."""
     stop = trained.stop
-    kept = next((c for c in reversed(stop.checks) if c["step"] == stop.step), None) if stop.step else None
+    kept = kept_check(stop.checks, stop.step)
     seen = {"forget": before["forget"], "guard": before.get("guard", before["retain"])} if kept is None else kept
     after = {"forget": seen["forget"]}
     if guard is not None:
@@ -407,11 +407,11 @@ def _refuse_if_short(request: Request, stop) -> None:
         return
     last = stop.checks[-1] if stop.checks else None
     if stop.rule == "refusal":
-        kept = next((c for c in reversed(stop.checks) if c["step"] == stop.step), None)
-        seen = (f"at step {stop.step} it refused {kept['refused']['trained']:.0%} of its trained forget questions, "
-                + (f"{kept['refused']['held_out']:.0%} of those about images it never trained on, "
-                   if kept["refused"]["held_out"] is not None else "")
-                + f"and {kept['sarr']:.0%} of the retained questions" if kept else "it kept no step")
+        figures = refusal_figures(stop.checks, stop.step)
+        seen = (f"at step {stop.step} it refused {figures['trained']:.0%} of its trained forget questions, "
+                + (f"{figures['held_out']:.0%} of those about images it never trained on, "
+                   if figures["held_out"] is not None else "")
+                + f"and {figures['sarr']:.0%} of the retained questions" if figures else "it kept no step")
         why = ("the retain guard stopped it" if stop.reason == "retain_guard"
                else f"its budget of {request.training.steps} steps ran out")
         raise SeqforgetError(f"request {request.id} did not learn its refusal ({REFUSED:.0%} of its forget questions "
@@ -438,22 +438,13 @@ def _summary(metrics: dict) -> dict:
         "held_out_retain_acc": [before["guard"]["token_acc"], after["guard"]["token_acc"]] if "guard" in before else None,
         "projector_condition": [before.get("projector_condition"), after.get("projector_condition")],
         "reference_nll": stop["reference"]["median_nll"] if stop["reference"] else None,
-        "refusal": _refusal(stop),
+        "refusal": refusal_figures(stop["checks"], stop["step"]),
         "stop": {"rule": stop["rule"], "reason": stop["reason"], "step": stop["step"]},
         "basis": {"columns_added": sum(g["columns_added"] for lead, g in metrics["basis"].items() if g["shares_with"] == lead),
                   "bytes": metrics["basis_bytes"], "seconds": round(metrics["basis_seconds"], 3)},
         "steps": stop["step"],
         "seconds": round(metrics["seconds"], 2),
     }
-
-
-def _refusal(stop: dict) -> dict | None:
-    """A refusal's figures at the check whose adapter was kept: the share of its trained and of its
-    held-out forget questions refused, and of the retained questions (SARR); None for other rules."""
-    kept = next((c for c in stop["checks"] if c["step"] == stop["step"]), None)
-    if stop["rule"] != "refusal" or kept is None:
-        return None
-    return {**kept["refused"], "sarr": kept["sarr"]}
 
 
 def _reset_peak_rss() -> None:

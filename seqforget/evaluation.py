@@ -2,38 +2,28 @@
 
 import torch
 
-from seqforget.data import IGNORE
-from seqforget.losses import answer_logprob, model_inputs
+from seqforget.losses import answer_scores
 from seqforget.models import device_of
 
 
 @torch.no_grad()
-def probe(model, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+def probe(model, batches: list[dict[str, torch.Tensor]], opening: int | None = None) -> dict[str, float]:
     """{"nll": mean over rows of the answer's per-token NLL, "median_nll": its median,
     "token_acc": share of answer tokens ranked first, "exact": share of rows whose every answer
-    token is ranked first, i.e. whose greedy answer is theirs}."""
-    row_nll, hits, tokens, exact = [], 0, 0, 0
+    token is ranked first, i.e. whose greedy answer is theirs}; with `opening` (a token id, e.g.
+    a refusal's first), also "opens_with": share of rows whose greedy answer starts with it."""
+    row_nll, hits, tokens, exact, opened = [], 0, 0, 0, 0
     for batch in batches:
-        logp, n, h = answer_logprob(model, batch)
+        logp, n, h, first = answer_scores(model, batch)
         row_nll.append(-logp / n.clamp_min(1))  # (B,)
         hits, tokens, exact = hits + h.sum().item(), tokens + n.sum().item(), exact + (h == n).sum().item()
+        opened += (first == opening).sum().item() if opening is not None else 0
     nll = torch.cat(row_nll) if row_nll else torch.zeros(0)
-    return {"nll": nll.mean().item() if len(nll) else 0.0, "median_nll": nll.median().item() if len(nll) else 0.0,
-            "token_acc": hits / max(tokens, 1), "exact": exact / max(len(nll), 1)}
-
-
-@torch.no_grad()
-def opens_with(model, batches: list[dict[str, torch.Tensor]], token: int) -> float:
-    """Share of the rows whose greedy answer starts with `token` (a refusal's first token: on
-    questions that should be answered, how often the model refuses them)."""
-    opened, rows = 0, 0
-    for batch in batches:
-        logits = model(**model_inputs(model, batch)).logits[:, :-1]  # (B, T-1, V)
-        answer = batch["labels"][:, 1:].to(logits.device) != IGNORE  # (B, T-1)
-        first = answer.float().argmax(1)  # (B,) position of each row's first answer token
-        opened += (logits[torch.arange(len(first)), first].argmax(-1) == token).sum().item()
-        rows += len(first)
-    return opened / max(rows, 1)
+    out = {"nll": nll.mean().item() if len(nll) else 0.0, "median_nll": nll.median().item() if len(nll) else 0.0,
+           "token_acc": hits / max(tokens, 1), "exact": exact / max(len(nll), 1)}
+    if opening is not None:
+        out["opens_with"] = opened / max(len(nll), 1)
+    return out
 
 
 @torch.no_grad()

@@ -21,12 +21,19 @@ def model_inputs(model, batch: dict[str, torch.Tensor], pixel_values: torch.Tens
 def answer_logprob(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sum of answer-token log-probabilities per row (B,), answer tokens per row (B,), and
     how many answer tokens per row the model ranks first (B,), teacher-forced; on the model's device."""
+    return answer_scores(model, batch)[:3]
+
+
+def answer_scores(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """answer_logprob's three, and the token each row's greedy answer starts with (B,)."""
     logits = model(**model_inputs(model, batch)).logits[:, :-1]  # (B, T-1, V)
     labels = batch["labels"][:, 1:].to(logits.device)  # (B, T-1)
     mask = labels != IGNORE
     token_logp = -F.cross_entropy(logits.transpose(1, 2).float(), labels.clamp_min(0), reduction="none")  # (B, T-1)
-    hits = ((logits.argmax(-1) == labels) & mask).sum(1)
-    return (token_logp * mask).sum(1), mask.sum(1), hits
+    ranked_first = logits.argmax(-1)  # (B, T-1)
+    hits = ((ranked_first == labels) & mask).sum(1)
+    opening = ranked_first.gather(1, mask.float().argmax(1, keepdim=True)).squeeze(1)  # (B,) at each first answer position
+    return (token_logp * mask).sum(1), mask.sum(1), hits, opening
 
 
 def answer_nll(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from seqforget.data import IGNORE, Row, Rows
-from seqforget.evaluation import opens_with, probe
+from seqforget.evaluation import probe
 from seqforget.losses import answer_logprob
 
 
@@ -126,6 +126,18 @@ class Stop:
         return asdict(self)
 
 
+def kept_check(checks: list[dict], step: int) -> dict | None:
+    """The check (Stop.checks) whose adapter was kept at `step`; None if none was (step 0)."""
+    return next((c for c in reversed(checks) if c["step"] == step), None)
+
+
+def refusal_figures(checks: list[dict], step: int) -> dict | None:
+    """A refusal's figures at the check kept at `step`: the shares of its trained and of its
+    held-out forget questions refused, and of the retained ones (SARR); None for other rules."""
+    kept = kept_check(checks, step)
+    return {**kept["refused"], "sarr": kept["sarr"]} if kept is not None and "refused" in kept else None
+
+
 def refuses(check: dict) -> bool:
     """Whether a refusal check (Stopping.check's record) shows the refusal learnt: REFUSED, SARR."""
     refused = check["refused"]
@@ -161,13 +173,14 @@ class Stopping:
 
     def check(self, model, step: int, params: list[torch.nn.Parameter]) -> bool:
         """True when training should stop (the adapter in `params` is then the one to keep)."""
-        forget, guard = probe(model, self.forget.fixed), probe(model, self.guard.fixed)
+        forget = probe(model, self.forget.fixed)
+        guard = probe(model, self.guard.fixed, self.refusal_token if self.refusal else None)
         self.rolled_back = False
         record = {"step": step, "forget": forget, "guard": guard}
         if self.refusal:
             held = self.forget.held_out
             record["refused"] = {"trained": forget["exact"], "held_out": probe(model, held.fixed)["exact"] if held else None}
-            record["sarr"] = opens_with(model, self.guard.fixed, self.refusal_token)
+            record["sarr"] = guard.pop("opens_with")
         self.checks.append(record)
         if guard["token_acc"] < self.guard_start - self.settings.retain_tolerance:
             with torch.no_grad():
