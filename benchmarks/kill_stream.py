@@ -142,8 +142,9 @@ def main(argv=None) -> None:
 
 
 def tiny_world(bench, folder: Path) -> Path:
-    """A folder with the tiny world's forget_a/forget_b/retain/reference JSONL files (one person each to
-    forget, everyone else retained, never-seen people as reference) and its model in model/."""
+    """A folder with the tiny world's forget_a/forget_b/retain/reference/guard JSONL files (one person
+    each to forget, everyone else retained, never-seen people as reference, the retained people's
+    held-out views as a registry's guard set) and its model in model/."""
     import shutil
 
     w = bench.world
@@ -154,6 +155,7 @@ def tiny_world(bench, folder: Path) -> Path:
     w.write_jsonl(folder / "forget_b.jsonl", w.select(kinds, [second], "train"))
     w.write_jsonl(folder / "retain.jsonl", w.select(kinds, rest, "train"))
     w.write_jsonl(folder / "reference.jsonl", w.select(kinds, w.unseen_names))
+    w.write_jsonl(folder / "guard.jsonl", w.select({"visual", "identity"}, rest, "test"))  # views no request trains on
     if not (folder / "model").exists():
         shutil.copytree(bench.vanilla, folder / "model")
     return folder

@@ -153,6 +153,12 @@ class Snapshot:
         return self.manifest.get("default_reference")
 
     @property
+    def guard(self) -> dict | None:
+        """The rows every request is measured on against the base model, and the share of the
+        base model's accuracy on them the registry keeps (its budget); None: no budget."""
+        return self.manifest.get("guard")
+
+    @property
     def rejected(self) -> list[dict]:
         """Requests a stream read and refused, oldest first (`Writer.reject`)."""
         return self.manifest.get("rejected", [])
@@ -220,8 +226,9 @@ class Registry:
 
     @classmethod
     def create(cls, root: Path, base_model: dict, default_retain: dict | None = None,
-               default_reference: dict | None = None) -> "Registry":
-        """Make a new registry at `root` (which must not exist or be empty), all at once."""
+               default_reference: dict | None = None, guard: dict | None = None) -> "Registry":
+        """Make a new registry at `root` (which must not exist or be empty), all at once.
+        `guard`: the registry's guard set and budget, with the base model's figures on it."""
         root = Path(root).absolute()
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise RegistryError(f"{root} already exists and is not an empty folder")
@@ -236,6 +243,7 @@ class Registry:
                 "base_model": base_model,
                 "default_retain": default_retain,
                 "default_reference": default_reference,
+                "guard": guard,
                 "requests": [],
                 "rejected": [],
             }

@@ -13,6 +13,8 @@ Exit status:
       already rolled back
   4   the registry is busy: another process holds its lock (with --no-wait)
   5   integrity failure: a committed file or the base model is damaged
+  6   over budget: the request would take the registry below the share of the base model's
+      answers on its guard rows that it keeps (init --guard, --budget); nothing committed
   70  an unexpected failure (the message names it); the registry holds what it held
       before, or the request fully committed
 """
@@ -25,13 +27,14 @@ from pathlib import Path
 import click
 
 from registry import CommittedUnfinished, Registry, RegistryBusy, RegistryDamaged, RegistryError
-from seqforget.errors import AlreadyDone, SeqforgetError
+from seqforget.errors import AlreadyDone, OverBudget, SeqforgetError
 from seqforget.models import DTYPES
 
-EXIT_BAD_INPUT, EXIT_NOTHING_TO_DO, EXIT_BUSY, EXIT_DAMAGED, EXIT_UNEXPECTED = 1, 3, 4, 5, 70
+EXIT_BAD_INPUT, EXIT_NOTHING_TO_DO, EXIT_BUSY, EXIT_DAMAGED, EXIT_OVER_BUDGET, EXIT_UNEXPECTED = 1, 3, 4, 5, 6, 70
 EXIT_CODES = [  # most specific first
     (CommittedUnfinished, EXIT_UNEXPECTED),
     (AlreadyDone, EXIT_NOTHING_TO_DO),
+    (OverBudget, EXIT_OVER_BUDGET),
     (RegistryBusy, EXIT_BUSY),
     (RegistryDamaged, EXIT_DAMAGED),
     ((SeqforgetError, RegistryError), EXIT_BAD_INPUT),
@@ -116,17 +119,29 @@ def cli():
               help="Default retain set (JSONL) for requests that name none.")
 @click.option("--reference", "reference", type=click.Path(dir_okay=False, path_type=Path),
               help="Default reference set (JSONL): rows the model never saw, the level requests stop at.")
+@click.option("--guard", "guard", type=click.Path(dir_okay=False, path_type=Path),
+              help="Guard set (JSONL): rows about what must stay. The base model answers them now; no request may "
+                   "take the model below --budget of its exact answers on them.")
+@click.option("--budget", type=click.FloatRange(0, 1, min_open=True), default=0.95, show_default=True,
+              help="With --guard: the share of the base model's exact answers on the guard rows the registry keeps.")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
               help="Precision the live model is loaded, trained and composed in; adapters are stored in float32.")
 @click.option("--device", default="auto", show_default=True,
               help="Where the live model runs: auto (this process's GPU if there is one, else the CPU), cpu, cuda, cuda:N.")
 @registry_option
-def init(model_dir, retain, reference, dtype, device, registry_path):
+def init(model_dir, retain, reference, guard, budget, dtype, device, registry_path):
     """Bind a new registry to a local base model (its files are hashed once, here)."""
+    from seqforget.budget import budget_line
     from seqforget.engine import init_registry
 
-    reg = init_registry(registry_path, model_dir, retain, reference, dtype, device)
+    reg = init_registry(registry_path, model_dir, retain, reference, dtype, device, guard, budget)
     click.echo(f"initialised registry {reg.root} for model {model_dir} ({dtype}, device {device})")
+    kept = reg.snapshot().guard
+    if kept:
+        click.echo(f"guard: {kept['rows']} rows, the base model answers {kept['base']['exact']:.1%} exactly; "
+                   f"budget {kept['budget']:.0%} of that")
+    else:
+        click.echo(budget_line(reg.snapshot()))
 
 
 @cli.command()
@@ -145,6 +160,7 @@ def apply(request, registry_path, model_dir, dtype, device, checkpointing, shard
     """Apply one deletion request (YAML or JSON file). Under torchrun or `accelerate launch`, the
     processes share each batch, or with --shard the model's weights, and only the main one
     writes (seqforget.distributed)."""
+    from seqforget.budget import retained_words
     from seqforget.distributed import is_main_process
     from seqforget.engine import apply_request
 
@@ -157,6 +173,7 @@ def apply(request, registry_path, model_dir, dtype, device, checkpointing, shard
         f"applied {entry['id']} ({entry['method']}, {entry['scope']}): "
         f"forget NLL {m['forget_nll'][0]:.3f} -> {m['forget_nll'][1]:.3f}, "
         f"retain NLL {m['retain_nll'][0]:.3f} -> {m['retain_nll'][1]:.3f} in {m['seconds']:.1f}s"
+        + (f"; {retained_words(m['retained'])}" if m.get("retained") else "")
     )
 
 
@@ -219,16 +236,18 @@ def export(out_dir, registry_path, model_dir, dtype, device):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def status(registry_path, as_json):
     """What is applied, active and rolled back."""
+    from seqforget.budget import budget_line, running_total
     from seqforget.status import status_rows, status_table
 
     state = Registry.open(registry_path).snapshot()
     rows = status_rows(state)
     if as_json:
-        click.echo(json.dumps({"registry": str(state.root), "base_model": state.base_model, "requests": rows,
-                               "rejected": state.rejected}, indent=2))
+        click.echo(json.dumps({"registry": str(state.root), "base_model": state.base_model, "guard": state.guard,
+                               "retained": running_total(state), "requests": rows, "rejected": state.rejected}, indent=2))
         return
     click.echo(f"registry {state.root}")
     click.echo(f"base model {state.base_model['path']}")
+    click.echo(budget_line(state))
     active = sum(r["state"] == "active" for r in rows)
     click.echo(f"{len(rows)} request(s), {active} active\n")
     if rows:

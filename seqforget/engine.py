@@ -23,14 +23,16 @@ import torch
 from registry import Basis, Registry, Snapshot, new_folder, sha256_file
 from seqforget import data
 from seqforget.activations import InputStats
+from seqforget.budget import BUDGET, Floor, floor, guard_record, read_guard, refuse_if_below
 from seqforget.composition import changes
 from seqforget.conditioning import IMAGES, projector_condition, projector_name
 from seqforget.distributed import Follower, Group, held_bytes
-from seqforget.errors import AlreadyDone, SeqforgetError
+from seqforget.errors import AlreadyDone, OverBudget, SeqforgetError
 from seqforget.evaluation import probe
 from seqforget.live import Live, registry_device
 from seqforget.methods import make_method
-from seqforget.models import check_device, device_of, model_sha256, model_signature, torch_device, torch_dtype
+from seqforget.models import (check_device, device_of, load_model, model_sha256, model_signature, torch_device,
+                              torch_dtype)
 from seqforget.progress import Progress
 from seqforget.projection import NullSpace, Sketch, extend_basis
 from seqforget.requests import Request, load_request, parse_request
@@ -40,18 +42,28 @@ from seqforget.training import train_adapter
 from seqforget.updates import UPDATES
 
 def init_registry(root: Path, model_dir: Path, default_retain: Path | None = None,
-                  default_reference: Path | None = None, dtype: str = "float32", device: str = "auto") -> Registry:
+                  default_reference: Path | None = None, dtype: str = "float32", device: str = "auto",
+                  guard: Path | None = None, budget: float = BUDGET) -> Registry:
     """A new registry bound to the model in `model_dir`, fingerprinted once, here; requests that
     name no retain or reference rows use the defaults given here. `dtype`: the precision the
     live model is loaded, trained and composed in (seqforget.models.DTYPES); `device`: where it
-    runs (seqforget.models.DEVICES)."""
+    runs (seqforget.models.DEVICES). `guard`: rows about what must stay, on which no request may
+    take the model below `budget` times the base model's exact answers (seqforget.budget); the
+    base model answers them here, once."""
     model_dir = Path(model_dir).absolute()
     torch_dtype(dtype)  # an unknown name is refused before anything is written
     check_device(device)
     base = {"path": str(model_dir), "sha256": model_sha256(model_dir), "signature": model_signature(model_dir),
             "dtype": dtype, "device": device}
-    return Registry.create(root, base_model=base, default_retain=_default_rows(default_retain, "retain"),
-                           default_reference=_default_rows(default_reference, "reference"))
+    retain, reference = _default_rows(default_retain, "retain"), _default_rows(default_reference, "reference")
+    kept = None
+    if guard is not None:
+        guard = Path(guard).absolute()
+        rows = read_guard(guard)
+        model, processor = load_model(model_dir, dtype, device)
+        kept = guard_record(guard, sha256_file(guard), rows, budget, model, data.Encoder(processor),
+                            processor.tokenizer.pad_token_id)
+    return Registry.create(root, base_model=base, default_retain=retain, default_reference=reference, guard=kept)
 
 
 def _default_rows(path: Path | None, label: str) -> dict | None:
@@ -114,11 +126,14 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
         model, processor = live.model, live.processor
         targets = _targets(request, method, model)
         forget, retain, guard, reference = _encode(request, processor, live.encoder)
+        keep = _floor(state, request, live.encoder, processor.tokenizer.pad_token_id)
         start = time.perf_counter()
         _reset_peak_rss()
         bases = live.bases(state)
         retained = InputStats(model, targets, request.training.sketch_rank)  # the guard's rows are retained inputs too
-        before = _probes(model, forget, retain, guard, retained)
+        before = _probes(model, forget, retain, guard, retained, keep)
+        if keep is not None:
+            refuse_if_below(state.guard, before["registry_guard"]["exact"], request.id)
         grown = time.perf_counter()
         added, growth = _grow_bases(model, retained, targets, bases, request)
         basis_seconds = time.perf_counter() - grown
@@ -126,7 +141,7 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
         with writer.begin(request.id, method=request.method, scope=request.scope) as txn:
             adapter, metrics = _unlearn(live, method, request, before, forget, retain, guard, reference, targets, nullspaces,
                                        Progress(request.training.steps, f"apply {request.id}", show_progress, stop=stop),
-                                       checkpointing, group)
+                                       checkpointing, group, keep)
             metrics.update(basis=growth, seconds=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb(),
                            dtype=str(model.dtype).removeprefix("torch."), device=str(device_of(model)),
                            processes={"count": group.world, "sharded": group.sharded,
@@ -137,7 +152,7 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
             txn.put_record("metrics.json", metrics)
             entry = txn.commit({"state": "active", "method": request.method, "scope": request.scope, "sign": method.sign,
                                 "sha256": request.sha256(), "partial": not metrics["stop"]["reached"],
-                                "metrics": _summary(metrics), **({"stream": source} if source else {})})
+                                "metrics": _summary(metrics, state.guard), **({"stream": source} if source else {})})
             if group.main:
                 group.wait()  # the others (seqforget.distributed.Follower) return the entry this commit wrote
         live.commit(_pending(request), entry)
@@ -224,6 +239,25 @@ def _targets(request: Request, method, model) -> list[str]:
     return match_layers(model, request.target_modules)
 
 
+def _floor(state: Snapshot, request: Request, encoder: data.Encoder, pad: int) -> Floor | None:
+    """What the registry's budget asks of this request (seqforget.budget); None without one.
+    The guard rows must be those the budget was measured on, and none of them may be a row
+    the request asks to forget."""
+    guard = state.guard
+    if guard is None:
+        return None
+    path = Path(guard["path"])
+    if not path.is_file() or sha256_file(path) != guard["sha256"]:
+        raise SeqforgetError(f"the registry's guard set {path} is missing or changed since `seqforget init`")
+    rows = read_guard(path)
+    asked = {(r.question, r.answer, r.image) for r in request.forget}
+    both = sum((r.question, r.answer, r.image) in asked for r in rows)
+    if both:
+        raise SeqforgetError(f"request {request.id} asks to forget {both} of the registry's guard rows, which the "
+                             f"registry keeps by its budget; the guard set must hold only what stays")
+    return floor(guard, data.Rows([encoder(r) for r in rows], pad))
+
+
 REFUSAL_HELD_OUT = 0.25  # share of a refuse request's forget images kept out of training: its stopping rule's unseen views
 
 
@@ -269,10 +303,10 @@ def _encode(request: Request, processor, encoder: data.Encoder) -> tuple[data.Ro
 
 def _unlearn(live: Live, method, request: Request, before: dict, forget: data.Rows, retain: data.Rows,
              guard: data.Rows | None, reference: data.Rows | None, targets: list[str], nullspaces: dict[str, NullSpace],
-             progress: Progress, checkpointing: bool = False, group: Group | None = None):
+             progress: Progress, checkpointing: bool = False, group: Group | None = None, keep: Floor | None = None):
     """Train the adapter under the null spaces, probe after (`before`: the probes before):
     (adapter, metrics). The live model ends with the adapter composed in, pending until the
-    request commits."""
+    request commits. `keep`: the registry budget's floor, which every check must hold."""
     settings = request.training
     model = live.model
     earlier = (live.earlier_off(settings.earlier_dropout, settings.seed)
@@ -281,12 +315,12 @@ def _unlearn(live: Live, method, request: Request, before: dict, forget: data.Ro
         with progress:
             trained = train_adapter(model, method, forget, retain, guard, reference, targets, nullspaces, settings,
                                     progress, earlier, guard_start=before["guard" if guard is not None else "retain"]["token_acc"],
-                                    checkpointing=checkpointing, processes=group)
+                                    checkpointing=checkpointing, processes=group, floor=keep)
     finally:
         if earlier is not None:
             earlier.remove()
     _refuse_if_diverged(request, trained.adapter)
-    _refuse_if_short(request, trained.stop)
+    _refuse_if_short(request, trained.stop, keep)
     _refuse_if_unchanged(request, trained.adapter)
     live.add(_pending(request), trained.adapter)
     after = _after(model, trained, before, forget, retain, guard)
@@ -346,13 +380,18 @@ def _nullspaces(request: Request, targets: list[str], bases: dict[str, Basis], a
     return nullspaces
 
 
-def _probes(model, forget: data.Rows, retain: data.Rows, guard: data.Rows | None, retained: InputStats | None = None) -> dict:
-    """Forget, retain and guard figures, and the projector's condition. `retained`: gathers the
-    statistics of the retained rows' inputs while they are probed (forget rows are not)."""
+def _probes(model, forget: data.Rows, retain: data.Rows, guard: data.Rows | None, retained: InputStats | None = None,
+            keep: Floor | None = None) -> dict:
+    """Forget, retain and guard figures, the registry's guard rows' (with `keep`), and the
+    projector's condition. `retained`: gathers the statistics of the retained rows' inputs
+    while they are probed (forget rows are not, nor the registry's guard rows: the budget
+    watches the model on them, and protecting them would only hide what it costs elsewhere)."""
     with retained or contextlib.nullcontext():
         out = {"retain": probe(model, retain.fixed)}
         if guard is not None:
             out["guard"] = probe(model, guard.fixed)
+    if keep is not None:
+        out["registry_guard"] = probe(model, keep.rows.fixed)
     out["forget"] = probe(model, forget.fixed)
     out["projector_condition"] = _projector_condition(model, forget, retain)
     return out
@@ -367,6 +406,8 @@ def _after(model, trained, before: dict, forget: data.Rows, retain: data.Rows, g
     kept = kept_check(stop.checks, stop.step)
     seen = {"forget": before["forget"], "guard": before.get("guard", before["retain"])} if kept is None else kept
     after = {"forget": seen["forget"]}
+    if "registry_guard" in before:
+        after["registry_guard"] = {"exact": kept["retained"] if kept is not None else before["registry_guard"]["exact"]}
     if guard is not None:
         after["retain"], after["guard"] = probe(model, retain.fixed), seen["guard"]
     else:
@@ -401,11 +442,20 @@ def _refuse_if_unchanged(request: Request, adapter) -> None:
                          f"guards undo every step?). Nothing was committed")
 
 
-def _refuse_if_short(request: Request, stop) -> None:
-    """A request that did not reach its level is not committed silently."""
+def _refuse_if_short(request: Request, stop, keep: Floor | None = None) -> None:
+    """A request that did not reach its level is not committed silently; one that the registry's
+    budget stopped is refused with its own exit status."""
     if stop.reached or request.partial:
         return
     last = stop.checks[-1] if stop.checks else None
+    if stop.reason == "registry_guard":
+        kept = kept_check(stop.checks, stop.step)
+        lowest = min(c["retained"] for c in stop.checks)
+        within = f"step {stop.step}, at {keep.share(kept['retained']):.1%}" if kept else "none"
+        raise OverBudget(f"request {request.id} would take the registry below its budget of {keep.budget:.0%} of the "
+                         f"base model's answers on its guard rows (it reached {keep.share(lowest):.1%}), and its last "
+                         f"step within the budget ({within}) had not reached its level. Nothing was committed: set "
+                         f"partial: true to commit that step, or roll back an earlier request")
     if stop.rule == "refusal":
         figures = refusal_figures(stop.checks, stop.step)
         seen = (f"at step {stop.step} it refused {figures['trained']:.0%} of its trained forget questions, "
@@ -426,10 +476,13 @@ def _refuse_if_short(request: Request, stop) -> None:
                          f"{where}. Nothing was committed: raise steps or lr, or set partial: true to commit it as it is")
 
 
-def _summary(metrics: dict) -> dict:
-    """The figures the manifest keeps for `status`: before -> after of each probe, and the stop."""
+def _summary(metrics: dict, guard: dict | None = None) -> dict:
+    """The figures the manifest keeps for `status`: before -> after of each probe, and the stop;
+    with the registry's `guard`, its exact answers before and after, the base's and the budget."""
     before, after, stop = metrics["before"], metrics["after"], metrics["stop"]
     return {
+        **({"retained": {"before": before["registry_guard"]["exact"], "after": after["registry_guard"]["exact"],
+                         "base": guard["base"]["exact"], "budget": guard["budget"]}} if guard else {}),
         "forget_nll": [before["forget"]["nll"], after["forget"]["nll"]],
         "forget_median_nll": [before["forget"]["median_nll"], after["forget"]["median_nll"]],
         "retain_nll": [before["retain"]["nll"], after["retain"]["nll"]],

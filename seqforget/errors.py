@@ -9,3 +9,8 @@ class AlreadyDone(SeqforgetError):
 
 class Stopped(Exception):
     """A stop was asked for while a request trained: it was abandoned, and nothing committed."""
+
+
+class OverBudget(SeqforgetError):
+    """The request would take the registry below its budget: the share of the base model's
+    accuracy on the registry's guard rows it promised to keep (seqforget.budget). Nothing committed."""

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from registry import Snapshot
+from seqforget.budget import budget_line
 from seqforget.errors import SeqforgetError
 
 
@@ -40,6 +41,8 @@ def report(state: Snapshot, request_id: str) -> dict:
                      "refusal": entry["metrics"].get("refusal"),
                      "checks": stop.get("checks", [])},
         "figures": {"before": metrics["before"], "after": metrics["after"], "rows": metrics["rows"]},
+        "retained": entry["metrics"].get("retained"),  # the registry guard's figures, with the base's and the budget
+        "registry_retained": budget_line(state),
         "projection": metrics["projection"],
         "basis": {"layers": metrics["basis"], "bytes": metrics.get("basis_bytes"), "seconds": metrics.get("basis_seconds")},
         "times": {"applied_at": entry["applied_at"], "rolled_back_at": entry.get("rolled_back_at"),
@@ -83,6 +86,11 @@ def markdown(record: dict) -> str:
             b, a = before[label], after[label]
             lines.append(f"| {label} ({record['figures']['rows'][label]}) | {b['token_acc']:.3f} -> {a['token_acc']:.3f} | "
                          f"{b['nll']:.3f} -> {a['nll']:.3f} | {b['median_nll']:.3f} -> {a['median_nll']:.3f} |")
+    kept = record.get("retained")
+    if kept:
+        lines += ["", f"The registry's guard rows, answered exactly: {kept['before'] / kept['base']:.1%} of the base "
+                      f"model's before, {kept['after'] / kept['base']:.1%} after (budget {kept['budget']:.0%})."]
+    lines += ["", f"The registry now: {record['registry_retained']}."]
     if before.get("projector_condition") is not None:
         lines += ["", f"Projector Jacobian condition number: {before['projector_condition']:.4g} -> "
                       f"{after['projector_condition']:.4g}."]

@@ -31,15 +31,24 @@ def _refusal(figures: dict | None) -> str:
     return f"{figures['trained']:.2f}{held}, {figures['sarr']:.2f}"
 
 
+def _retained(figures: dict | None) -> str:
+    """The registry guard's exact answers as a share of the base model's, before -> after the request."""
+    if not figures:
+        return "-"
+    return f"{figures['before'] / figures['base']:.1%} -> {figures['after'] / figures['base']:.1%}"
+
+
 def status_table(rows: list[dict]) -> str:
     header = ["#", "id", "state", "method", "scope", "stopped", "forget median NLL", "reference", "retain NLL",
-              "forget acc", "retain acc", "held-out retain acc", "refused (held-out), SARR", "projector cond.", "applied"]
+              "forget acc", "retain acc", "held-out retain acc", "refused (held-out), SARR", "retained of base",
+              "projector cond.", "applied"]
     lines = [header]
     for r in rows:
         m = r["metrics"]
         state = r["state"].replace("_", " ") + (" (partial)" if r["partial"] else "")
         stop = m["stop"]
-        stopped = {"reached": "at level", "retain_guard": "retain guard", "budget": "budget"}[stop["reason"]]
+        stopped = {"reached": "at level", "retain_guard": "retain guard", "registry_guard": "registry budget",
+                   "budget": "budget"}[stop["reason"]]
         lines.append([
             str(r["seq"]), r["id"], state, r["method"], r["scope"], f"{stopped}, step {stop['step']}",
             "{:.2f} -> {:.2f}".format(*m["forget_median_nll"]),
@@ -47,6 +56,7 @@ def status_table(rows: list[dict]) -> str:
             "{:.2f} -> {:.2f}".format(*m["forget_acc"]), "{:.2f} -> {:.2f}".format(*m["retain_acc"]),
             "{:.2f} -> {:.2f}".format(*m["held_out_retain_acc"]) if m.get("held_out_retain_acc") else "-",  # what the guard watched
             _refusal(m.get("refusal")),
+            _retained(m.get("retained")),
             "{:.3g} -> {:.3g}".format(*m["projector_condition"]) if None not in m.get("projector_condition", [None]) else "-",
             r["applied_at"],
         ])

@@ -40,6 +40,10 @@ the rest: on the benchmark worlds, guarding the trained rows never fired while r
 outside the sample lost 5 to 15 points. With no reference rows there is no level to reach: the
 step budget alone ends training, and the record says so.
 
+With a registry budget (seqforget.budget), each check also probes the registry's guard rows,
+and a check below its floor goes back as a retain guard's check does; if training ends on
+it, the reason is "registry_guard".
+
 A refusal (the `refuse` scope) has a level of its own: the request has reached it when greedy
 decoding answers its forget questions with the refusal, those it trains on and those about
 images it kept out of training alike (at least REFUSED of each), while the retained questions
@@ -51,6 +55,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from seqforget.budget import Floor
 from seqforget.data import IGNORE, Row, Rows
 from seqforget.evaluation import probe
 from seqforget.losses import answer_logprob
@@ -112,7 +117,7 @@ class Stop:
     """How training ended, as stored with the request and shown by `status`."""
 
     rule: str  # "reference" (the oracle's level from reference rows) | "refusal" (REFUSED, SARR) | "budget" (neither)
-    reason: str  # "reached" | "retain_guard" | "budget"
+    reason: str  # "reached" | "retain_guard" | "registry_guard" (the registry's budget) | "budget"
     step: int  # optimiser steps taken up to the check whose adapter was kept (steps the guard undid before it count)
     checks: list[dict]  # one record per check: step, forget, guard (the rows the retain guard watches), decision
     reference: dict | None  # the level from the reference rows (stranger_level), before training
@@ -151,10 +156,12 @@ SHRINKS = 3  # times the retain guard halves the learning rate before it stops t
 class Stopping:
     """Decides, at each check, whether training goes on; keeps the last adapter the guard accepts."""
 
-    def __init__(self, model, forget: Rows, guard: Rows, reference: Rows | None, settings, guard_start: float | None = None):
+    def __init__(self, model, forget: Rows, guard: Rows, reference: Rows | None, settings, guard_start: float | None = None,
+                 floor: Floor | None = None):
         """guard: the retain rows the retain guard watches; guard_start: their token accuracy
-        under `model`, if already probed."""
-        self.forget, self.guard, self.settings = forget, guard, settings
+        under `model`, if already probed; floor: what the registry's budget asks of its guard
+        rows (seqforget.budget), or None."""
+        self.forget, self.guard, self.settings, self.floor = forget, guard, settings, floor
         self.reference = stranger_level(model, reference) if reference is not None and len(reference) else None
         self.refusal = forget.own_answers is not None and len(forget) > 0  # the forget rows' answer is a refusal
         if self.refusal:
@@ -181,19 +188,23 @@ class Stopping:
             held = self.forget.held_out
             record["refused"] = {"trained": forget["exact"], "held_out": probe(model, held.fixed)["exact"] if held else None}
             record["sarr"] = guard.pop("opens_with")
+        if self.floor is not None:
+            record["retained"] = probe(model, self.floor.rows.fixed)["exact"]
         self.checks.append(record)
-        if guard["token_acc"] < self.guard_start - self.settings.retain_tolerance:
+        below = self.floor is not None and not self.floor.holds(record["retained"])
+        if below or guard["token_acc"] < self.guard_start - self.settings.retain_tolerance:
             with torch.no_grad():
                 for p, kept in zip(params, self.kept):
                     p.copy_(kept)
             self.rolled_back = True
+            which = "registry budget" if below else "retain guard"
             if self.shrinks < SHRINKS and step < self.settings.steps:
                 self.shrinks += 1
                 self.lr_scale /= 2
-                record["decision"] = f"retain guard: back to step {self.kept_step}, learning rate x{self.lr_scale:g}"
+                record["decision"] = f"{which}: back to step {self.kept_step}, learning rate x{self.lr_scale:g}"
                 return False
-            record["decision"] = f"retain guard: back to step {self.kept_step}, stopped"
-            self.reason = "retain_guard"
+            record["decision"] = f"{which}: back to step {self.kept_step}, stopped"
+            self.reason = "registry_guard" if below else "retain_guard"
             return True
         self.kept_step, self.kept = step, [p.detach().clone() for p in params]
         if self.reference is not None and forget["median_nll"] >= self.reference["median_nll"]:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from registry import Registry
+from seqforget.budget import retained_words
 from seqforget.engine import apply_request, base_model_dir, read_request
 from seqforget.distributed import launched
 from seqforget.errors import AlreadyDone, SeqforgetError, Stopped
@@ -192,6 +193,7 @@ def _one(reg: Registry, item: Item, live: Live, counter: str, show_progress: boo
     log(f"{counter} applied {entry['id']} ({entry['method']}, {entry['scope']}) in {time.perf_counter() - start:.1f}s: "
         f"forget acc {m['forget_acc'][0]:.2f} -> {m['forget_acc'][1]:.2f}, "
         f"retain acc {m['retain_acc'][0]:.2f} -> {m['retain_acc'][1]:.2f}"
+        f"{', ' + retained_words(m['retained']) if m.get('retained') else ''}"
         f"{', partial' if entry.get('partial') else ''}")
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from registry import Adapter, pause_point
+from seqforget.budget import Floor
 from seqforget.data import Rows
 from seqforget.distributed import Group
 from seqforget.errors import SeqforgetError
@@ -40,7 +41,8 @@ class Trained:
 
 def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None, reference: Rows | None,
                   targets: list[str], nullspaces: dict[str, NullSpace], settings, progress=None, earlier=None,
-                  guard_start: float | None = None, checkpointing: bool = False, processes: Group | None = None) -> Trained:
+                  guard_start: float | None = None, checkpointing: bool = False, processes: Group | None = None,
+                  floor: Floor | None = None) -> Trained:
     """Train the method's update on `model` (left unchanged on return) and give back its adapter.
 
     forget, retain: the request's encoded rows, as the scope means them; guard: retain rows
@@ -50,6 +52,7 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
     settings: seqforget.requests.Training. progress: a seqforget.progress.Progress, or None.
     earlier: a seqforget.live.EarlierOff to draw from at every step, or None.
     guard_start: the token accuracy of the guard's rows before training, if already probed.
+    floor: what the registry's budget asks of its guard rows at every check (seqforget.budget), or None.
     checkpointing: recompute the layers' activations in the backward pass instead of keeping them
     (transformers' gradient checkpointing): less memory for the same gradients, at about one more
     forward pass's time. processes: the processes sharing each batch (seqforget.distributed), or
@@ -74,7 +77,7 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
         retain_batches = retain.endless(settings.batch_size, settings.seed + 1)
         optimizer = torch.optim.AdamW(update.parameters, lr=settings.lr, weight_decay=0.0)
         with torch.no_grad(), update.original():
-            stopping = Stopping(net, forget, guard if guard is not None else retain, reference, settings, guard_start)
+            stopping = Stopping(net, forget, guard if guard is not None else retain, reference, settings, guard_start, floor)
         stopping.start(update.parameters)
         trajectory, step_seconds = [], 0.0
         bound = getattr(method, "step_guard", None)

@@ -126,7 +126,8 @@ def _outcome(entry: dict) -> str:
     """One line on what a committed request did."""
     m = entry["metrics"]
     stop = {"reached": "reached its level", "retain_guard": "stopped by the retain guard",
-            "budget": "ran its budget"}[m["stop"]["reason"]] + (", committed as partial" if entry["partial"] else "")
+            "registry_guard": "stopped at the registry's budget",
+            "budget": "ran all its steps"}[m["stop"]["reason"]] + (", committed as partial" if entry["partial"] else "")
     if m.get("refusal"):
         r = m["refusal"]
         held = "" if r["held_out"] is None else f" ({r['held_out']:.0%} on views it never trained on)"
