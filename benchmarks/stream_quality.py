@@ -1,22 +1,32 @@
 """Does quality hold over a long stream, and does a rollback inside it take back its own request only?
 
-    python -m benchmarks.stream_quality [--requests 30] [--world shapes:1] [--scope visual] [--dropout 0,0.5] [--rollbacks 3]
-                                        [--fresh-retain] [--targets-from-base]
+    python -m benchmarks.stream_quality [--requests 30] [--world shapes:1] [--scope visual]
+                                        [--mechanisms default,budget] [--rollbacks 3] [--fresh-retain]
+                                        [--quick] [--out figures.json] [--plot curves.png]
 
-For each value of `earlier_dropout` in --dropout, one stream of one-person requests on a fresh
+For each mechanism in --mechanisms (MECHANISMS), one stream of one-person requests on a fresh
 registry of the world's vanilla model, through the stream's path (one live model kept by
 differences), each request as a user sends it: the scope's default method, the never-seen
 people as reference, partial: true, and the same retain sample (--fresh-retain: a new one each,
-never holding the stream's people; --targets-from-base: targets_from_base: true in each). The
-forget figure is the scope's: held-out visual accuracy for `visual`, text-question accuracy for
-`full`, per person. The oracle is the model retrained
+never holding the stream's people). The forget figure is the scope's: held-out visual accuracy
+for `visual`, text-question accuracy for `full`, per person. The oracle is the model retrained
 without all of the stream's people's images (visual) or data (full). A person counts as
 forgotten while their figure is nearer the oracle's than vanilla's (for that person).
 
+The `budget` mechanism's registry has a guard set (`init --guard`, budget 95%): the held-out
+views of people no request forgets, none of them among the people retained accuracy is
+measured on, so that the budget's figure and the benchmark's do not share a row.
+
 Printed after every request: its person's figure against vanilla's and the oracle's; over all
 requests so far, the mean figure against the oracle's and how many people are still forgotten;
-retained visual and textual accuracy as shares of vanilla's. Targets after the last request:
-retained accuracy at least 97% of vanilla, every person still forgotten.
+forget identity ("who is this?" on held-out views) and the image rows' membership AUC of the
+people so far; retained visual and textual and general accuracy as shares of vanilla's; with a
+budget, the registry's own figure. Targets after the last request: retained accuracy at least
+97% of vanilla, every person still forgotten.
+
+--quick: 10 requests, the default and budget mechanisms, one rollback: under 15 minutes on two
+cores once the world, its vanilla model and the oracle are cached. --plot draws retained and
+forget accuracy against request number, one line per mechanism.
 
 Then --rollbacks requests spread over the stream are rolled back, each alone, on a copy of the
 final registry: the rolled-back person's figure as a share of vanilla's (target at least 90%),
@@ -35,54 +45,85 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.forget_retain import PROFILES, check_known, prepare, write_request
+from benchmarks.forget_retain import MEMBERSHIP, PROFILES, check_known, prepare, write_request
 from registry import Registry
 from seqforget.bench import cache_root
-from seqforget.bench.scoring import accuracy_by_person, choice_accuracy, choice_hits
+from seqforget.bench.scoring import accuracy_by_person, choice_accuracy, choice_hits, membership_aucs
 from seqforget.engine import apply_request, init_registry, read_request, rollback_request
+from seqforget.errors import OverBudget
 from seqforget.live import Live
 from seqforget.models import load_model
 
 KEEP, BACK = 0.97, 0.90  # retained accuracy kept, and a rolled-back person's accuracy restored, as shares of vanilla
 ORACLE = {"visual": "without_images", "full": "without_people"}
+# name -> (request fields, registry budget or None)
+MECHANISMS = {
+    "default": ({}, None),
+    "budget": ({}, 0.95),
+    "dropout": ({"earlier_dropout": 0.5}, None),
+    "from_base": ({"targets_from_base": True}, None),
+}
 
 
 def figures(bench, model, processor, people: list[str], retained: list[str], scope: str) -> dict:
-    """Per person the scope's forget figure, and retained visual and textual accuracy."""
+    """Per person the scope's forget figure; the people's identity accuracy on held-out views and
+    the membership AUC of their image rows; retained visual and textual, and general accuracy."""
     w = bench.world
     items = w.select({"visual"}, people, "test") if scope == "visual" else w.select({"textual"}, people)
+    members = w.select({"visual", "identity"}, people, "train")
     return {"forget": accuracy_by_person(items, choice_hits(model, processor, w.root, items)),
+            "identity": choice_accuracy(model, processor, w.root, w.select({"identity"}, people, "test")),
+            "membership_visual": membership_aucs(model, processor, w.root, members,
+                                                 w.select({"visual", "identity"}, w.unseen_names),
+                                                 {"_visual": MEMBERSHIP["_visual"]})["_visual"],
             "retain_visual": choice_accuracy(model, processor, w.root, w.select({"visual"}, retained, "test")),
-            "retain_textual": choice_accuracy(model, processor, w.root, w.select({"textual"}, retained))}
+            "retain_textual": choice_accuracy(model, processor, w.root, w.select({"textual"}, retained)),
+            "general": choice_accuracy(model, processor, w.root, w.select({"general"}, None, "test"))}
+
+
+def guard_people(bench, people: list[str]) -> list[str]:
+    """People the budget's guard set asks about: neither forgotten nor among those retained accuracy is measured on."""
+    measured = set(bench.retain_people(people))
+    return [n for n in bench.world.forget_order() if n not in set(people) and n not in measured][-bench.profile.eval_retain_people:]
 
 
 def forgotten(person: str, figure: float, vanilla: dict, oracle: dict) -> bool:
     return abs(figure - oracle["forget"][person]) < abs(figure - vanilla["forget"][person])
 
 
-def run_stream(bench, people: list[str], scope: str, dropout: float, vanilla: dict, oracle: dict, rollbacks: int,
-               work: Path, fresh_retain: bool = False, from_base: bool = False, log=print) -> dict:
+def run_stream(bench, people: list[str], scope: str, mechanism: str, vanilla: dict, oracle: dict, rollbacks: int,
+               work: Path, fresh_retain: bool = False, log=print) -> dict:
+    fields, budget = MECHANISMS[mechanism]
     retained = bench.retain_people(people)
-    reg = work / f"registry-{dropout}"
-    init_registry(reg, bench.vanilla)
+    reg = work / f"registry-{mechanism}"
+    guard = None
+    if budget is not None:
+        guard = bench.world.write_jsonl(work / f"guard-{mechanism}.jsonl",
+                                        bench.world.select({"visual", "identity"}, guard_people(bench, people), "test"))
+    init_registry(reg, bench.vanilla, guard=guard, budget=budget or 0.95)
     live = Live.load(Registry.open(reg).snapshot(), bench.vanilla)
     steps = []
     for i, person in enumerate(people, start=1):
         path = write_request(bench, work, f"r{i:02d}", [person], scope, None, None, excluded=people, as_sent=True,
-                             fields={"earlier_dropout": dropout, "targets_from_base": from_base}, retain_seed=i if fresh_retain else None)
+                             fields=fields, retain_seed=i if fresh_retain else None)
         start = time.perf_counter()
-        entry = apply_request(reg, read_request(Registry.open(reg).snapshot(), path), show_progress=False, live=live)
+        try:
+            entry = apply_request(reg, read_request(Registry.open(reg).snapshot(), path), show_progress=False, live=live)
+        except OverBudget as e:  # refused, nothing committed: the stream goes on, as `seqforget stream` does
+            entry = {"id": f"r{i:02d}", "metrics": {"stop": {"reason": "over_budget", "message": str(e)}}, "refused": True}
         seconds = time.perf_counter() - start
         now = figures(bench, live.model, live.processor, people[:i], retained, scope)
         steps.append({"request": entry["id"], "person": person, "seconds": seconds, "stop": entry["metrics"]["stop"],
-                      **now})
-        log(step_line(i, people, now, vanilla, oracle, seconds))
+                      "refused": entry.get("refused", False), "registry": entry["metrics"].get("retained"), **now})
+        log(step_line(i, people, now, vanilla, oracle, seconds, steps[-1]))
     final = steps[-1]
     positions = sorted({round(j * (len(people) - 2) / max(1, rollbacks - 1)) for j in range(rollbacks)})
     taken_back = []
     for k in positions:
-        copy = work / f"rollback-{dropout}-{k}"
+        copy = work / f"rollback-{mechanism}-{k}"
         shutil.copytree(reg, copy)
+        if Registry.open(copy).snapshot().find(f"r{k + 1:02d}") is None:
+            continue  # refused by the budget: nothing to roll back
         rollback_request(copy, f"r{k + 1:02d}")
         live.sync(Registry.open(copy).snapshot())  # the same terms as `reg`'s but one: one term comes off
         after = figures(bench, live.model, live.processor, people, retained, scope)
@@ -100,18 +141,23 @@ def run_stream(bench, people: list[str], scope: str, dropout: float, vanilla: di
             f"(target at least {BACK:.0%}; retained people are at {after['retain_visual'] / vanilla['retain_visual']:.0%}); "
             f"others still forgotten {row['others_forgotten_after']}/{len(others)} "
             f"(before {row['others_forgotten_before']}), their mean {row['others_mean_before']:.2f} -> {row['others_mean_after']:.2f}")
-    return {"dropout": dropout, "steps": steps, "rollbacks": taken_back}
+    return {"mechanism": mechanism, "steps": steps, "rollbacks": taken_back}
 
 
-def step_line(i: int, people: list[str], now: dict, vanilla: dict, oracle: dict, seconds: float) -> str:
+def step_line(i: int, people: list[str], now: dict, vanilla: dict, oracle: dict, seconds: float, step: dict) -> str:
     person, so_far = people[i - 1], people[:i]
     still = sum(forgotten(p, now["forget"][p], vanilla, oracle) for p in so_far)
     mean = statistics.mean(now["forget"][p] for p in so_far)
     oracle_mean = statistics.mean(oracle["forget"][p] for p in so_far)
-    return (f"request {i}/{len(people)} ({seconds:.0f} s): {person} {now['forget'][person]:.2f} (vanilla "
+    done = "REFUSED over budget" if step["refused"] else step["stop"]["reason"].replace("_", " ")
+    kept = step["registry"]
+    budget = f"; registry {kept['after'] / kept['base']:.1%} of base" if kept else ""
+    return (f"request {i}/{len(people)} ({seconds:.0f} s, {done}): {person} {now['forget'][person]:.2f} (vanilla "
             f"{vanilla['forget'][person]:.2f}, oracle {oracle['forget'][person]:.2f}); all so far {mean:.2f} against the "
-            f"oracle's {oracle_mean:.2f}, still forgotten {still}/{i}; retain visual {now['retain_visual'] / vanilla['retain_visual']:.0%}"
-            f", textual {now['retain_textual'] / vanilla['retain_textual']:.0%} of vanilla")
+            f"oracle's {oracle_mean:.2f}, still forgotten {still}/{i}; identity {now['identity']:.2f}, membership "
+            f"{now['membership_visual']:.2f}; retain visual {now['retain_visual'] / vanilla['retain_visual']:.0%}, textual "
+            f"{now['retain_textual'] / vanilla['retain_textual']:.0%}, general {now['general'] / vanilla['general']:.0%} of "
+            f"vanilla{budget}")
 
 
 def summary(runs: list[dict], people: list[str], vanilla: dict, oracle: dict) -> list[str]:
@@ -120,11 +166,15 @@ def summary(runs: list[dict], people: list[str], vanilla: dict, oracle: dict) ->
         last = run["steps"][-1]
         still = sum(forgotten(p, last["forget"][p], vanilla, oracle) for p in people)
         gap = statistics.mean(abs(last["forget"][p] - oracle["forget"][p]) for p in people)
-        lines += [f"earlier_dropout {run['dropout']}: after {len(people)} requests, retain visual "
-                  f"{last['retain_visual'] / vanilla['retain_visual']:.1%} and textual "
-                  f"{last['retain_textual'] / vanilla['retain_textual']:.1%} of vanilla (target at least {KEEP:.0%}); "
-                  f"still forgotten {still}/{len(people)} (target all); mean |forget - oracle| {gap:.2f}; "
-                  f"{sum(s['seconds'] for s in run['steps']) / len(people):.1f} s per request"]
+        refused = sum(s["refused"] for s in run["steps"])
+        lines += [f"{run['mechanism']}: after {len(people)} requests ({refused} refused over budget), retain visual "
+                  f"{last['retain_visual'] / vanilla['retain_visual']:.1%}, textual "
+                  f"{last['retain_textual'] / vanilla['retain_textual']:.1%} and general "
+                  f"{last['general'] / vanilla['general']:.1%} of vanilla (target at least {KEEP:.0%}); "
+                  f"still forgotten {still}/{len(people)} (target all); mean |forget - oracle| {gap:.2f}; identity "
+                  f"{last['identity']:.2f} (oracle {oracle['identity']:.2f}), membership {last['membership_visual']:.2f} "
+                  f"(oracle {oracle['membership_visual']:.2f}); {sum(s['seconds'] for s in run['steps']) / len(people):.1f} s "
+                  f"per request"]
         for rb in run["rollbacks"]:
             lines.append(f"  rollback of request {rb['position']}: its person back to {rb['back']:.0%} of vanilla "
                          f"(target at least {BACK:.0%}; retained visual then {rb['retain_visual'] / vanilla['retain_visual']:.0%}"
@@ -133,24 +183,63 @@ def summary(runs: list[dict], people: list[str], vanilla: dict, oracle: dict) ->
     return lines
 
 
+def plot(runs: list[dict], people: list[str], vanilla: dict, oracle: dict, path: Path, title: str) -> None:
+    """Retained visual and general accuracy (shares of vanilla) and the forgotten people's mean
+    figure, against request number, one line per mechanism; the oracle's as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (kept, gone) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in runs:
+        n = range(1, len(run["steps"]) + 1)
+        line, = kept.plot(n, [s["retain_visual"] / vanilla["retain_visual"] for s in run["steps"]],
+                          label=f"{run['mechanism']}: retained visual")
+        kept.plot(n, [s["general"] / vanilla["general"] for s in run["steps"]], color=line.get_color(), alpha=0.5,
+                  linestyle=":", label=f"{run['mechanism']}: general")
+        gone.plot(n, [statistics.mean(s["forget"][p] for p in people[:i]) for i, s in enumerate(run["steps"], start=1)],
+                  color=line.get_color(), label=run["mechanism"])
+    kept.axhline(oracle["retain_visual"] / vanilla["retain_visual"], color="grey", linestyle="--", label="oracle")
+    kept.axhline(KEEP, color="red", linewidth=0.8, label=f"target {KEEP:.0%}")
+    n = range(1, len(people) + 1)
+    gone.plot(n, [statistics.mean(oracle["forget"][p] for p in people[:i]) for i in n], color="grey", linestyle="--",
+              label="oracle")
+    gone.plot(n, [statistics.mean(vanilla["forget"][p] for p in people[:i]) for i in n], color="black", linestyle=":",
+              label="vanilla")
+    kept.set(xlabel="request", ylabel="share of vanilla", title="retained")
+    gone.set(xlabel="request", ylabel="accuracy, people forgotten so far", title="forgotten")
+    kept.legend(fontsize=7)
+    gone.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=30)
     parser.add_argument("--world", default="shapes:1", help="style:seed (seqforget/bench/world.py)")
     parser.add_argument("--scope", choices=sorted(ORACLE), default="visual")
-    parser.add_argument("--dropout", default="0,0.5", help="comma-separated earlier_dropout values, one stream each")
+    parser.add_argument("--mechanisms", default="default,budget",
+                        help=f"comma-separated, one stream each: {', '.join(MECHANISMS)}")
     parser.add_argument("--rollbacks", type=int, default=3, help="requests rolled back, one at a time, after each stream")
     parser.add_argument("--fresh-retain", action="store_true",
                         help="each request brings its own retain sample (default: every request the same one)")
-    parser.add_argument("--targets-from-base", action="store_true",
-                        help="requests compute their targets under the base model (targets_from_base: true)")
+    parser.add_argument("--quick", action="store_true", help="10 requests, default and budget, one rollback")
+    parser.add_argument("--plot", type=Path, default=None, help="draw the curves into this PNG")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
     parser.add_argument("--cache", type=Path, default=None, help="where worlds and trained models are kept")
     parser.add_argument("--out", type=Path, default=None, help="write every figure to this JSON file")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.requests, args.mechanisms, args.rollbacks = 10, "default,budget", 1
     if args.requests < 3:
         parser.error("--requests: at least 3")
-    dropouts = [float(x) for x in args.dropout.split(",") if x]
+    mechanisms = [m for m in args.mechanisms.split(",") if m]
+    if not mechanisms or set(mechanisms) - set(MECHANISMS):
+        parser.error(f"--mechanisms: some of {', '.join(MECHANISMS)}")
     style, seed = args.world.split(":")
     profile = PROFILES[args.profile]
     profile = replace(profile, world=replace(profile.world, style=style, seed=int(seed)),
@@ -165,11 +254,14 @@ def main(argv=None) -> None:
     oracle = figures(bench, *load_model(bench.model_dir(**{ORACLE[args.scope]: people})), people, retained, args.scope)
     runs = []
     with tempfile.TemporaryDirectory(prefix="stream-quality-") as work:
-        for dropout in dropouts:
-            print(f"\nstream of {len(people)} {args.scope} requests on {args.world}, earlier_dropout {dropout}")
-            runs.append(run_stream(bench, people, args.scope, dropout, vanilla, oracle, args.rollbacks, Path(work),
-                                   args.fresh_retain, args.targets_from_base))
+        for mechanism in mechanisms:
+            print(f"\nstream of {len(people)} {args.scope} requests on {args.world}, {mechanism}")
+            runs.append(run_stream(bench, people, args.scope, mechanism, vanilla, oracle, args.rollbacks, Path(work),
+                                   args.fresh_retain))
     print("\n" + "\n".join(summary(runs, people, vanilla, oracle)))
+    if args.plot:
+        plot(runs, people, vanilla, oracle, args.plot, f"{len(people)} {args.scope} requests on {args.world}")
+        print(f"curves: {args.plot}")
     if args.out:
         args.out.write_text(json.dumps({"command": " ".join(sys.argv), "world": args.world, "scope": args.scope,
                                         "people": people, "vanilla": vanilla, "oracle": oracle, "runs": runs}, indent=1))

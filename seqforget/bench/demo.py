@@ -68,6 +68,7 @@ def run_demo(out: Path, world, model_dir: Path) -> None:
     import yaml
 
     from registry import Registry
+    from seqforget.budget import budget_line
     from seqforget.engine import apply_request, init_registry, live_model, rollback_request
     from seqforget.errors import SeqforgetError
     from seqforget.evaluation import answer
@@ -87,7 +88,13 @@ def run_demo(out: Path, world, model_dir: Path) -> None:
     world.write_jsonl(out / "retain.jsonl", random.Random(0).sample(pool, min(192, len(pool))))
     reg_dir = out / "registry"
     world.write_jsonl(out / "reference.jsonl", world.select({"visual", "identity", "textual", "cloze"}, world.unseen_names))
-    init_registry(reg_dir, model_dir, default_retain=out / "retain.jsonl", default_reference=out / "reference.jsonl")
+    keep = [p for p in world.forget_order() if p not in people][-12:]  # people no request forgets: the budget's guard
+    world.write_jsonl(out / "guard.jsonl", world.select({"visual", "identity"}, keep, "test"))
+    init_registry(reg_dir, model_dir, default_retain=out / "retain.jsonl", default_reference=out / "reference.jsonl",
+                  guard=out / "guard.jsonl")
+    click.echo(f"$ seqforget init --model {model_dir} --retain retain.jsonl --reference reference.jsonl "
+               f"--guard guard.jsonl --registry registry")
+    click.echo("  " + budget_line(Registry.open(reg_dir).snapshot()))
     ids = []
     for person, (suffix, scope, method, settings) in zip(people, REQUESTS):
         request_id = f"{person}-{suffix}"
@@ -117,6 +124,7 @@ def run_demo(out: Path, world, model_dir: Path) -> None:
             question = (f"[photo of {person}] " if item.image else "") + item.question
             click.echo(f"  {question:52s} base: {answer(base, processor, row):9s} live: {answer(live, processor, row)}")
     click.echo("")
+    click.echo(budget_line(state))
     click.echo(status_table(status_rows(state)))
     click.echo(f"\n{ids[1]} was rolled back: its adapter is out of the live model, whose answers for its person "
                f"are now what the other active requests leave them. Registry: {reg_dir}")
@@ -124,6 +132,8 @@ def run_demo(out: Path, world, model_dir: Path) -> None:
 
 def _outcome(entry: dict) -> str:
     """One line on what a committed request did."""
+    from seqforget.budget import retained_words
+
     m = entry["metrics"]
     stop = {"reached": "reached its level", "retain_guard": "stopped by the retain guard",
             "registry_guard": "stopped at the registry's budget",
@@ -134,5 +144,7 @@ def _outcome(entry: dict) -> str:
         did = f"refuses {r['trained']:.0%} of its forget questions{held} and {r['sarr']:.0%} of retained ones"
     else:
         did = (f"forget answers ranked first {m['forget_acc'][0]:.0%} -> {m['forget_acc'][1]:.0%}, "
-               f"retained {m['retain_acc'][0]:.0%} -> {m['retain_acc'][1]:.0%}")
+               f"retain rows {m['retain_acc'][0]:.0%} -> {m['retain_acc'][1]:.0%}")
+    if m.get("retained"):
+        did += f"; {retained_words(m['retained'])}"
     return f"{stop} at step {m['stop']['step']}: {did} ({m['seconds']:.0f} s)"
