@@ -160,14 +160,13 @@ def test_the_stream_benchmark_keeps_each_registry_within_its_budget_and_draws_it
     from benchmarks.stream_quality import main
 
     out, png = tmp_path / "stream.json", tmp_path / "stream.png"
-    main(["--profile", "tiny", "--world", f"shapes:{WORLD_SEED}", "--requests", "3", "--rollbacks", "1",
+    main(["--profile", "tiny", "--world", f"shapes:{WORLD_SEED}", "--requests", "3", "--rollbacks", "1", "--mechanisms", "budget",
           "--cache", str(tiny_bench.cache), "--out", str(out), "--plot", str(png)])
     printed = capsys.readouterr().out
     runs = {run["mechanism"]: run for run in json.loads(out.read_text())["runs"]}
-    assert set(runs) == {"default", "budget"}
+    assert set(runs) == {"budget"}
     for step in runs["budget"]["steps"]:  # every committed request within the registry's budget
         assert step["refused"] or step["registry"]["after"] / step["registry"]["base"] >= 0.95
         assert 0 <= step["identity"] <= 1 and 0 <= step["membership_visual"] <= 1 and step["general"] > 0
-    assert all(step["registry"] is None for step in runs["default"]["steps"])
     assert "registry" in printed and "% of base" in printed
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
