@@ -444,8 +444,8 @@ def _refuse_if_unchanged(request: Request, adapter) -> None:
 
 def _refuse_if_short(request: Request, stop, keep: Floor | None = None) -> None:
     """A request that did not reach its level is not committed silently; one that the registry's
-    budget stopped is refused with its own exit status."""
-    if stop.reached or request.partial:
+    budget stopped is refused with its own exit status, partial or not if it kept no step."""
+    if stop.reached or (request.partial and not (stop.reason == "registry_guard" and stop.step == 0)):
         return
     last = stop.checks[-1] if stop.checks else None
     if stop.reason == "registry_guard":
@@ -454,8 +454,9 @@ def _refuse_if_short(request: Request, stop, keep: Floor | None = None) -> None:
         within = f"step {stop.step}, at {keep.share(kept['retained']):.1%}" if kept else "none"
         raise OverBudget(f"request {request.id} would take the registry below its budget of {keep.budget:.0%} of the "
                          f"base model's answers on its guard rows (it reached {keep.share(lowest):.1%}), and its last "
-                         f"step within the budget ({within}) had not reached its level. Nothing was committed: set "
-                         f"partial: true to commit that step, or roll back an earlier request")
+                         f"step within the budget ({within}) had not reached its level. Nothing was committed: "
+                         + ("lower its lr, or roll back an earlier request" if kept is None else
+                            "set partial: true to commit that step, or roll back an earlier request"))
     if stop.rule == "refusal":
         figures = refusal_figures(stop.checks, stop.step)
         seen = (f"at step {stop.step} it refused {figures['trained']:.0%} of its trained forget questions, "

@@ -134,3 +134,12 @@ def test_a_budget_outside_0_to_1_and_a_guard_the_model_cannot_answer_are_refused
                              + "\n" for r in (world / "guard.jsonl").read_text().splitlines()))
     result = invoke("init", "--model", world / "model", "--guard", wrong, "-r", tmp_path / "r2")
     assert result.exit_code == 1 and "answers none of the" in result.stderr and not (tmp_path / "r2").exists()
+
+
+def test_a_partial_request_that_kept_no_step_within_the_budget_is_refused_over_budget(world, strict, tmp_path):
+    path = write_request(tmp_path, "wild", method="ga", lr=1.0, steps=4, check_every=1, partial=True, projection=False,
+                         forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl"))
+    before = snapshot(strict)
+    result = invoke("apply", path, "-r", strict, "-q")
+    assert result.exit_code == EXIT_OVER_BUDGET, result.output
+    assert "its last step within the budget (none)" in result.stderr and unchanged(strict, before)
