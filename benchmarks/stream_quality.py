@@ -50,7 +50,7 @@ from registry import Registry
 from seqforget.bench import cache_root
 from seqforget.bench.scoring import accuracy_by_person, choice_accuracy, choice_hits, membership_aucs
 from seqforget.engine import apply_request, init_registry, read_request, rollback_request
-from seqforget.errors import OverBudget
+from seqforget.errors import OverBudget, SeqforgetError
 from seqforget.live import Live
 from seqforget.models import load_model
 
@@ -109,8 +109,9 @@ def run_stream(bench, people: list[str], scope: str, mechanism: str, vanilla: di
         start = time.perf_counter()
         try:
             entry = apply_request(reg, read_request(Registry.open(reg).snapshot(), path), show_progress=False, live=live)
-        except OverBudget as e:  # refused, nothing committed: the stream goes on, as `seqforget stream` does
-            entry = {"id": f"r{i:02d}", "metrics": {"stop": {"reason": "over_budget", "message": str(e)}}, "refused": True}
+        except SeqforgetError as e:  # refused, nothing committed: the stream goes on, as `seqforget stream` does
+            reason = "over_budget" if isinstance(e, OverBudget) else "refused"
+            entry = {"id": f"r{i:02d}", "metrics": {"stop": {"reason": reason, "message": str(e)}}, "refused": True}
         seconds = time.perf_counter() - start
         now = figures(bench, live.model, live.processor, people[:i], retained, scope)
         steps.append({"request": entry["id"], "person": person, "seconds": seconds, "stop": entry["metrics"]["stop"],
@@ -149,7 +150,7 @@ def step_line(i: int, people: list[str], now: dict, vanilla: dict, oracle: dict,
     still = sum(forgotten(p, now["forget"][p], vanilla, oracle) for p in so_far)
     mean = statistics.mean(now["forget"][p] for p in so_far)
     oracle_mean = statistics.mean(oracle["forget"][p] for p in so_far)
-    done = "REFUSED over budget" if step["refused"] else step["stop"]["reason"].replace("_", " ")
+    done = f"REFUSED ({step['stop']['reason'].replace('_', ' ')})" if step["refused"] else step["stop"]["reason"].replace("_", " ")
     kept = step["registry"]
     budget = f"; registry {kept['after'] / kept['base']:.1%} of base" if kept else ""
     return (f"request {i}/{len(people)} ({seconds:.0f} s, {done}): {person} {now['forget'][person]:.2f} (vanilla "
@@ -167,7 +168,7 @@ def summary(runs: list[dict], people: list[str], vanilla: dict, oracle: dict) ->
         still = sum(forgotten(p, last["forget"][p], vanilla, oracle) for p in people)
         gap = statistics.mean(abs(last["forget"][p] - oracle["forget"][p]) for p in people)
         refused = sum(s["refused"] for s in run["steps"])
-        lines += [f"{run['mechanism']}: after {len(people)} requests ({refused} refused over budget), retain visual "
+        lines += [f"{run['mechanism']}: after {len(people)} requests ({refused} refused, nothing committed), retain visual "
                   f"{last['retain_visual'] / vanilla['retain_visual']:.1%}, textual "
                   f"{last['retain_textual'] / vanilla['retain_textual']:.1%} and general "
                   f"{last['general'] / vanilla['general']:.1%} of vanilla (target at least {KEEP:.0%}); "
@@ -235,8 +236,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.mechanisms, args.rollbacks = 10, "default,budget", 1
-    if args.requests < 3:
-        parser.error("--requests: at least 3")
+    if args.requests < 2:
+        parser.error("--requests: at least 2")
     mechanisms = [m for m in args.mechanisms.split(",") if m]
     if not mechanisms or set(mechanisms) - set(MECHANISMS):
         parser.error(f"--mechanisms: some of {', '.join(MECHANISMS)}")

@@ -154,13 +154,14 @@ def test_the_quality_report_gives_means_ranges_and_misses():
 
 
 def test_the_stream_benchmark_keeps_each_registry_within_its_budget_and_draws_its_curves(tiny_bench, tmp_path, capsys):
+    # two requests: their oracle is the one test_the_visual_oracle_does_not_recognise_the_forgotten trained
     import json
 
     from conftest import WORLD_SEED
     from benchmarks.stream_quality import main
 
     out, png = tmp_path / "stream.json", tmp_path / "stream.png"
-    main(["--profile", "tiny", "--world", f"shapes:{WORLD_SEED}", "--requests", "3", "--rollbacks", "1", "--mechanisms", "budget",
+    main(["--profile", "tiny", "--world", f"shapes:{WORLD_SEED}", "--requests", "2", "--rollbacks", "1", "--mechanisms", "budget",
           "--cache", str(tiny_bench.cache), "--out", str(out), "--plot", str(png)])
     printed = capsys.readouterr().out
     runs = {run["mechanism"]: run for run in json.loads(out.read_text())["runs"]}

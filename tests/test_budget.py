@@ -99,9 +99,10 @@ def test_a_partial_request_commits_its_last_step_within_the_budget(world, strict
     assert result.exit_code == 0, result.output
     entry = Registry.open(strict).snapshot().find("harsh")
     assert entry["partial"] and entry["metrics"]["stop"]["reason"] == "registry_guard"
-    assert entry["metrics"]["retained"]["after"] == entry["metrics"]["retained"]["base"]
-    assert guard_share(strict) == 1.0
-    assert "retained 100.0% of base (after harsh), budget 100%" in status_lines(strict)
+    kept = entry["metrics"]["retained"]
+    assert kept["after"] >= kept["base"]  # a budget of 100%: at least as many guard rows answered exactly as by the base model
+    assert guard_share(strict) == pytest.approx(kept["after"] / kept["base"], abs=1e-6)
+    assert f"retained {kept['after'] / kept['base']:.1%} of base (after harsh), budget 100%" in status_lines(strict)
 
 
 def test_the_guard_rows_are_not_for_forgetting_and_may_not_change(world, strict, tmp_path):
