@@ -43,13 +43,15 @@ def status_lines(reg) -> list[str]:
 
 def test_the_running_total_is_the_live_models_and_follows_rollbacks(world, tmp_path):
     reg = tmp_path / "reg"
+    # a budget both requests fit in on any build of the tiny world (one request may spend 10 points of
+    # it there: on seed 2 the second request of this test could keep no step within 95%)
     result = invoke("init", "--model", world / "model", "--retain", world / "retain.jsonl", "--reference",
-                    world / "reference.jsonl", "--guard", world / "guard.jsonl", "-r", reg)
+                    world / "reference.jsonl", "--guard", world / "guard.jsonl", "--budget", "0.5", "-r", reg)
     assert result.exit_code == 0, result.output
     guard = Registry.open(reg).snapshot().guard
-    assert guard["rows"] == len((world / "guard.jsonl").read_text().splitlines()) and guard["budget"] == 0.95
+    assert guard["rows"] == len((world / "guard.jsonl").read_text().splitlines()) and guard["budget"] == 0.5
     assert 0 < guard["base"]["exact"] <= 1 and "guard: " in result.output
-    assert "retained 100.0% of base (no request active), budget 95%" in status_lines(reg)
+    assert "retained 100.0% of base (no request active), budget 50%" in status_lines(reg)
 
     for request_id, forget in (("first", "forget_a.jsonl"), ("second", "forget_b.jsonl")):
         path = write_request(tmp_path, request_id, scope="visual", method="stranger", forget=str(world / forget), retain=str(world / "retain.jsonl"),
@@ -60,14 +62,14 @@ def test_the_running_total_is_the_live_models_and_follows_rollbacks(world, tmp_p
         kept = entry["metrics"]["retained"]
         assert kept["after"] / kept["base"] >= kept["budget"]  # committed within the budget, partial or not
         assert kept["after"] / kept["base"] == pytest.approx(guard_share(reg), abs=1e-6)  # what the live model answers
-        assert f"retained {kept['after'] / kept['base']:.1%} of base (after {request_id}), budget 95%" in status_lines(reg)
+        assert f"retained {kept['after'] / kept['base']:.1%} of base (after {request_id}), budget 50%" in status_lines(reg)
 
     assert invoke("rollback", "second", "-r", reg).exit_code == 0
     first = Registry.open(reg).snapshot().find("first")["metrics"]["retained"]
     lines = status_lines(reg)  # the live model is again the one `first` was measured on
-    assert f"retained {first['after'] / first['base']:.1%} of base (after first), budget 95%" in lines
+    assert f"retained {first['after'] / first['base']:.1%} of base (after first), budget 50%" in lines
     assert invoke("rollback", "first", "-r", reg).exit_code == 0
-    assert "retained 100.0% of base (no request active), budget 95%" in status_lines(reg)
+    assert "retained 100.0% of base (no request active), budget 50%" in status_lines(reg)
 
 
 @pytest.fixture
