@@ -88,9 +88,10 @@ def running_total(state) -> dict | None:
     if not active:
         return {"share": 1.0 if not state.active else None, "budget": guard["budget"], "after": None, "stale": False}
     last = active[-1]
-    # a request active when `last` was measured and rolled back since changed the live model
+    # the requests after `last` are all rolled back; one before it, active when it was measured
+    # and rolled back since, changed the live model
     stale = any(e["state"] == "rolled_back" and e["seq"] < last["seq"] and e["rolled_back_at"] >= last["applied_at"]
-                for e in state.requests) or any(e["seq"] > last["seq"] for e in state.active)
+                for e in state.requests)
     return {"share": share(guard, last["metrics"]["retained"]["after"]), "budget": guard["budget"],
             "after": last["id"], "stale": stale}
 

@@ -146,3 +146,24 @@ def test_a_partial_request_that_kept_no_step_within_the_budget_is_refused_over_b
     result = invoke("apply", path, "-r", strict, "-q")
     assert result.exit_code == EXIT_OVER_BUDGET, result.output
     assert "its last step within the budget (none)" in result.stderr and unchanged(strict, before)
+
+
+def test_the_running_total_says_when_a_rollback_made_it_stale(tmp_path):
+    from registry import Snapshot
+    from seqforget.budget import budget_line, running_total
+
+    def entry(seq, state, applied, rolled=None, after=0.9):
+        return {"id": f"r{seq}", "seq": seq, "state": state, "applied_at": applied, "rolled_back_at": rolled,
+                "metrics": {"retained": {"before": 1.0, "after": after, "base": 1.0, "budget": 0.8}}}
+
+    guard = {"budget": 0.8, "base": {"exact": 1.0}}
+    measured = [entry(1, "active", "2026-01-01T00:00:01Z", after=0.95), entry(2, "active", "2026-01-01T00:00:02Z"),
+                entry(3, "rolled_back", "2026-01-01T00:00:03Z", "2026-01-01T00:00:04Z", after=0.5)]
+    total = running_total(Snapshot(tmp_path, {"guard": guard, "requests": measured}))
+    assert total == {"share": 0.9, "budget": 0.8, "after": "r2", "stale": False}  # r3 off again: the model r2 was measured on
+    earlier = [entry(1, "rolled_back", "2026-01-01T00:00:01Z", "2026-01-01T00:00:05Z", after=0.95),
+               entry(2, "active", "2026-01-01T00:00:02Z")]
+    state = Snapshot(tmp_path, {"guard": guard, "requests": earlier})
+    assert running_total(state)["stale"]  # r1 was in the model r2 was measured on, and is gone
+    assert budget_line(state) == "retained 90.0% of base (after r2; rolled back since, not measured again), budget 80%"
+    assert budget_line(Snapshot(tmp_path, {"requests": []})).startswith("no budget")
