@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from registry import Registry
-from seqforget.budget import retained_words
+from seqforget.budget import budget_line, retained_words
 from seqforget.engine import apply_request, base_model_dir, read_request
 from seqforget.distributed import launched
 from seqforget.errors import AlreadyDone, SeqforgetError, Stopped
@@ -186,7 +186,9 @@ def _one(reg: Registry, item: Item, live: Live, counter: str, show_progress: boo
         with reg.writer(wait=wait) as writer:
             writer.reject(item.source, item.digest, " ".join(str(e).split()), item.id)
         tally.rejected += 1
-        log(f"{counter} rejected {item.source}: {' '.join(str(e).split())}")
+        state = reg.snapshot()
+        log(f"{counter} rejected {item.source}: {' '.join(str(e).split())}"
+            + (f" [{budget_line(state)}]" if state.guard else ""))
         return
     tally.applied += 1
     m = entry["metrics"]

@@ -167,3 +167,18 @@ def test_the_running_total_says_when_a_rollback_made_it_stale(tmp_path):
     assert running_total(state)["stale"]  # r1 was in the model r2 was measured on, and is gone
     assert budget_line(state) == "retained 90.0% of base (after r2; rolled back since, not measured again), budget 80%"
     assert budget_line(Snapshot(tmp_path, {"requests": []})).startswith("no budget")
+
+
+def test_every_line_of_a_stream_says_where_the_registry_stands(world, strict, tmp_path):
+    import re
+
+    source = tmp_path / "requests.jsonl"
+    common = {"scope": "full", "forget": str(world / "forget_a.jsonl"), "retain": str(world / "retain.jsonl"),
+              "method": "ga", "steps": 20, "check_every": 1, "retain_tolerance": 1.0, "partial": True}
+    lines = [dict(common, id="kept", lr=0.3), dict(common, id="wild", lr=1.0, steps=4, projection=False)]
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = invoke("stream", source, "--once", "-q", "-r", strict)
+    assert result.exit_code == 0, result.output
+    applied, rejected = result.output.splitlines()[:2]
+    assert "applied kept" in applied and re.search(r"retained \d+\.\d% of base \(budget 100%\)", applied)
+    assert "rejected" in rejected and re.search(r"\[retained \d+\.\d% of base \(after kept\), budget 100%\]$", rejected)
