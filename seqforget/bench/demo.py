@@ -58,7 +58,7 @@ def demo(out, seed):
     """Apply three requests to a tiny LLaVA that knows 60 fictitious people, roll one back."""
     click.echo(f"loading the world of fictitious people and its tiny LLaVA (built once, cached in {cache_root()}) ...")
     click.echo("  (the first run trains the model: its vision tower, then its language side, each until it knows "
-               "the world; some minutes on 2 cores)")
+               "the world; about 20 minutes on 2 cores)")
     world, model_dir = default_world(_epochs(), seed)
     run_demo(out or cache_root() / "demo", world, model_dir)
 
