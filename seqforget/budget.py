@@ -69,11 +69,11 @@ def share(guard: dict, exact: float) -> float:
     return exact / guard["base"]["exact"]
 
 
-def refuse_if_below(guard: dict, exact: float, request_id: str) -> None:
+def refuse_if_below(floor: Floor, exact: float, request_id: str) -> None:
     """Before training: a live model already below the budget leaves a request nothing to spend."""
-    if share(guard, exact) < guard["budget"] - 1e-9:
-        raise OverBudget(f"request {request_id}: the live model already keeps only {share(guard, exact):.1%} of the base "
-                         f"model's answers on the registry's guard rows, below its budget of {guard['budget']:.0%}: "
+    if not floor.holds(exact):
+        raise OverBudget(f"request {request_id}: the live model already keeps only {floor.share(exact):.1%} of the base "
+                         f"model's answers on the registry's guard rows, below its budget of {floor.budget:.0%}: "
                          f"roll a request back first. Nothing was committed")
 
 

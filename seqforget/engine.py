@@ -133,7 +133,7 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
         retained = InputStats(model, targets, request.training.sketch_rank)  # the guard's rows are retained inputs too
         before = _probes(model, forget, retain, guard, retained, keep)
         if keep is not None:
-            refuse_if_below(state.guard, before["registry_guard"]["exact"], request.id)
+            refuse_if_below(keep, before["registry_guard"]["exact"], request.id)
         grown = time.perf_counter()
         added, growth = _grow_bases(model, retained, targets, bases, request)
         basis_seconds = time.perf_counter() - grown
