@@ -63,6 +63,8 @@ MECHANISMS = {
     "budget": ({}, 0.95),
     "dropout": ({"earlier_dropout": 0.5}, None),
     "from_base": ({"targets_from_base": True}, None),
+    "keep_forgotten": ({"keep_forgotten": True}, None),
+    "anchored": ({"targets_from_base": True, "keep_forgotten": True}, None),
 }
 
 

@@ -7,7 +7,7 @@
       journal.jsonl      append-only record of what was attempted
       lock               the writer lock; never written
       requests/<id>/     one immutable folder per committed request: the adapter's files,
-                         basis.h5, request.json, metrics.json
+                         basis.h5, forget_keys.h5, request.json, metrics.json
       staging/           folders being written; never read, emptied on recovery
 
 Write path: `with reg.writer() as w:` (the lock, after recovering from any crash), then
@@ -45,6 +45,7 @@ LOCK = "lock"
 REQUESTS = "requests"
 STAGING = "staging"
 BASIS_FILE = "basis.h5"
+FORGET_KEYS_FILE = "forget_keys.h5"  # the directions the request's forget rows send through its layers (basis format)
 STATES = ("active", "rolled_back")
 
 
@@ -214,9 +215,17 @@ class Snapshot:
 
     def basis(self, entry: dict) -> dict[str, Basis]:
         """The basis columns one committed request added, per module, hash-checked ({}: none)."""
-        if BASIS_FILE not in entry["files"]:
+        return self._bases_file(entry, BASIS_FILE)
+
+    def forget_keys(self, entry: dict) -> dict[str, Basis]:
+        """The directions one committed request's forget rows send through its layers beyond the
+        retained basis, per module, hash-checked ({}: none stored)."""
+        return self._bases_file(entry, FORGET_KEYS_FILE)
+
+    def _bases_file(self, entry: dict, name: str) -> dict[str, Basis]:
+        if name not in entry["files"]:
             return {}
-        return read_bases(self._checked(entry) / BASIS_FILE, entry["id"])
+        return read_bases(self._checked(entry) / name, entry["id"])
 
 
 class Registry:
@@ -455,11 +464,12 @@ class Transaction:
             write_adapter(self.staged, adapter)
         self.kind = adapter.kind
 
-    def put_bases(self, bases: dict[str, Basis]) -> int:
-        """Stage the basis columns this request adds (layers given the same Basis share them); returns the file's bytes."""
-        with self._writing(BASIS_FILE):
-            write_bases(self.staged / BASIS_FILE, bases, self.id)
-        return (self.staged / BASIS_FILE).stat().st_size
+    def put_bases(self, bases: dict[str, Basis], name: str = BASIS_FILE) -> int:
+        """Stage the basis columns this request adds (layers given the same Basis share them), or
+        with name=FORGET_KEYS_FILE its forget keys; returns the file's bytes."""
+        with self._writing(name):
+            write_bases(self.staged / name, bases, self.id)
+        return (self.staged / name).stat().st_size
 
     def put_record(self, name: str, record: dict) -> None:
         with self._writing(name):

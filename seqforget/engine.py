@@ -9,7 +9,9 @@
          inputs' statistics: Gram matrices, or sketches for wide layers) -> extend the null-space bases with them
       -> begin -> train this request's adapter -> forget/retain after (the stopping rule's
          last check gave most of them)
-      -> put adapter, bases and records -> commit (the one commit point) -> unlock
+      -> gather the forget keys: the directions its forget rows send through each target
+         layer of the model after it, beyond the retained basis
+      -> put adapter, bases, forget keys and records -> commit (the one commit point) -> unlock
 """
 
 import contextlib
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from registry import Basis, Registry, Snapshot, new_folder, sha256_file
+from registry import FORGET_KEYS_FILE, Basis, Registry, Snapshot, new_folder, sha256_file
 from seqforget import data
 from seqforget.activations import InputStats
 from seqforget.budget import BUDGET, Floor, floor, guard_record, read_guard, refuse_if_below
@@ -30,11 +32,12 @@ from seqforget.distributed import Follower, Group, held_bytes
 from seqforget.errors import AlreadyDone, OverBudget, SeqforgetError
 from seqforget.evaluation import probe
 from seqforget.live import Live, registry_device
+from seqforget.losses import model_inputs
 from seqforget.methods import make_method
 from seqforget.models import (check_device, device_of, load_model, model_sha256, model_signature, torch_device,
                               torch_dtype)
 from seqforget.progress import Progress
-from seqforget.projection import NullSpace, Sketch, extend_basis
+from seqforget.projection import Factor, NullSpace, Sketch, extend_basis
 from seqforget.requests import Request, load_request, parse_request
 from seqforget.scopes import SCOPES, match_layers, scope_layers
 from seqforget.stopping import REFUSED, SARR, kept_check, refusal_figures, stranger_rows
@@ -137,17 +140,20 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
         grown = time.perf_counter()
         added, growth = _grow_bases(model, retained, targets, bases, request)
         basis_seconds = time.perf_counter() - grown
-        nullspaces = _nullspaces(request, targets, bases, added)
+        forgotten = live.forget_keys(state) if request.training.keep_forgotten else {}
+        nullspaces = _nullspaces(request, targets, bases, added, forgotten)
         with writer.begin(request.id, method=request.method, scope=request.scope) as txn:
             adapter, metrics = _unlearn(live, method, request, before, forget, retain, guard, reference, targets, nullspaces,
                                        Progress(request.training.steps, f"apply {request.id}", show_progress, stop=stop),
                                        checkpointing, group, keep)
+            keys, metrics["forget_keys"] = _forget_keys(model, forget, targets, bases, added, request)
             metrics.update(basis=growth, seconds=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb(),
                            dtype=str(model.dtype).removeprefix("torch."), device=str(device_of(model)),
                            processes={"count": group.world, "sharded": group.sharded,
                                       "weights_mb": held_bytes(model) / 2**20})
             txn.put_adapter(adapter)
-            metrics.update(basis_seconds=basis_seconds, basis_bytes=txn.put_bases(added))
+            metrics.update(basis_seconds=basis_seconds, basis_bytes=txn.put_bases(added),
+                           forget_keys_bytes=txn.put_bases(keys, FORGET_KEYS_FILE))
             txn.put_record("request.json", request.describe())
             txn.put_record("metrics.json", metrics)
             entry = txn.commit({"state": "active", "method": request.method, "scope": request.scope, "sign": method.sign,
@@ -363,19 +369,54 @@ def _grow_bases(model, retained: InputStats, targets: list[str], bases: dict[str
     return added, growth
 
 
-def _nullspaces(request: Request, targets: list[str], bases: dict[str, Basis], added: dict[str, Basis]) -> dict[str, NullSpace]:
-    if not request.training.projection:
-        return {}
-    shared: dict[tuple[int, int], NullSpace] = {}  # layers that share their basis share its null space
-    nullspaces = {}
+def _joined(targets: list[str], bases: dict[str, Basis], added: dict[str, Basis]) -> dict[str, Basis]:
+    """Each target's basis with this request's columns; layers that shared both share the join."""
+    shared: dict[tuple[int, int], Basis] = {}
+    joined = {}
     for name in targets:
         key = (id(bases.get(name)), id(added[name]))
         if key not in shared:
-            shared[key] = NullSpace(bases[name].join(added[name]) if name in bases else added[name])
+            shared[key] = bases[name].join(added[name]) if name in bases else added[name]
+        joined[name] = shared[key]
+    return joined
+
+
+def _forget_keys(model, forget: data.Rows, targets: list[str], bases: dict[str, Basis], added: dict[str, Basis],
+                 request: Request) -> tuple[dict[str, Basis], dict]:
+    """The request's forget keys and how much they capture: per target layer, the directions its
+    forget rows send through it under the model after the request, beyond the retained basis (this
+    request's columns included), grown to the basis's energy threshold. They are what a later
+    request with keep_forgotten holds still. A subspace per layer, d x k, never the rows."""
+    with torch.no_grad(), InputStats(model, targets, request.training.sketch_rank) as stats:
+        for batch in forget.fixed:
+            model(**model_inputs(model, batch))
+    return _grow_bases(model, stats, targets, _joined(targets, bases, added), request)
+
+
+def _nullspaces(request: Request, targets: list[str], bases: dict[str, Basis], added: dict[str, Basis],
+                forgotten: dict[str, list[Basis]] | None = None) -> dict[str, NullSpace]:
+    """Per target, the null space of its retained basis (this request's columns included) and,
+    with `forgotten` (keep_forgotten), of the earlier active requests' forget keys as well:
+    joined to the retained basis where they leave it, to within 1e-3 of their energy."""
+    if not request.training.projection:
+        return {}
+    forgotten = forgotten or {}
+    joined = _joined(targets, bases, added)
+    shared: dict[tuple, NullSpace] = {}  # layers that share their basis and keys share the null space
+    nullspaces = {}
+    for name in targets:
+        keys = forgotten.get(name, [])
+        key = (id(joined[name]), *map(id, keys))
+        if key not in shared:
+            basis = joined[name]
+            if keys:
+                basis = basis.join(extend_basis(basis, Factor.of(keys), 1 - 1e-3, "forgotten")[0])
+            shared[key] = NullSpace(basis)
         if shared[key].rank:
             nullspaces[name] = shared[key]
     if len(nullspaces) == len(targets) and all(ns.rank >= ns.dim for ns in nullspaces.values()):
-        raise SeqforgetError(f"request {request.id}: retained inputs fill every target layer's input space, so nothing "
+        what = "retained inputs and earlier requests' forget keys" if forgotten else "retained inputs"
+        raise SeqforgetError(f"request {request.id}: {what} fill every target layer's input space, so nothing "
                              f"can move; lower energy_threshold (now {request.training.energy_threshold})")
     return nullspaces
 

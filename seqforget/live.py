@@ -10,7 +10,7 @@ bits as a model composed from scratch: the sums are exact, so the path does not 
 Once its weights are sharded across processes (`shard`), each process keeps the rows of the
 base copies and sums that it holds of the weights.
 
-It also keeps the null-space bases of the registry's requests, read once each, and lets a
+It also keeps the null-space bases and forget keys of the registry's requests, read once each, and lets a
 new request train with the earlier requests' terms switched off (`EarlierOff`): at random for
 its steps (earlier_dropout), or all of them for its targets (targets_from_base).
 """
@@ -55,6 +55,7 @@ class Live:
         self._base: dict[str, torch.Tensor] = {}  # layer -> its base weight, kept once a term touches it
         self._sums: dict[str, torch.Tensor] = {}  # layer -> exact sum of the active terms (int64 quanta)
         self._bases: dict[str, dict[str, Basis]] = {}  # entry key -> the basis columns that request added
+        self._keys: dict[str, dict[str, Basis]] = {}  # entry key -> that request's forget keys
 
     @classmethod
     def load(cls, state: Snapshot, model_dir: Path, dtype: str | None = None, device: str | None = None) -> "Live":
@@ -126,6 +127,19 @@ class Live:
             return self._bases[key]
 
         return state.bases(read=read)
+
+    def forget_keys(self, state: Snapshot) -> dict[str, list[Basis]]:
+        """Per layer, the forget keys of every request active in `state` that stored some, in
+        commit order, each file read once: a rolled-back request's are not among them."""
+        out: dict[str, list[Basis]] = {}
+        for entry in state.active:
+            key = entry_key(entry)
+            if key not in self._keys:
+                self._keys[key] = state.forget_keys(entry)
+            for layer, keys in self._keys[key].items():
+                if keys.rank:
+                    out.setdefault(layer, []).append(keys)
+        return out
 
 
 class EarlierOff:

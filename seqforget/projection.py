@@ -14,7 +14,8 @@ with U (d, k), at O(d^2 k) where a formed P costs O(d^3) and another d x d matri
 
 For wide layers G itself is too big to hold (about 1 GB at d = 11008): a `Sketch`
 of rank s stands for it, G_hat = F F^T with F (d, s), and what U does not capture is
-then read off the singular vectors of F - U (U^T F), at O(d s k + d s^2).
+then read off the singular vectors of F - U (U^T F), at O(d s k + d s^2). A `Factor` gives
+inputs by such an F directly: other bases' columns, each weighted by the energy it carries.
 """
 
 import numpy as np
@@ -46,6 +47,10 @@ class Sketch:
         self.y = torch.zeros(dim, rank, dtype=torch.float64)  # G Omega
         self.total = 0.0
 
+    @property
+    def dim(self) -> int:
+        return self.y.shape[0]
+
     def add(self, x: torch.Tensor) -> None:
         """Add the rows of x (n, d)."""
         x = x.double()
@@ -71,23 +76,41 @@ class Sketch:
         return u[:, keep] * energy[keep].sqrt()
 
 
+class Factor:
+    """Inputs given by a factor F (d, m) of their Gram matrix, G = F F^T."""
+
+    def __init__(self, f: torch.Tensor):
+        self.f = f.double()
+        self.dim = f.shape[0]
+        self.total = float((self.f * self.f).sum())
+
+    @classmethod
+    def of(cls, parts: list[Basis]) -> "Factor":
+        """The inputs that bases stand for: each column weighted by the square root of its energy."""
+        return cls(torch.cat([torch.from_numpy(p.columns).double() * torch.from_numpy(p.energy).double().sqrt()
+                              for p in parts], dim=1))
+
+    def factor(self) -> torch.Tensor:
+        return self.f
+
+
 def sketch_directions(dim: int, rank: int, seed: int = 0) -> torch.Tensor:
     """Omega (d, s): orthonormal columns of a seeded Gaussian matrix."""
     omega = torch.randn(dim, rank, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     return torch.linalg.qr(omega)[0]
 
 
-def extend_basis(basis: Basis | None, stats: torch.Tensor | Sketch, threshold: float,
+def extend_basis(basis: Basis | None, stats: torch.Tensor | Sketch | Factor, threshold: float,
                  owner: str) -> tuple[Basis, float, float]:
     """The columns to add to `basis` (d, k) so that it captures `threshold` of the energy of the
-    retained inputs, given as their Gram matrix (d, d) or a Sketch of them.
+    retained inputs, given as their Gram matrix (d, d), a Sketch or a Factor of them.
 
     Returns (added, captured_before, captured_after): `added` holds new orthonormal columns,
     orthogonal to `basis`, with the share of the inputs' energy (trace of the Gram matrix) each
     carries, owned by `owner`; the captured shares are those of span(basis) and of
     span(basis + added). A sketch's shares are lower bounds, as its directions' energy is.
     """
-    d = stats.shape[0] if isinstance(stats, torch.Tensor) else stats.y.shape[0]
+    d = stats.shape[0] if isinstance(stats, torch.Tensor) else stats.dim
     u = torch.zeros(d, 0, dtype=torch.float64) if basis is None else torch.from_numpy(basis.columns).double()
     total, kept, evals, evecs = _uncaptured(stats, u)
     if total <= 0.0:
@@ -106,10 +129,11 @@ def extend_basis(basis: Basis | None, stats: torch.Tensor | Sketch, threshold: f
     return added, before, captured
 
 
-def _uncaptured(stats: torch.Tensor | Sketch, u: torch.Tensor) -> tuple[float, float, torch.Tensor, torch.Tensor]:
+def _uncaptured(stats: torch.Tensor | Sketch | Factor,
+                u: torch.Tensor) -> tuple[float, float, torch.Tensor, torch.Tensor]:
     """(total energy, energy inside span(U), eigenvalues descending, eigenvectors) of what U does
     not capture of the inputs `stats` stands for."""
-    if isinstance(stats, Sketch):
+    if not isinstance(stats, torch.Tensor):
         f = stats.factor()  # (d, m): G_hat = F F^T
         uf = u.T @ f  # (k, m)
         left, s, _ = torch.linalg.svd(f - u @ uf, full_matrices=False)  # P F = P G_hat P's square root

@@ -56,6 +56,8 @@ class Training:
     earlier_dropout: float = 0.0  # chance each earlier active request's term is off for an optimiser step (seqforget.live.EarlierOff)
     targets_from_base: bool = False  # compute what the method holds the model to (retained rows' answers, strangers'
     # answers, a reference model) under the base model, every earlier request off, not the live model before it
+    keep_forgotten: bool = False  # also project updates off the directions earlier active requests' forget rows send
+    # through the target layers (their forget keys): this request cannot move what they made of them
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ _CONTRACT = {"id", "scope", "method", "forget", "retain", "reference", "partial"
 _TRAINING = {f.name: f for f in dataclasses.fields(Training)}
 # Training fields added since earlier_dropout: they count in a request's identity only when set,
 # so that a request committed before them is still recognised when re-sent. A new field goes here.
-_LATER = ("targets_from_base", "sketch_rank")
+_LATER = ("targets_from_base", "sketch_rank", "keep_forgotten")
 
 
 def read_request_file(path: Path) -> dict:
@@ -286,4 +288,6 @@ def _training(raw: dict, problems: list[str], budget: dict) -> Training:
     for name, (lo, hi) in bounds.items():
         if name in values and not lo <= values[name] <= hi:
             problems.append(f"{name}: {values[name]} is outside [{lo}, {hi}]")
+    if values.get("keep_forgotten") and values.get("projection") is False:
+        problems.append("keep_forgotten: works by projection, which projection: false turns off")
     return Training(**values)

@@ -8,7 +8,7 @@ from torch import nn
 from registry import Adapter, Basis
 from seqforget.composition import compose, delta
 from seqforget.errors import SeqforgetError
-from seqforget.projection import NullSpace, Sketch, _outside, extend_basis, project_out, sketch_directions
+from seqforget.projection import Factor, NullSpace, Sketch, _outside, extend_basis, project_out, sketch_directions
 
 
 def as_basis(u: torch.Tensor | None) -> Basis | None:
@@ -237,6 +237,24 @@ def test_sketches_of_one_width_share_their_test_matrix_and_agree_with_one_drawn_
     alone.add(r)
     assert shared.omega is omega
     torch.testing.assert_close(shared.factor(), alone.factor(), rtol=0, atol=0)  # the same seeded draw
+
+
+def test_bases_given_as_a_factor_grow_a_basis_as_their_weighted_gram_does():
+    """Other bases' columns, weighted by the energy each carries (a Factor), extend a basis as the
+    Gram matrix they stand for does: the way earlier requests' forget keys join a null space."""
+    gen = torch.Generator().manual_seed(440)
+    parts = [Basis(orthonormal(gen, D, k).numpy(), np.linspace(0.3, 0.01, k), ["r"] * k) for k in (3, 5)]
+    factor = Factor.of(parts)
+    g = sum(torch.from_numpy(p.columns) @ torch.diag(torch.from_numpy(p.energy)) @ torch.from_numpy(p.columns).T
+            for p in parts)
+    assert factor.total == pytest.approx(sum(p.energy.sum() for p in parts), rel=1e-12)
+    u = orthonormal(gen, D, 4)
+    for basis in (None, u):
+        new_f, energy_f, before_f, after_f = extend(basis, factor, 0.999)
+        new_g, energy_g, before_g, after_g = extend(basis, g, 0.999)
+        torch.testing.assert_close(new_f @ new_f.T, new_g @ new_g.T, rtol=0, atol=1e-8)  # the same span
+        torch.testing.assert_close(energy_f, energy_g, rtol=1e-9, atol=1e-12)
+        assert (before_f, after_f) == pytest.approx((before_g, after_g), rel=1e-9)
 
 
 def test_an_empty_sketch_adds_nothing():

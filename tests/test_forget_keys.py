@@ -1,0 +1,92 @@
+"""Forget keys: every request stores the directions its forget rows send through its target layers
+beyond the retained basis; a later request with keep_forgotten cannot move the model along them,
+and a rollback takes them out of what later requests hold still."""
+
+import shutil
+
+import pytest
+import torch
+
+from conftest import write_request
+from registry import Registry
+from seqforget import data
+from seqforget.activations import input_stats
+from seqforget.composition import delta
+from seqforget.engine import apply_request, init_registry, live_model, rollback_request
+from seqforget.errors import SeqforgetError
+from seqforget.live import Live
+from seqforget.requests import load_request
+
+
+def apply(tmp_path, world, reg, request_id: str, forget: str, **fields) -> dict:
+    path = write_request(tmp_path, request_id, scope="visual", method="stranger", forget=str(world / forget),
+                         retain=str(world / "retain.jsonl"), reference=str(world / "reference.jsonl"), steps=25, partial=True, **fields)
+    return apply_request(reg, path, show_progress=False)
+
+
+def test_a_requests_forget_keys_lie_outside_its_basis_and_hold_its_forget_inputs(world, tmp_path):
+    reg = tmp_path / "reg"
+    init_registry(reg, world / "model")
+    entry = apply(tmp_path, world, reg, "first", "forget_a.jsonl")
+    state = Registry.open(reg).snapshot()
+    keys, basis = state.forget_keys(entry), state.basis(entry)
+    assert "forget_keys.h5" in entry["files"] and set(keys) == set(basis)
+    assert sum(k.rank for k in keys.values()) > 0
+    metrics = state.record(entry, "metrics.json")
+
+    # what the keys are of: the forget rows' (image rows', for a visual request) inputs under the model after the request
+    model, processor = live_model(state)
+    rows = [r for r in data.read_rows(world / "forget_a.jsonl", [], "forget") if r.image is not None]
+    batches = data.Rows([data.encode(processor, r) for r in rows], processor.tokenizer.pad_token_id).fixed
+    stats = input_stats(model, batches, list(keys))
+    for layer, k in keys.items():
+        u, f = torch.from_numpy(basis[layer].columns).double(), torch.from_numpy(k.columns).double()
+        assert torch.allclose(f.T @ f, torch.eye(k.rank, dtype=torch.float64), atol=1e-5)  # orthonormal
+        assert (u.T @ f).abs().max() < 1e-4  # beyond the retained basis
+        both = torch.cat([u, f], dim=1)
+        gram = stats[layer]
+        held = torch.trace(both.T @ gram @ both) / torch.trace(gram)
+        grown = metrics["forget_keys"][layer]
+        assert held.item() == pytest.approx(grown["captured_after"], abs=2e-3)
+        assert held >= 0.97 - 2e-3 and grown["captured_before"] < grown["captured_after"] or k.rank == 0
+
+
+def test_keep_forgotten_holds_earlier_keys_still_and_a_rollback_frees_them(world, tmp_path):
+    reg = tmp_path / "reg"
+    init_registry(reg, world / "model")
+    apply(tmp_path, world, reg, "first", "forget_a.jsonl")
+    plain = tmp_path / "plain"
+    shutil.copytree(reg, plain)
+    held = apply(tmp_path, world, reg, "second", "forget_b.jsonl", keep_forgotten=True)
+    free = apply(tmp_path, world, plain, "second", "forget_b.jsonl")
+    state = Registry.open(reg).snapshot()
+    keys = state.forget_keys(state.find("first"))
+
+    def moved(root, entry) -> float:
+        """The largest share of the second request's update that acts on the first request's forget keys."""
+        adapter = Registry.open(root).snapshot().adapter(entry)
+        shares = []
+        for layer, k in keys.items():
+            if k.rank:
+                d = delta(adapter, layer)
+                shares.append((torch.linalg.norm(d @ torch.from_numpy(k.columns).double()) / torch.linalg.norm(d)).item())
+        return max(shares)
+
+    assert moved(reg, held) < 1e-4
+    assert moved(plain, free) > 1e-2  # without the option the same request does move along them
+
+    def owners(root) -> set[str]:
+        """Whose forget keys a next request of this registry would hold still."""
+        snap = Registry.open(root).snapshot()
+        return {k.owners[0] for layer_keys in Live.load(snap, world / "model").forget_keys(snap).values() for k in layer_keys}
+
+    assert owners(reg) == {"first", "second"}
+    rollback_request(reg, "first")
+    assert owners(reg) == {"second"}
+
+
+def test_keep_forgotten_needs_projection(world, tmp_path):
+    path = write_request(tmp_path, "r", scope="visual", method="stranger", forget=str(world / "forget_a.jsonl"),
+                         retain=str(world / "retain.jsonl"), reference=str(world / "reference.jsonl"), keep_forgotten=True, projection=False)
+    with pytest.raises(SeqforgetError, match="keep_forgotten: works by projection"):
+        load_request(path)
