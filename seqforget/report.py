@@ -45,6 +45,8 @@ def report(state: Snapshot, request_id: str) -> dict:
         "registry_retained": budget_line(state),
         "projection": metrics["projection"],
         "basis": {"layers": metrics["basis"], "bytes": metrics.get("basis_bytes"), "seconds": metrics.get("basis_seconds")},
+        "forget_keys": ({"layers": metrics["forget_keys"], "bytes": metrics["forget_keys_bytes"]}
+                        if "forget_keys" in metrics else None),  # requests committed before forget keys have none
         "times": {"applied_at": entry["applied_at"], "rolled_back_at": entry.get("rolled_back_at"),
                   "seconds": metrics["seconds"], "train_seconds": metrics["train_seconds"],
                   "peak_rss_mb": metrics.get("peak_rss_mb")},
@@ -68,7 +70,7 @@ def markdown(record: dict) -> str:
         "", "## Stored files", "",
         f"Kind `{record['adapter']['kind']}`{' (subtracted: its stored factor is negated)' if record['adapter']['sign'] < 0 else ''}, "
         f"in `{record['adapter']['folder']}`; projected into the retained inputs' null space: "
-        f"{'yes' if record['projection'] else 'no'}." + _basis_line(record["basis"]), "",
+        f"{'yes' if record['projection'] else 'no'}." + _basis_line(record["basis"]) + _keys_line(record["forget_keys"]), "",
         "| file | sha256 |", "|---|---|",
         *[f"| {name} | `{digest}` |" for name, digest in sorted(record["files"].items())],
         "", "## Training", "",
@@ -110,6 +112,18 @@ def _basis_line(basis: dict) -> str:
     if basis["bytes"] is not None:
         line += f": {basis['bytes']} bytes, grown in {basis['seconds']:.2f} s"
     return line + "; they stay when it is rolled back (they protect retained knowledge, which stays)."
+
+
+def _keys_line(keys: dict | None) -> str:
+    if keys is None:
+        return ""
+    layers = keys["layers"]
+    lead = {name: g for name, g in layers.items() if g.get("shares_with", name) == name}
+    added = sum(g["columns_added"] for g in lead.values())
+    held = min((g["captured_before"] for g in lead.values()), default=1.0)
+    return (f" Its forget keys: {added} column(s) over {len(layers)} layer(s), {keys['bytes']} bytes: the directions its "
+            f"forget rows send through those layers beyond the retained basis (which held at least {held:.0%} of those "
+            f"inputs' energy); while it is active, a later request with keep_forgotten cannot move the model along them.")
 
 
 def write_report(state: Snapshot, request_id: str, out_dir: Path) -> tuple[Path, Path]:

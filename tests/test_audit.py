@@ -44,6 +44,9 @@ def test_report_gives_the_hashes_settings_stop_figures_and_times_of_a_deletion(w
     text = (tmp_path / "erase-a.report.md").read_text()
     assert text.startswith("# Deletion record: erase-a") and entry["sha256"] in text and "rolled back" in text
     assert record["files"]["adapter_model.safetensors"] in text
+    keys = record["forget_keys"]
+    assert keys["bytes"] == (folder / "forget_keys.h5").stat().st_size and set(keys["layers"]) == set(record["basis"]["layers"])
+    assert f"Its forget keys: {sum(g['columns_added'] for n, g in keys['layers'].items() if g['shares_with'] == n)} column(s)" in text
 
 
 def test_report_refuses_an_unknown_id_and_a_tampered_record(applied, tmp_path):
