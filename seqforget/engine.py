@@ -147,6 +147,7 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
                                        Progress(request.training.steps, f"apply {request.id}", show_progress, stop=stop),
                                        checkpointing, group, keep)
             keys, metrics["forget_keys"] = _forget_keys(model, forget, targets, bases, added, request)
+            metrics["room"] = _room(model, targets, nullspaces)
             metrics.update(basis=growth, seconds=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb(),
                            dtype=str(model.dtype).removeprefix("torch."), device=str(device_of(model)),
                            processes={"count": group.world, "sharded": group.sharded,
@@ -421,6 +422,15 @@ def _nullspaces(request: Request, targets: list[str], bases: dict[str, Basis], a
     return nullspaces
 
 
+def _room(model, targets: list[str], nullspaces: dict[str, NullSpace]) -> dict[str, dict]:
+    """Per target layer, its input width and the input directions its update was free to use:
+    those outside the null space's basis (all of them without projection)."""
+    layers = dict(model.named_modules())
+    return {name: {"width": layers[name].in_features,
+                   "free": layers[name].in_features - (nullspaces[name].rank if name in nullspaces else 0)}
+            for name in targets}
+
+
 def _probes(model, forget: data.Rows, retain: data.Rows, guard: data.Rows | None, retained: InputStats | None = None,
             keep: Floor | None = None) -> dict:
     """Forget, retain and guard figures, the registry's guard rows' (with `keep`), and the
@@ -537,6 +547,7 @@ def _summary(metrics: dict, guard: dict | None = None) -> dict:
         "stop": {"rule": stop["rule"], "reason": stop["reason"], "step": stop["step"]},
         "basis": {"columns_added": sum(g["columns_added"] for lead, g in metrics["basis"].items() if g["shares_with"] == lead),
                   "bytes": metrics["basis_bytes"], "seconds": round(metrics["basis_seconds"], 3)},
+        "room": min(([g["free"], g["width"], name] for name, g in metrics["room"].items()), default=None),
         "steps": stop["step"],
         "seconds": round(metrics["seconds"], 2),
     }

@@ -47,6 +47,7 @@ def report(state: Snapshot, request_id: str) -> dict:
         "basis": {"layers": metrics["basis"], "bytes": metrics.get("basis_bytes"), "seconds": metrics.get("basis_seconds")},
         "forget_keys": ({"layers": metrics["forget_keys"], "bytes": metrics["forget_keys_bytes"]}
                         if "forget_keys" in metrics else None),  # requests committed before forget keys have none
+        "room": metrics.get("room"),  # per target layer: its input width, and the directions the update was free to use
         "times": {"applied_at": entry["applied_at"], "rolled_back_at": entry.get("rolled_back_at"),
                   "seconds": metrics["seconds"], "train_seconds": metrics["train_seconds"],
                   "peak_rss_mb": metrics.get("peak_rss_mb")},
@@ -70,7 +71,8 @@ def markdown(record: dict) -> str:
         "", "## Stored files", "",
         f"Kind `{record['adapter']['kind']}`{' (subtracted: its stored factor is negated)' if record['adapter']['sign'] < 0 else ''}, "
         f"in `{record['adapter']['folder']}`; projected into the retained inputs' null space: "
-        f"{'yes' if record['projection'] else 'no'}." + _basis_line(record["basis"]) + _keys_line(record["forget_keys"]), "",
+        f"{'yes' if record['projection'] else 'no'}." + _basis_line(record["basis"]) + _keys_line(record["forget_keys"])
+        + _room_line(record["room"]), "",
         "| file | sha256 |", "|---|---|",
         *[f"| {name} | `{digest}` |" for name, digest in sorted(record["files"].items())],
         "", "## Training", "",
@@ -124,6 +126,16 @@ def _keys_line(keys: dict | None) -> str:
     return (f" Its forget keys: {added} column(s) over {len(layers)} layer(s), {keys['bytes']} bytes: the directions its "
             f"forget rows send through those layers beyond the retained basis (which held at least {held:.0%} of those "
             f"inputs' energy); while it is active, a later request with keep_forgotten cannot move the model along them.")
+
+
+def _room_line(room: dict | None) -> str:
+    if not room:
+        return ""
+    least = min(room, key=lambda name: room[name]["free"])
+    full = sum(g["free"] == 0 for g in room.values())
+    return (f" Its update was free to move along {room[least]['free']} of the {room[least]['width']} input directions of "
+            f"{least}, its least free layer" + (f"; {full} layer(s) had none left and could not change" if full else "")
+            + ".")
 
 
 def write_report(state: Snapshot, request_id: str, out_dir: Path) -> tuple[Path, Path]:

@@ -38,10 +38,15 @@ def _retained(figures: dict | None) -> str:
     return f"{figures['before'] / figures['base']:.1%} -> {figures['after'] / figures['base']:.1%}"
 
 
+def _room(least: list | None) -> str:
+    """The fewest input directions any of the request's layers was free to move along, of its width."""
+    return "-" if not least else f"{least[0]}/{least[1]}"
+
+
 def status_table(rows: list[dict]) -> str:
     header = ["#", "id", "state", "method", "scope", "stopped", "forget median NLL", "reference", "retain NLL",
               "forget acc", "retain acc", "held-out retain acc", "refused (held-out), SARR", "retained of base",
-              "projector cond.", "applied"]
+              "free dirs", "projector cond.", "applied"]
     lines = [header]
     for r in rows:
         m = r["metrics"]
@@ -57,6 +62,7 @@ def status_table(rows: list[dict]) -> str:
             "{:.2f} -> {:.2f}".format(*m["held_out_retain_acc"]) if m.get("held_out_retain_acc") else "-",  # what the guard watched
             _refusal(m.get("refusal")),
             _retained(m.get("retained")),
+            _room(m.get("room")),
             "{:.3g} -> {:.3g}".format(*m["projector_condition"]) if None not in m.get("projector_condition", [None]) else "-",
             r["applied_at"],
         ])

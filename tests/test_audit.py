@@ -46,6 +46,8 @@ def test_report_gives_the_hashes_settings_stop_figures_and_times_of_a_deletion(w
     assert record["files"]["adapter_model.safetensors"] in text
     keys = record["forget_keys"]
     assert keys["bytes"] == (folder / "forget_keys.h5").stat().st_size and set(keys["layers"]) == set(record["basis"]["layers"])
+    assert set(record["room"]) == set(keys["layers"]) and all(0 <= g["free"] <= g["width"] for g in record["room"].values())
+    assert "input directions of" in text
     assert f"Its forget keys: {sum(g['columns_added'] for n, g in keys['layers'].items() if g['shares_with'] == n)} column(s)" in text
 
 

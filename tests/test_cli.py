@@ -44,7 +44,8 @@ def test_end_to_end(world, tmp_path):
     run("apply", write_request(tmp_path, "req-a", forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl")), "-r", reg)
     folder = reg / "requests" / "req-a"
     assert {p.name for p in folder.iterdir()} == {
-        "adapter_config.json", "adapter_model.safetensors", "basis.h5", "request.json", "metrics.json"}
+        "adapter_config.json", "adapter_model.safetensors", "basis.h5", "forget_keys.h5", "request.json",
+            "metrics.json"}
     assert json.loads((folder / "adapter_config.json").read_text())["peft_type"] == "LORA"
     metrics = json.loads((folder / "metrics.json").read_text())
     assert len(metrics["trajectory"]) == 8 and metrics["after"]["forget"]["nll"] > metrics["before"]["forget"]["nll"]

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from peft import LoraConfig
 
-from registry import Adapter, Basis, Registry, RegistryBusy, RegistryDamaged, RegistryError, new_folder, sha256_file
+from registry import (FORGET_KEYS_FILE, Adapter, Basis, Registry, RegistryBusy, RegistryDamaged, RegistryError, new_folder,
+                      sha256_file)
 
 BASE = {"path": "/models/tiny", "sha256": "abc", "signature": "def"}
 MODULES = ("layers.0.q_proj", "layers.0.v_proj")
@@ -287,6 +288,26 @@ def _commit_with_basis_file(reg: Registry, request_id: str, rng, write) -> dict:
         write(txn)
         txn.put_record("request.json", {"id": request_id})
         return txn.commit(entry_for())
+
+
+def test_forget_keys_are_a_file_of_their_own_read_back_hash_checked_and_absent_from_older_requests(tmp_path):
+    reg = make_registry(tmp_path / "reg")
+    rng = np.random.default_rng(6)
+    q, v = MODULES
+    keys = Basis(orthonormal(rng, D_IN, 2), np.array([0.05, 0.01], dtype=np.float32), ["one"] * 2)
+    one = _commit_with_basis_file(reg, "one", rng, lambda txn: (txn.put_bases({q: keys, v: keys}),
+                                                               txn.put_bases({q: keys}, FORGET_KEYS_FILE)))
+    older, _, _ = apply(reg, "older", rng)  # a request committed without forget keys
+    state = reg.snapshot()
+    read = state.forget_keys(one)
+    assert set(read) == {q} and read[q].owners == ["one", "one"]
+    np.testing.assert_array_equal(read[q].columns, keys.columns)
+    assert state.forget_keys(older) == {} and FORGET_KEYS_FILE in one["files"]
+    assert state.bases()[q].rank == 2 + COLUMNS_PER_REQUEST[q]  # the keys do not join the retained columns
+    path = state.folder(one) / FORGET_KEYS_FILE
+    path.write_bytes(path.read_bytes()[:-1] + bytes([path.read_bytes()[-1] ^ 0xFF]))
+    with pytest.raises(RegistryDamaged, match="one is damaged"):
+        reg.snapshot().forget_keys(one)
 
 
 def test_a_shared_basis_is_stored_once_compressed_and_read_back_shared_and_format_2_files_still_read(tmp_path):
