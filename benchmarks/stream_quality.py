@@ -65,6 +65,8 @@ MECHANISMS = {
     "from_base": ({"targets_from_base": True}, None),
     "keep_forgotten": ({"keep_forgotten": True}, None),
     "anchored": ({"targets_from_base": True, "keep_forgotten": True}, None),
+    "apart": ({"apart_from_earlier": True}, None),
+    "anchored_apart": ({"targets_from_base": True, "keep_forgotten": True, "apart_from_earlier": True}, None),
 }
 
 

@@ -140,8 +140,7 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
         grown = time.perf_counter()
         added, growth = _grow_bases(model, retained, targets, bases, request)
         basis_seconds = time.perf_counter() - grown
-        forgotten = live.forget_keys(state) if request.training.keep_forgotten else {}
-        nullspaces = _nullspaces(request, targets, bases, added, forgotten)
+        nullspaces = _nullspaces(request, targets, bases, added, _held(request, live, state))
         with writer.begin(request.id, method=request.method, scope=request.scope) as txn:
             adapter, metrics = _unlearn(live, method, request, before, forget, retain, guard, reference, targets, nullspaces,
                                        Progress(request.training.steps, f"apply {request.id}", show_progress, stop=stop),
@@ -394,29 +393,44 @@ def _forget_keys(model, forget: data.Rows, targets: list[str], bases: dict[str, 
     return _grow_bases(model, stats, targets, _joined(targets, bases, added), request)
 
 
+def _held(request: Request, live: Live, state: Snapshot) -> dict[str, list[Factor]]:
+    """Per layer, what the request's update must leave alone besides the retained inputs: the
+    forget keys of every earlier active request (keep_forgotten), and the input directions of
+    their terms (apart_from_earlier)."""
+    held: dict[str, list[Factor]] = {}
+    if request.training.keep_forgotten:
+        for layer, keys in live.forget_keys(state).items():
+            held.setdefault(layer, []).append(Factor.of(keys))
+    if request.training.apart_from_earlier:
+        for layer, factors in live.term_inputs().items():
+            held.setdefault(layer, []).extend(Factor(f) for f in factors)
+    return held
+
+
 def _nullspaces(request: Request, targets: list[str], bases: dict[str, Basis], added: dict[str, Basis],
-                forgotten: dict[str, list[Basis]] | None = None) -> dict[str, NullSpace]:
-    """Per target, the null space of its retained basis (this request's columns included) and,
-    with `forgotten` (keep_forgotten), of the earlier active requests' forget keys as well:
-    joined to the retained basis where they leave it, to within 1e-3 of their energy."""
+                held: dict[str, list[Factor]] | None = None) -> dict[str, NullSpace]:
+    """Per target, the null space of its retained basis (this request's columns included) and
+    of what `held` gives for it (_held): joined to the retained basis where it leaves it, to
+    within 1e-3 of its energy, each part weighing the same."""
     if not request.training.projection:
         return {}
-    forgotten = forgotten or {}
+    held = held or {}
     joined = _joined(targets, bases, added)
-    shared: dict[tuple, NullSpace] = {}  # layers that share their basis and keys share the null space
+    shared: dict[tuple, NullSpace] = {}  # layers that share their basis, and hold nothing more, share the null space
     nullspaces = {}
     for name in targets:
-        keys = forgotten.get(name, [])
-        key = (id(joined[name]), *map(id, keys))
+        parts = [f for f in held.get(name, []) if f.total > 0]
+        key = (id(joined[name]), name if parts else None)
         if key not in shared:
             basis = joined[name]
-            if keys:
-                basis = basis.join(extend_basis(basis, Factor.of(keys), 1 - 1e-3, "forgotten")[0])
+            if parts:
+                unit = Factor(torch.cat([f.factor() / f.total ** 0.5 for f in parts], dim=1))
+                basis = basis.join(extend_basis(basis, unit, 1 - 1e-3, "held")[0])
             shared[key] = NullSpace(basis)
         if shared[key].rank:
             nullspaces[name] = shared[key]
     if len(nullspaces) == len(targets) and all(ns.rank >= ns.dim for ns in nullspaces.values()):
-        what = "retained inputs and earlier requests' forget keys" if forgotten else "retained inputs"
+        what = "retained inputs and what earlier requests hold" if held else "retained inputs"
         raise SeqforgetError(f"request {request.id}: {what} fill every target layer's input space, so nothing "
                              f"can move; lower energy_threshold (now {request.training.energy_threshold})")
     return nullspaces

@@ -128,6 +128,23 @@ class Live:
 
         return state.bases(read=read)
 
+    def term_inputs(self) -> dict[str, list[torch.Tensor]]:
+        """Per layer, for every committed term composed in, a factor F (d_in, m) of the input side
+        of its change D: D^T D = F F^T, so span(F) holds every input direction the term reads."""
+        out: dict[str, list[torch.Tensor]] = {}
+        for key, adapter in self._terms.items():
+            if key in self._pending:
+                continue
+            for name in adapter.modules:
+                factors = low_rank(adapter, name)
+                if factors is None:
+                    out.setdefault(name, []).append(delta(adapter, name).T)
+                    continue
+                b, a = factors  # D = B A: D^T D = A^T R^T R A with B = Q R
+                r = torch.linalg.qr(b.double())[1]
+                out.setdefault(name, []).append(a.double().T @ r.T)
+        return out
+
     def forget_keys(self, state: Snapshot) -> dict[str, list[Basis]]:
         """Per layer, the forget keys of every request active in `state` that stored some, in
         commit order, each file read once: a rolled-back request's are not among them."""

@@ -58,6 +58,8 @@ class Training:
     # answers, a reference model) under the base model, every earlier request off, not the live model before it
     keep_forgotten: bool = False  # also project updates off the directions earlier active requests' forget rows send
     # through the target layers (their forget keys): this request cannot move what they made of them
+    apart_from_earlier: bool = False  # also project updates off every input direction the earlier active requests'
+    # terms read, so that no two adapters share one (O3's orthogonal subspaces)
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ _CONTRACT = {"id", "scope", "method", "forget", "retain", "reference", "partial"
 _TRAINING = {f.name: f for f in dataclasses.fields(Training)}
 # Training fields added since earlier_dropout: they count in a request's identity only when set,
 # so that a request committed before them is still recognised when re-sent. A new field goes here.
-_LATER = ("targets_from_base", "sketch_rank", "keep_forgotten")
+_LATER = ("targets_from_base", "sketch_rank", "keep_forgotten", "apart_from_earlier")
 
 
 def read_request_file(path: Path) -> dict:
@@ -288,6 +290,7 @@ def _training(raw: dict, problems: list[str], budget: dict) -> Training:
     for name, (lo, hi) in bounds.items():
         if name in values and not lo <= values[name] <= hi:
             problems.append(f"{name}: {values[name]} is outside [{lo}, {hi}]")
-    if values.get("keep_forgotten") and values.get("projection") is False:
-        problems.append("keep_forgotten: works by projection, which projection: false turns off")
+    for name in ("keep_forgotten", "apart_from_earlier"):
+        if values.get(name) and values.get("projection") is False:
+            problems.append(f"{name}: works by projection, which projection: false turns off")
     return Training(**values)

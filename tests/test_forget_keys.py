@@ -1,6 +1,7 @@
 """Forget keys: every request stores the directions its forget rows send through its target layers
 beyond the retained basis; a later request with keep_forgotten cannot move the model along them,
-and a rollback takes them out of what later requests hold still."""
+and a rollback takes them out of what later requests hold still. With apart_from_earlier, a later
+request reads no input direction an earlier request's term reads."""
 
 import shutil
 
@@ -51,29 +52,35 @@ def test_a_requests_forget_keys_lie_outside_its_basis_and_hold_its_forget_inputs
         assert held >= 0.97 - 2e-3 and grown["captured_before"] < grown["captured_after"] or k.rank == 0
 
 
-def test_keep_forgotten_holds_earlier_keys_still_and_a_rollback_frees_them(world, tmp_path):
+def test_keep_forgotten_and_apart_from_earlier_hold_what_the_first_request_made_still(world, tmp_path):
+    """The same second request, three ways: plain; with keep_forgotten (off the first request's
+    forget keys); with apart_from_earlier (off the input directions the first request's term reads)."""
     reg = tmp_path / "reg"
     init_registry(reg, world / "model")
-    apply(tmp_path, world, reg, "first", "forget_a.jsonl")
-    plain = tmp_path / "plain"
-    shutil.copytree(reg, plain)
-    held = apply(tmp_path, world, reg, "second", "forget_b.jsonl", keep_forgotten=True)
-    free = apply(tmp_path, world, plain, "second", "forget_b.jsonl")
+    first = apply(tmp_path, world, reg, "first", "forget_a.jsonl")
+    roots = {name: tmp_path / name for name in ("plain", "apart")}
+    for root in roots.values():
+        shutil.copytree(reg, root)
+    second = {"keys": apply(tmp_path, world, reg, "second", "forget_b.jsonl", keep_forgotten=True),
+              "plain": apply(tmp_path, world, roots["plain"], "second", "forget_b.jsonl"),
+              "apart": apply(tmp_path, world, roots["apart"], "second", "forget_b.jsonl", apart_from_earlier=True)}
+    roots["keys"] = reg
     state = Registry.open(reg).snapshot()
-    keys = state.forget_keys(state.find("first"))
+    keys = {layer: torch.from_numpy(k.columns).double() for layer, k in state.forget_keys(first).items() if k.rank}
+    reads = {layer: delta(state.adapter(first), layer).T for layer in state.adapter(first).modules}  # (d_in, d_out)
 
-    def moved(root, entry) -> float:
-        """The largest share of the second request's update that acts on the first request's forget keys."""
-        adapter = Registry.open(root).snapshot().adapter(entry)
-        shares = []
-        for layer, k in keys.items():
-            if k.rank:
-                d = delta(adapter, layer)
-                shares.append((torch.linalg.norm(d @ torch.from_numpy(k.columns).double()) / torch.linalg.norm(d)).item())
-        return max(shares)
+    def moved(how: str, along: dict) -> float:
+        """The largest share of the second request's update, over the layers, that acts along `along`."""
+        adapter = Registry.open(roots[how]).snapshot().adapter(second[how])
+        return max((torch.linalg.norm(delta(adapter, layer) @ f) / torch.linalg.norm(delta(adapter, layer))
+                    / torch.linalg.norm(f, 2)).item() for layer, f in along.items())
 
-    assert moved(reg, held) < 1e-4
-    assert moved(plain, free) > 1e-2  # without the option the same request does move along them
+    assert moved("keys", keys) < 1e-4
+    assert moved("plain", keys) > 1e-2  # without the option the same request does move along them
+    assert moved("apart", reads) < 0.05  # to within the 1e-3 of the first term's energy left out
+    assert moved("plain", reads) > 0.1
+    room = {how: Registry.open(roots[how]).snapshot().record(second[how], "metrics.json")["room"] for how in second}
+    assert all(room["apart"][layer]["free"] < room["plain"][layer]["free"] for layer in reads)
 
     def owners(root) -> set[str]:
         """Whose forget keys a next request of this registry would hold still."""
@@ -85,8 +92,10 @@ def test_keep_forgotten_holds_earlier_keys_still_and_a_rollback_frees_them(world
     assert owners(reg) == {"second"}
 
 
-def test_keep_forgotten_needs_projection(world, tmp_path):
+@pytest.mark.parametrize("option", ["keep_forgotten", "apart_from_earlier"])
+def test_the_options_need_projection(world, tmp_path, option):
     path = write_request(tmp_path, "r", scope="visual", method="stranger", forget=str(world / "forget_a.jsonl"),
-                         retain=str(world / "retain.jsonl"), reference=str(world / "reference.jsonl"), keep_forgotten=True, projection=False)
-    with pytest.raises(SeqforgetError, match="keep_forgotten: works by projection"):
+                         retain=str(world / "retain.jsonl"), reference=str(world / "reference.jsonl"), projection=False,
+                         **{option: True})
+    with pytest.raises(SeqforgetError, match=f"{option}: works by projection"):
         load_request(path)
