@@ -557,6 +557,7 @@ def _summary(metrics: dict, guard: dict | None = None) -> dict:
         "held_out_retain_acc": [before["guard"]["token_acc"], after["guard"]["token_acc"]] if "guard" in before else None,
         "projector_condition": [before.get("projector_condition"), after.get("projector_condition")],
         "reference_nll": stop["reference"]["median_nll"] if stop["reference"] else None,
+        "known": _known(stop),
         "refusal": refusal_figures(stop["checks"], stop["step"]),
         "stop": {"rule": stop["rule"], "reason": stop["reason"], "step": stop["step"]},
         "basis": {"columns_added": sum(g["columns_added"] for lead, g in metrics["basis"].items() if g["shares_with"] == lead),
@@ -565,6 +566,16 @@ def _summary(metrics: dict, guard: dict | None = None) -> dict:
         "steps": stop["step"],
         "seconds": round(metrics["seconds"], 2),
     }
+
+
+def _known(stop: dict) -> list[float] | None:
+    """How well the forget rows could be told from strangers (seqforget.stopping.known_share)
+    before training and at the check kept; None without reference rows."""
+    reference = stop["reference"]
+    if not reference or "known_before" not in reference:
+        return None
+    kept = kept_check(stop["checks"], stop["step"])
+    return [reference["known_before"], kept["forget"]["known"] if kept else reference["known_before"]]
 
 
 def _reset_peak_rss() -> None:

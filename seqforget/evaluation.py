@@ -7,11 +7,12 @@ from seqforget.models import device_of
 
 
 @torch.no_grad()
-def probe(model, batches: list[dict[str, torch.Tensor]], opening: int | None = None) -> dict[str, float]:
+def probe(model, batches: list[dict[str, torch.Tensor]], opening: int | None = None, per_row: bool = False) -> dict:
     """{"nll": mean over rows of the answer's per-token NLL, "median_nll": its median,
     "token_acc": share of answer tokens ranked first, "exact": share of rows whose every answer
     token is ranked first, i.e. whose greedy answer is theirs}; with `opening` (a token id, e.g.
-    a refusal's first), also "opens_with": share of rows whose greedy answer starts with it."""
+    a refusal's first), also "opens_with": share of rows whose greedy answer starts with it;
+    with `per_row`, also "row_nll": each row's per-token NLL, in order."""
     row_nll, hits, tokens, exact, opened = [], 0, 0, 0, 0
     for batch in batches:
         logp, n, h, first = answer_scores(model, batch)
@@ -23,6 +24,8 @@ def probe(model, batches: list[dict[str, torch.Tensor]], opening: int | None = N
            "token_acc": hits / max(tokens, 1), "exact": exact / max(len(nll), 1)}
     if opening is not None:
         out["opens_with"] = opened / max(len(nll), 1)
+    if per_row:
+        out["row_nll"] = nll.tolist()
     return out
 
 

@@ -39,6 +39,7 @@ def report(state: Snapshot, request_id: str) -> dict:
         "stopping": {"rule": stop["rule"], "reason": stop["reason"], "step": stop["step"], "reached": stop["reached"],
                      "reference_median_nll": stop["reference"]["median_nll"] if stop.get("reference") else None,
                      "refusal": entry["metrics"].get("refusal"),
+                     "known": entry["metrics"].get("known"),  # the forget rows told from strangers: AUC before, after
                      "checks": stop.get("checks", [])},
         "figures": {"before": metrics["before"], "after": metrics["after"], "rows": metrics["rows"]},
         "retained": entry["metrics"].get("retained"),  # the registry guard's figures, with the base's and the budget
@@ -80,7 +81,10 @@ def markdown(record: dict) -> str:
         f"{record['stopping']['step']}; level {'reached' if record['stopping']['reached'] else 'not reached'}"
         + (f" (reference median NLL {record['stopping']['reference_median_nll']:.3f})"
            if record["stopping"]["reference_median_nll"] is not None else "")
-        + (_refusal_words(record["stopping"]["refusal"]) if record["stopping"].get("refusal") else "") + ".",
+        + (_refusal_words(record["stopping"]["refusal"]) if record["stopping"].get("refusal") else "") + "."
+        + (" By their answers' likelihood against strangers', the forget rows could be told apart with an AUC of "
+           "{:.2f} before and {:.2f} after (0.5: not at all).".format(*record["stopping"]["known"])
+           if record["stopping"].get("known") else ""),
         f"Settings: {json.dumps(r['training'], sort_keys=True)}; method arguments: {json.dumps(r['method_args'], sort_keys=True)}.",
         f"Time: {record['times']['seconds']:.1f} s in all, {record['times']['train_seconds']:.1f} s training.",
         "", "## Figures before and after", "", "| rows | token accuracy | NLL | median NLL |", "|---|---|---|---|",

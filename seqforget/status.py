@@ -44,9 +44,9 @@ def _room(least: list | None) -> str:
 
 
 def status_table(rows: list[dict]) -> str:
-    header = ["#", "id", "state", "method", "scope", "stopped", "forget median NLL", "reference", "retain NLL",
-              "forget acc", "retain acc", "held-out retain acc", "refused (held-out), SARR", "retained of base",
-              "free dirs", "projector cond.", "applied"]
+    header = ["#", "id", "state", "method", "scope", "stopped", "forget median NLL", "reference", "known vs strangers",
+              "retain NLL", "forget acc", "retain acc", "held-out retain acc", "refused (held-out), SARR",
+              "retained of base", "free dirs", "projector cond.", "applied"]
     lines = [header]
     for r in rows:
         m = r["metrics"]
@@ -57,7 +57,9 @@ def status_table(rows: list[dict]) -> str:
         lines.append([
             str(r["seq"]), r["id"], state, r["method"], r["scope"], f"{stopped}, step {stop['step']}",
             "{:.2f} -> {:.2f}".format(*m["forget_median_nll"]),
-            "-" if m["reference_nll"] is None else f"{m['reference_nll']:.2f}", "{:.2f} -> {:.2f}".format(*m["retain_nll"]),
+            "-" if m["reference_nll"] is None else f"{m['reference_nll']:.2f}",
+            "{:.2f} -> {:.2f}".format(*m["known"]) if m.get("known") else "-",
+            "{:.2f} -> {:.2f}".format(*m["retain_nll"]),
             "{:.2f} -> {:.2f}".format(*m["forget_acc"]), "{:.2f} -> {:.2f}".format(*m["retain_acc"]),
             "{:.2f} -> {:.2f}".format(*m["held_out_retain_acc"]) if m.get("held_out_retain_acc") else "-",  # what the guard watched
             _refusal(m.get("refusal")),

@@ -31,6 +31,13 @@ than a model that never saw the person. Scored on their own answers, reference r
 would compare unlike with unlike: a never-seen person's name is an answer the model was
 never trained to give.
 
+Each check also gives how well the forget rows can be told from strangers: the share of pairs
+(forget row, another forget row's level) in which the model is surer of the forget row's own
+answer than of the level (`known_share`). About 0.5 means the forget rows read as strangers'; 1.0
+means every one is still known better than any stranger; well below 0.5 means they are answered
+worse than a stranger's would be, which sets them apart too. The stop does not wait for it; the
+record keeps it, before training and at every check, and `status` shows it.
+
 A retain guard probes retain rows at the same checks: when their token accuracy falls more
 than `retain_tolerance` below where it started, the adapter goes back to the last check that
 kept it and training goes on at half the learning rate; the fourth time, it stops there. It
@@ -105,7 +112,15 @@ def stranger_level(model, reference: Rows) -> dict:
         mine = owners == k
         mean_logp = torch.logsumexp(logp[mine], 0) - torch.log(mine.sum().double()).float()
         levels.append(-mean_logp / tokens[mine][0].clamp_min(1))
-    return {"median_nll": torch.stack(levels).median().item(), "rows": len(levels), "strangers": len(reference)}
+    return {"median_nll": torch.stack(levels).median().item(), "rows": len(levels), "strangers": len(reference),
+            "levels": torch.stack(levels).tolist()}
+
+
+def known_share(row_nll: list[float], levels: list[float]) -> float:
+    """The share of pairs (forget row, level) in which the forget row's answer is surer (lower NLL)
+    than the level, ties counting half: the AUC of telling forget rows from strangers by NLL."""
+    nll, level = torch.tensor(row_nll, dtype=torch.float64)[:, None], torch.tensor(levels, dtype=torch.float64)[None, :]
+    return ((nll < level).double() + 0.5 * (nll == level).double()).mean().item()
 
 
 REFUSED = 0.99  # share of a refuse request's forget questions answered with its refusal, trained and held-out views alike
@@ -163,6 +178,9 @@ class Stopping:
         rows (seqforget.budget), or None."""
         self.forget, self.guard, self.settings, self.floor = forget, guard, settings, floor
         self.reference = stranger_level(model, reference) if reference is not None and len(reference) else None
+        if self.reference is not None:
+            self.levels = self.reference.pop("levels")
+            self.reference["known_before"] = known_share(probe(model, forget.fixed, per_row=True)["row_nll"], self.levels)
         self.refusal = forget.own_answers is not None and len(forget) > 0  # the forget rows' answer is a refusal
         if self.refusal:
             labels = forget.examples[0].labels
@@ -180,7 +198,9 @@ class Stopping:
 
     def check(self, model, step: int, params: list[torch.nn.Parameter]) -> bool:
         """True when training should stop (the adapter in `params` is then the one to keep)."""
-        forget = probe(model, self.forget.fixed)
+        forget = probe(model, self.forget.fixed, per_row=self.reference is not None)
+        if self.reference is not None:
+            forget["known"] = known_share(forget.pop("row_nll"), self.levels)
         guard = probe(model, self.guard.fixed, self.refusal_token if self.refusal else None)
         self.rolled_back = False
         record = {"step": step, "forget": forget, "guard": guard}

@@ -11,7 +11,7 @@ from seqforget.engine import _encode, apply_request, init_registry, live_model, 
 from seqforget.evaluation import probe
 from seqforget.errors import SeqforgetError
 from seqforget.status import status_rows, status_table
-from seqforget.stopping import stranger_rows
+from seqforget.stopping import known_share, stranger_rows
 
 
 @pytest.fixture
@@ -44,6 +44,11 @@ def test_training_stops_once_the_forget_rows_look_like_the_reference(world, reg_
     assert last["forget"]["median_nll"] >= metrics["stop"]["reference"]["median_nll"]  # the level, reached
     assert all(c["forget"]["median_nll"] < metrics["stop"]["reference"]["median_nll"] for c in metrics["stop"]["checks"][:-1])
     assert len(metrics["trajectory"]) == stop["step"] and entry["partial"] is False
+    # how well the forget rows can be told from strangers: known before, less so at the check kept
+    before, after = entry["metrics"]["known"]
+    assert before == metrics["stop"]["reference"]["known_before"] and after == last["forget"]["known"]
+    assert after < before and 0.0 <= after <= 1.0
+    assert "{:.2f} -> {:.2f}".format(before, after) in status_table(status_rows(Registry.open(reg_dir).snapshot()))
 
 
 def test_the_retain_guard_refuses_a_request_that_costs_retained_accuracy(world, reg_dir, tmp_path, unseen):
@@ -110,6 +115,12 @@ def test_without_reference_rows_the_budget_ends_training(world, reg_dir, tmp_pat
     entry = apply_request(reg_dir, request, show_progress=False)
     assert entry["metrics"]["stop"] == {"rule": "budget", "reason": "budget", "step": 7}
     assert entry["partial"] is False and entry["metrics"]["reference_nll"] is None
+
+
+def test_known_share_is_the_auc_of_forget_rows_against_the_levels():
+    assert known_share([0.1, 0.2], [1.0, 2.0, 3.0]) == 1.0  # every forget row surer than every level
+    assert known_share([5.0, 6.0], [1.0, 2.0]) == 0.0
+    assert known_share([1.0, 3.0], [1.0, 2.0]) == pytest.approx((0.5 + 1 + 0 + 0) / 4)  # a tie counts half
 
 
 def test_strangers_are_asked_the_forget_rows_questions_and_scored_on_their_answers(tmp_path):
