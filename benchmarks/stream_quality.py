@@ -120,7 +120,8 @@ def run_stream(bench, people: list[str], scope: str, mechanism: str, vanilla: di
         seconds = time.perf_counter() - start
         now = figures(bench, live.model, live.processor, people[:i], retained, scope)
         steps.append({"request": entry["id"], "person": person, "seconds": seconds, "stop": entry["metrics"]["stop"],
-                      "refused": entry.get("refused", False), "registry": entry["metrics"].get("retained"), **now})
+                      "refused": entry.get("refused", False), "registry": entry["metrics"].get("retained"),
+                      "free": entry["metrics"].get("room"), "known": entry["metrics"].get("known"), **now})
         log(step_line(i, people, now, vanilla, oracle, seconds, steps[-1]))
     final = steps[-1]
     positions = sorted({round(j * (len(people) - 2) / max(1, rollbacks - 1)) for j in range(rollbacks)})
@@ -158,12 +159,13 @@ def step_line(i: int, people: list[str], now: dict, vanilla: dict, oracle: dict,
     done = f"REFUSED ({step['stop']['reason'].replace('_', ' ')})" if step["refused"] else step["stop"]["reason"].replace("_", " ")
     kept = step["registry"]
     budget = f"; registry {kept['after'] / kept['base']:.1%} of base" if kept else ""
+    free = f"; fewest free directions {step['free'][0]}/{step['free'][1]}" if step.get("free") else ""
     return (f"request {i}/{len(people)} ({seconds:.0f} s, {done}): {person} {now['forget'][person]:.2f} (vanilla "
             f"{vanilla['forget'][person]:.2f}, oracle {oracle['forget'][person]:.2f}); all so far {mean:.2f} against the "
             f"oracle's {oracle_mean:.2f}, still forgotten {still}/{i}; identity {now['identity']:.2f}, membership "
             f"{now['membership_visual']:.2f}; retain visual {now['retain_visual'] / vanilla['retain_visual']:.0%}, textual "
             f"{now['retain_textual'] / vanilla['retain_textual']:.0%}, general {now['general'] / vanilla['general']:.0%} of "
-            f"vanilla{budget}")
+            f"vanilla{budget}{free}")
 
 
 def summary(runs: list[dict], people: list[str], vanilla: dict, oracle: dict) -> list[str]:
