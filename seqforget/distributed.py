@@ -221,7 +221,7 @@ class _Unwritten:
     def put_adapter(self, adapter) -> None:
         pass
 
-    def put_bases(self, bases) -> int:
+    def put_bases(self, bases, name: str | None = None) -> int:
         return 0
 
     def put_record(self, name: str, record) -> None:
