@@ -21,7 +21,8 @@ from seqforget.requests import load_request
 
 def apply(tmp_path, world, reg, request_id: str, forget: str, **fields) -> dict:
     path = write_request(tmp_path, request_id, scope="visual", method="stranger", forget=str(world / forget),
-                         retain=str(world / "retain.jsonl"), reference=str(world / "reference.jsonl"), steps=25, partial=True, **fields)
+                         retain=str(world / "retain.jsonl"), reference=str(world / "reference.jsonl"), steps=10, check_every=10,
+                         partial=True, **fields)
     return apply_request(reg, path, show_progress=False)
 
 
