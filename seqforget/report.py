@@ -111,9 +111,14 @@ def _refusal_words(figures: dict) -> str:
             f"of the retained questions the guard watched")
 
 
+def _leaders(layers: dict) -> dict:
+    """The growth records of the layers that stored their columns: a layer sharing another's has none of its own."""
+    return {name: g for name, g in layers.items() if g.get("shares_with", name) == name}
+
+
 def _basis_line(basis: dict) -> str:
     layers = basis["layers"]
-    added = sum(g["columns_added"] for name, g in layers.items() if g.get("shares_with", name) == name)
+    added = sum(g["columns_added"] for g in _leaders(layers).values())
     line = f" It added {added} basis column(s) over {len(layers)} layer(s)"
     if basis["bytes"] is not None:
         line += f": {basis['bytes']} bytes, grown in {basis['seconds']:.2f} s"
@@ -124,7 +129,7 @@ def _keys_line(keys: dict | None) -> str:
     if keys is None:
         return ""
     layers = keys["layers"]
-    lead = {name: g for name, g in layers.items() if g.get("shares_with", name) == name}
+    lead = _leaders(layers)
     added = sum(g["columns_added"] for g in lead.values())
     held = min((g["captured_before"] for g in lead.values()), default=1.0)
     return (f" Its forget keys: {added} column(s) over {len(layers)} layer(s), {keys['bytes']} bytes: the directions its "
