@@ -120,13 +120,7 @@ class Live:
 
     def bases(self, state: Snapshot) -> dict[str, Basis]:
         """`state.bases()`, each request's basis file read once over the life of this live model."""
-        def read(entry: dict) -> dict[str, Basis]:
-            key = entry_key(entry)
-            if key not in self._bases:
-                self._bases[key] = state.basis(entry)
-            return self._bases[key]
-
-        return state.bases(read=read)
+        return state.bases(read=lambda entry: _read_once(self._bases, entry, state.basis))
 
     def term_inputs(self) -> dict[str, list[torch.Tensor]]:
         """Per layer, for every committed term composed in, a factor F (d_in, m) of the input side
@@ -150,13 +144,18 @@ class Live:
         commit order, each file read once: a rolled-back request's are not among them."""
         out: dict[str, list[Basis]] = {}
         for entry in state.active:
-            key = entry_key(entry)
-            if key not in self._keys:
-                self._keys[key] = state.forget_keys(entry)
-            for layer, keys in self._keys[key].items():
+            for layer, keys in _read_once(self._keys, entry, state.forget_keys).items():
                 if keys.rank:
                     out.setdefault(layer, []).append(keys)
         return out
+
+
+def _read_once(cache: dict, entry: dict, read):
+    """`read(entry)`, kept in `cache` under the entry's key: a committed request's files never change."""
+    key = entry_key(entry)
+    if key not in cache:
+        cache[key] = read(entry)
+    return cache[key]
 
 
 class EarlierOff:
