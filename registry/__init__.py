@@ -14,10 +14,10 @@ from registry.bases import Basis
 from registry.crash import pause_point
 from registry.errors import CommittedUnfinished, RegistryBusy, RegistryDamaged, RegistryError
 from registry.hashing import sha256_file
-from registry.store import FORGET_KEYS_FILE, FORMAT, FORMAT_VERSION, Registry, Snapshot, Transaction, Writer
+from registry.store import FORGET_KEYS_FILE, FORMAT, GATE_FILE, FORMAT_VERSION, Registry, Snapshot, Transaction, Writer
 
 __all__ = [
-    "ADAPTER_KINDS", "Adapter", "Basis", "CommittedUnfinished", "FORGET_KEYS_FILE", "FORMAT", "FORMAT_VERSION", "Registry",
+    "ADAPTER_KINDS", "Adapter", "Basis", "CommittedUnfinished", "FORGET_KEYS_FILE", "FORMAT", "FORMAT_VERSION", "GATE_FILE", "Registry",
     "RegistryBusy", "RegistryDamaged", "RegistryError", "Snapshot", "Transaction", "Writer", "new_folder",
     "pause_point", "sha256_file",
 ]

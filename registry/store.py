@@ -7,7 +7,8 @@
       journal.jsonl      append-only record of what was attempted
       lock               the writer lock; never written
       requests/<id>/     one immutable folder per committed request: the adapter's files,
-                         basis.h5, forget_keys.h5, request.json, metrics.json
+                         basis.h5, forget_keys.h5, request.json, metrics.json; in a gated
+                         registry, a visual request's gate.safetensors
       staging/           folders being written; never read, emptied on recovery
 
 Write path: `with reg.writer() as w:` (the lock, after recovering from any crash), then
@@ -46,6 +47,7 @@ REQUESTS = "requests"
 STAGING = "staging"
 BASIS_FILE = "basis.h5"
 FORGET_KEYS_FILE = "forget_keys.h5"  # the directions the request's forget rows send through its layers (basis format)
+GATE_FILE = "gate.safetensors"  # in a gated registry, the statistics that say which images a request's term applies to
 STATES = ("active", "rolled_back")
 
 
@@ -221,6 +223,15 @@ class Snapshot:
         """The directions one committed request's forget rows send through its layers beyond the
         retained basis, per module, hash-checked ({}: none stored)."""
         return self._bases_file(entry, FORGET_KEYS_FILE)
+
+    def arrays(self, entry: dict, name: str) -> dict | None:
+        """The named arrays a committed request stored in `name` (e.g. GATE_FILE), hash-checked;
+        None if it stored no such file."""
+        if name not in entry["files"]:
+            return None
+        from safetensors.numpy import load_file
+
+        return load_file(self._checked(entry) / name)
 
     def _bases_file(self, entry: dict, name: str) -> dict[str, Basis]:
         if name not in entry["files"]:
@@ -469,6 +480,15 @@ class Transaction:
         with name=FORGET_KEYS_FILE its forget keys; returns the file's bytes."""
         with self._writing(name):
             write_bases(self.staged / name, bases, self.id)
+        return (self.staged / name).stat().st_size
+
+    def put_arrays(self, name: str, arrays: dict) -> int:
+        """Stage named numpy arrays as the safetensors file `name` (e.g. GATE_FILE); returns its bytes."""
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        with self._writing(name):
+            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(self.staged / name))
         return (self.staged / name).stat().st_size
 
     def put_record(self, name: str, record: dict) -> None:

@@ -224,6 +224,9 @@ class _Unwritten:
     def put_bases(self, bases, name: str | None = None) -> int:
         return 0
 
+    def put_arrays(self, name: str, arrays) -> int:
+        return 0
+
     def put_record(self, name: str, record) -> None:
         pass
 
