@@ -128,14 +128,18 @@ def cli():
               help="Precision the live model is loaded, trained and composed in; adapters are stored in float32.")
 @click.option("--device", default="auto", show_default=True,
               help="Where the live model runs: auto (this process's GPU if there is one, else the CPU), cpu, cuda, cuda:N.")
+@click.option("--gated", is_flag=True,
+              help="Apply each visual request only to the images its gate finds near its forget set; other images see "
+                   "the base model's vision side. Serving then needs seqforget (export refuses).")
 @registry_option
-def init(model_dir, retain, reference, guard, budget, dtype, device, registry_path):
+def init(model_dir, retain, reference, guard, budget, dtype, device, gated, registry_path):
     """Bind a new registry to a local base model (its files are hashed once, here)."""
     from seqforget.budget import budget_line
     from seqforget.engine import init_registry
 
-    reg = init_registry(registry_path, model_dir, retain, reference, dtype, device, guard, budget)
-    click.echo(f"initialised registry {reg.root} for model {model_dir} ({dtype}, device {device})")
+    reg = init_registry(registry_path, model_dir, retain, reference, dtype, device, guard, budget, gated)
+    click.echo(f"initialised registry {reg.root} for model {model_dir} ({dtype}, device {device}"
+               f"{', gated' if gated else ''})")
     kept = reg.snapshot().guard
     if kept:
         click.echo(f"guard: {kept['rows']} rows, the base model answers {kept['base']['exact']:.1%} exactly; "

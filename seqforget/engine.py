@@ -11,7 +11,9 @@
          last check gave most of them)
       -> gather the forget keys: the directions its forget rows send through each target
          layer of the model after it, beyond the retained basis
-      -> put adapter, bases, forget keys and records -> commit (the one commit point) -> unlock
+      -> in a gated registry, a visual request's gate (seqforget.gate), fitted on its forget
+         images' views and set against its retain images
+      -> put adapter, bases, forget keys, gate and records -> commit (the one commit point) -> unlock
 """
 
 import contextlib
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from registry import FORGET_KEYS_FILE, Basis, Registry, Snapshot, new_folder, sha256_file
+from registry import FORGET_KEYS_FILE, GATE_FILE, Basis, Registry, Snapshot, new_folder, sha256_file
 from seqforget import data
 from seqforget.activations import InputStats
 from seqforget.budget import BUDGET, Floor, floor, guard_record, read_guard, refuse_if_below
@@ -31,7 +33,8 @@ from seqforget.conditioning import IMAGES, projector_condition, projector_name
 from seqforget.distributed import Follower, Group, held_bytes
 from seqforget.errors import AlreadyDone, OverBudget, SeqforgetError
 from seqforget.evaluation import probe
-from seqforget.live import Live, registry_device
+from seqforget.gate import VIEWS, Gate, fit, image_features, views_features
+from seqforget.live import Live, registry_device, registry_gated
 from seqforget.losses import model_inputs
 from seqforget.methods import make_method
 from seqforget.models import (check_device, device_of, load_model, model_sha256, model_signature, torch_device,
@@ -39,25 +42,28 @@ from seqforget.models import (check_device, device_of, load_model, model_sha256,
 from seqforget.progress import Progress
 from seqforget.projection import Factor, NullSpace, Sketch, extend_basis
 from seqforget.requests import Request, load_request, parse_request
-from seqforget.scopes import SCOPES, match_layers, scope_layers
+from seqforget.scopes import ARCHITECTURES, SCOPES, match_layers, scope_layers
 from seqforget.stopping import REFUSED, SARR, kept_check, refusal_figures, stranger_rows
 from seqforget.training import train_adapter
 from seqforget.updates import UPDATES
 
 def init_registry(root: Path, model_dir: Path, default_retain: Path | None = None,
                   default_reference: Path | None = None, dtype: str = "float32", device: str = "auto",
-                  guard: Path | None = None, budget: float = BUDGET) -> Registry:
+                  guard: Path | None = None, budget: float = BUDGET, gated: bool = False) -> Registry:
     """A new registry bound to the model in `model_dir`, fingerprinted once, here; requests that
     name no retain or reference rows use the defaults given here. `dtype`: the precision the
     live model is loaded, trained and composed in (seqforget.models.DTYPES); `device`: where it
     runs (seqforget.models.DEVICES). `guard`: rows about what must stay, on which no request may
     take the model below `budget` times the base model's exact answers (seqforget.budget); the
-    base model answers them here, once."""
+    base model answers them here, once. `gated`: visual requests' terms apply only to the images
+    their gates pick (seqforget.gate)."""
     model_dir = Path(model_dir).absolute()
     torch_dtype(dtype)  # an unknown name is refused before anything is written
     check_device(device)
     base = {"path": str(model_dir), "sha256": model_sha256(model_dir), "signature": model_signature(model_dir),
-            "dtype": dtype, "device": device}
+            "dtype": dtype, "device": device, **({"gated": True} if gated else {})}
+    if gated:
+        _check_gateable(model_dir)
     retain, reference = _default_rows(default_retain, "retain"), _default_rows(default_reference, "reference")
     kept = None
     if guard is not None:
@@ -67,6 +73,16 @@ def init_registry(root: Path, model_dir: Path, default_retain: Path | None = Non
         kept = guard_record(guard, sha256_file(guard), rows, budget, model, data.Encoder(processor),
                             processor.tokenizer.pad_token_id)
     return Registry.create(root, base_model=base, default_retain=retain, default_reference=reference, guard=kept)
+
+
+def _check_gateable(model_dir: Path) -> None:
+    """A gated registry needs a model whose vision tower seqforget knows (seqforget.scopes.ARCHITECTURES)."""
+    from transformers import AutoConfig
+
+    kind = AutoConfig.from_pretrained(model_dir).model_type
+    if kind not in ARCHITECTURES:
+        raise SeqforgetError(f"a gated registry needs a model whose vision tower seqforget knows "
+                             f"({', '.join(ARCHITECTURES)}); {model_dir} holds a {kind}")
 
 
 def _default_rows(path: Path | None, label: str) -> dict | None:
@@ -142,7 +158,7 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
         basis_seconds = time.perf_counter() - grown
         nullspaces = _nullspaces(request, targets, bases, added, _held(request, live, state))
         with writer.begin(request.id, method=request.method, scope=request.scope) as txn:
-            adapter, metrics = _unlearn(live, method, request, before, forget, retain, guard, reference, targets, nullspaces,
+            adapter, gate, metrics = _unlearn(live, method, request, before, forget, retain, guard, reference, targets, nullspaces,
                                        Progress(request.training.steps, f"apply {request.id}", show_progress, stop=stop),
                                        checkpointing, group, keep)
             keys, metrics["forget_keys"] = _forget_keys(model, forget, targets, bases, added, request)
@@ -154,6 +170,8 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
             txn.put_adapter(adapter)
             metrics.update(basis_seconds=basis_seconds, basis_bytes=txn.put_bases(added),
                            forget_keys_bytes=txn.put_bases(keys, FORGET_KEYS_FILE))
+            if gate is not None:
+                metrics["gate"]["bytes"] = txn.put_arrays(GATE_FILE, gate.arrays())
             txn.put_record("request.json", request.describe())
             txn.put_record("metrics.json", metrics)
             entry = txn.commit({"state": "active", "method": request.method, "scope": request.scope, "sign": method.sign,
@@ -171,6 +189,8 @@ def _load_live(state: Snapshot, model_dir: Path | None, dtype: str | None, devic
     then split, the request's target layers whole if its update needs them so."""
     if not group.sharded:
         return Live.load(state, base_model_dir(state, model_dir), dtype, device)
+    if registry_gated(state):
+        raise SeqforgetError("a gated registry's model cannot be sharded across processes; run without --shard")
     live = Live.load(state, base_model_dir(state, model_dir), dtype, "cpu")
     targets = _targets(request, method, live.model)
     live.shard(group, torch_device(device or registry_device(state)),
@@ -193,6 +213,9 @@ def export_model(root: Path, out_dir: Path, model_dir: Path | None = None, dtype
     """Write the live model (base + active requests) as a transformers model folder, all at once,
     in `dtype` (default: the registry's), composed on `device` (default: the registry's)."""
     state = Registry.open(root).snapshot()
+    if registry_gated(state) and any(state.arrays(e, GATE_FILE) is not None for e in state.active):
+        raise SeqforgetError("this registry is gated: its visual requests change only the images their gates pick, "
+                             "which a transformers folder cannot hold; serve it with seqforget.engine.live_model")
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise SeqforgetError(f"{out_dir} already exists and is not an empty folder")
@@ -311,10 +334,14 @@ def _unlearn(live: Live, method, request: Request, before: dict, forget: data.Ro
              guard: data.Rows | None, reference: data.Rows | None, targets: list[str], nullspaces: dict[str, NullSpace],
              progress: Progress, checkpointing: bool = False, group: Group | None = None, keep: Floor | None = None):
     """Train the adapter under the null spaces, probe after (`before`: the probes before):
-    (adapter, metrics). The live model ends with the adapter composed in, pending until the
-    request commits. `keep`: the registry budget's floor, which every check must hold."""
+    (adapter, gate, metrics). The live model ends with the adapter composed in (in a gated
+    registry, a visual request's behind its gate), pending until the request commits.
+    `keep`: the registry budget's floor, which every check must hold."""
     settings = request.training
     model = live.model
+    gated = live.gating is not None and request.scope == "visual"
+    if gated:
+        _refuse_if_ungated_layers(request, live, targets)
     earlier = (live.earlier_off(settings.earlier_dropout, settings.seed)
                if settings.earlier_dropout > 0 or settings.targets_from_base else None)
     try:
@@ -328,15 +355,43 @@ def _unlearn(live: Live, method, request: Request, before: dict, forget: data.Ro
     _refuse_if_diverged(request, trained.adapter)
     _refuse_if_short(request, trained.stop, keep)
     _refuse_if_unchanged(request, trained.adapter)
-    live.add(_pending(request), trained.adapter)
+    gate, gate_figures = _gate(live, forget, retain, settings.seed) if gated else (None, None)
+    live.add(_pending(request), trained.adapter, gate)
     after = _after(model, trained, before, forget, retain, guard)
     metrics = {"before": before, "after": after,
                "rows": {"forget": len(forget), "retain": len(retain), "guard": len(guard) if guard else 0,
                         "guard_tokens": guard.answer_tokens if guard else 0},
                "targets": len(targets), "projection": settings.projection and UPDATES[method.adapter_kind].projected,
                "stop": {**trained.stop.record(), "reached": trained.stop.reached}, "gradient_checkpointing": checkpointing,
-               "trajectory": trained.trajectory, "train_seconds": trained.seconds, "step_seconds": trained.step_seconds}
-    return trained.adapter, metrics
+               "trajectory": trained.trajectory, "train_seconds": trained.seconds, "step_seconds": trained.step_seconds,
+               **({"gate": gate_figures} if gate is not None else {})}
+    return trained.adapter, gate, metrics
+
+
+def _gate(live: Live, forget: data.Rows, retain: data.Rows, seed: int) -> tuple[Gate, dict]:
+    """The request's gate: fitted on its forget images and VIEWS random views of each, its
+    threshold set against its retain images; and its figures (seqforget.gate.fit)."""
+    return fit(views_features(live.gating, _images(forget), VIEWS, seed), image_features(live.gating, _images(retain)))
+
+
+def _images(rows: data.Rows, most: int | None = None) -> list[torch.Tensor]:
+    """The distinct images of the rows, in order (a forget set asks several questions of each)."""
+    images: list[torch.Tensor] = []
+    for e in rows.examples:
+        if e.pixel_values is not None and not any(torch.equal(e.pixel_values, seen) for seen in images):
+            images.append(e.pixel_values)
+            if most is not None and len(images) >= most:
+                break
+    return images
+
+
+def _refuse_if_ungated_layers(request: Request, live: Live, targets: list[str]) -> None:
+    """A gated term changes only what an image passes before the language model reads it."""
+    tower, projector = live.gating.tower_name, projector_name(live.model)
+    outside = [t for t in targets if not t.startswith(tower + ".") and not (projector and t.startswith(projector + "."))]
+    if outside:
+        raise SeqforgetError(f"request {request.id}: in a gated registry a visual request may train only the vision "
+                             f"tower and the projector, not {', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''}")
 
 
 def _pending(request: Request) -> str:
@@ -485,10 +540,7 @@ def _after(model, trained, before: dict, forget: data.Rows, retain: data.Rows, g
 
 def _projector_condition(model, forget: data.Rows, retain: data.Rows) -> float | None:
     """The projector's condition (seqforget.conditioning) at the first distinct images of the rows."""
-    images = []  # distinct images: a forget set asks several questions of each
-    for e in (e for rows in (forget, retain) for e in rows.examples if e.pixel_values is not None):
-        if len(images) < IMAGES and not any(torch.equal(e.pixel_values, seen) for seen in images):
-            images.append(e.pixel_values)
+    images = (_images(forget, IMAGES) + _images(retain, IMAGES))[:IMAGES]
     return projector_condition(model, torch.stack(images)) if images else None
 
 
@@ -563,6 +615,7 @@ def _summary(metrics: dict, guard: dict | None = None) -> dict:
         "basis": {"columns_added": sum(g["columns_added"] for lead, g in metrics["basis"].items() if g["shares_with"] == lead),
                   "bytes": metrics["basis_bytes"], "seconds": round(metrics["basis_seconds"], 3)},
         "room": min(([g["free"], g["width"], name] for name, g in metrics["room"].items()), default=None),
+        **({"gate": {"retain_picked": metrics["gate"]["retain_picked"]}} if "gate" in metrics else {}),
         "steps": stop["step"],
         "seconds": round(metrics["seconds"], 2),
     }

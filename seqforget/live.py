@@ -10,6 +10,9 @@ bits as a model composed from scratch: the sums are exact, so the path does not 
 Once its weights are sharded across processes (`shard`), each process keeps the rows of the
 base copies and sums that it holds of the weights.
 
+In a gated registry (`init --gated`), a request that stored a gate is not composed into the
+weights: seqforget.gate.Gating adds its term, by forward hooks, to the images its gate picks.
+
 It also keeps the null-space bases and forget keys of the registry's requests, read once each, and lets a
 new request train with the earlier requests' terms switched off (`EarlierOff`): at random for
 its steps (earlier_dropout), or all of them for its targets (targets_from_base).
@@ -23,10 +26,12 @@ from pathlib import Path
 
 import torch
 
-from registry import Adapter, Basis, Snapshot
+from registry import GATE_FILE, Adapter, Basis, Snapshot
 from seqforget.composition import added, delta, low_rank, terms
 from seqforget.data import Encoder
 from seqforget.distributed import own, rows
+from seqforget.errors import SeqforgetError
+from seqforget.gate import Gate, Gating
 from seqforget.models import load_model
 
 
@@ -40,6 +45,11 @@ def registry_device(state: Snapshot) -> str:
     return state.base_model.get("device", "auto")
 
 
+def registry_gated(state: Snapshot) -> bool:
+    """Whether the registry applies its visual requests' terms only where their gates pick (`init --gated`)."""
+    return bool(state.base_model.get("gated", False))
+
+
 def entry_key(entry: dict) -> str:
     """What identifies a committed request's term: its id and the sha256 of its files."""
     files = hashlib.sha256(json.dumps(entry["files"], sort_keys=True).encode()).hexdigest()
@@ -47,8 +57,9 @@ def entry_key(entry: dict) -> str:
 
 
 class Live:
-    def __init__(self, model, processor):
+    def __init__(self, model, processor, gated: bool = False):
         self.model, self.processor = model, processor
+        self.gating = Gating(model) if gated else None  # the gated terms, applied by hooks
         self.encoder = Encoder(processor)  # requests' rows, encoded (a stream's requests share most of theirs)
         self._terms: dict[str, Adapter] = {}  # entry key -> the adapter of each term composed in
         self._pending: set[str] = set()  # keys of terms added before their request committed
@@ -62,7 +73,7 @@ class Live:
         """The base model of `model_dir` with every request active in `state` composed in, its
         weights in `dtype` on `device` (default: the registry's, chosen at `init`)."""
         model, processor = load_model(model_dir, dtype or registry_dtype(state), device or registry_device(state))
-        live = cls(model, processor)
+        live = cls(model, processor, registry_gated(state))
         live.sync(state)
         return live
 
@@ -71,22 +82,41 @@ class Live:
         off with the adapter it went in with, so nothing is read to take it off."""
         wanted = {key: e for key, e in ((entry_key(e), e) for e in state.requests) if e["state"] == "active"}
         for key in [k for k in self._terms if k not in wanted]:
-            self._change(key, self._terms[key], -1)
+            self._take_off(key)
         for key, entry in wanted.items():
             if key not in self._terms:
-                self._change(key, state.adapter(entry), +1)
+                arrays = state.arrays(entry, GATE_FILE)
+                self._put_on(key, state.adapter(entry), Gate.from_arrays(arrays) if arrays is not None else None)
         self._pending.clear()
 
-    def add(self, key: str, adapter: Adapter) -> None:
-        """Compose a request that is not committed yet; `sync` takes it off again unless the
-        snapshot it is given lists it (by `entry_key`)."""
-        self._change(key, adapter, +1)
+    def add(self, key: str, adapter: Adapter, gate: Gate | None = None) -> None:
+        """Compose a request that is not committed yet (with `gate`: apply it where the gate
+        picks); `sync` takes it off again unless the snapshot it is given lists it (by `entry_key`)."""
+        self._put_on(key, adapter, gate)
         self._pending.add(key)
 
     def commit(self, key: str, entry: dict) -> None:
         """The pending term `key` committed as `entry`: it is now known by the entry's key."""
         self._terms[entry_key(entry)] = self._terms.pop(key)
+        if self.gating is not None and key in self.gating.keys:
+            self.gating.rename(key, entry_key(entry))
         self._pending.discard(key)
+
+    def _put_on(self, key: str, adapter: Adapter, gate: Gate | None) -> None:
+        if gate is None:
+            self._change(key, adapter, +1)
+            return
+        if self.gating is None:
+            raise SeqforgetError("a request with a gate is in a registry that is not gated; its manifest was altered")
+        self.gating.add(key, adapter, gate)
+        self._terms[key] = adapter
+
+    def _take_off(self, key: str) -> None:
+        if self.gating is not None and key in self.gating.keys:
+            self.gating.remove(key)
+            del self._terms[key]
+            return
+        self._change(key, self._terms[key], -1)
 
     @torch.no_grad()
     def _change(self, key: str, adapter: Adapter, direction: int) -> None:
@@ -115,7 +145,8 @@ class Live:
 
     def earlier_off(self, p: float, seed: int) -> "EarlierOff":
         """Switches for the committed active terms, each off with probability `p` at every draw."""
-        committed = {key: a for key, a in self._terms.items() if key not in self._pending}
+        gated = set(self.gating.keys) if self.gating is not None else set()
+        committed = {key: a for key, a in self._terms.items() if key not in self._pending and key not in gated}
         return EarlierOff(self.model, committed, p, seed)
 
     def bases(self, state: Snapshot) -> dict[str, Basis]:

@@ -10,7 +10,7 @@ before and after, and when it was applied and rolled back.
 import json
 from pathlib import Path
 
-from registry import Snapshot
+from registry import GATE_FILE, Snapshot
 from seqforget.budget import budget_line
 from seqforget.errors import SeqforgetError
 
@@ -48,6 +48,7 @@ def report(state: Snapshot, request_id: str) -> dict:
         "basis": {"layers": metrics["basis"], "bytes": metrics.get("basis_bytes"), "seconds": metrics.get("basis_seconds")},
         "forget_keys": ({"layers": metrics["forget_keys"], "bytes": metrics["forget_keys_bytes"]}
                         if "forget_keys" in metrics else None),  # requests committed before forget keys have none
+        "gate": metrics.get("gate"),  # in a gated registry: the gate's threshold and how it sits against the retain images
         "room": metrics.get("room"),  # per target layer: its input width, and the directions the update was free to use
         "times": {"applied_at": entry["applied_at"], "rolled_back_at": entry.get("rolled_back_at"),
                   "seconds": metrics["seconds"], "train_seconds": metrics["train_seconds"],
@@ -73,7 +74,7 @@ def markdown(record: dict) -> str:
         f"Kind `{record['adapter']['kind']}`{' (subtracted: its stored factor is negated)' if record['adapter']['sign'] < 0 else ''}, "
         f"in `{record['adapter']['folder']}`; projected into the retained inputs' null space: "
         f"{'yes' if record['projection'] else 'no'}." + _basis_line(record["basis"]) + _keys_line(record["forget_keys"])
-        + _room_line(record["room"]), "",
+        + _room_line(record["room"]) + _gate_line(record.get("gate")), "",
         "| file | sha256 |", "|---|---|",
         *[f"| {name} | `{digest}` |" for name, digest in sorted(record["files"].items())],
         "", "## Training", "",
@@ -145,6 +146,14 @@ def _room_line(room: dict | None) -> str:
     return (f" Its update was free to move along {room[least]['free']} of the {room[least]['width']} input directions of "
             f"{least}, its least free layer" + (f"; {full} layer(s) had none left and could not change" if full else "")
             + ".")
+
+
+def _gate_line(gate: dict | None) -> str:
+    if not gate:
+        return ""
+    return (f" The registry is gated: its term applies only to images its gate picks ({GATE_FILE}, "
+            f"{gate.get('bytes', 0)} bytes), fitted on {gate['views']} views of its forget images; it picked "
+            f"{gate['retain_picked']:.0%} of the request's retain images.")
 
 
 def write_report(state: Snapshot, request_id: str, out_dir: Path) -> tuple[Path, Path]:

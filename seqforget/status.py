@@ -46,7 +46,7 @@ def _room(least: list | None) -> str:
 def status_table(rows: list[dict]) -> str:
     header = ["#", "id", "state", "method", "scope", "stopped", "forget median NLL", "reference", "known vs strangers",
               "retain NLL", "forget acc", "retain acc", "held-out retain acc", "refused (held-out), SARR",
-              "retained of base", "free dirs", "projector cond.", "applied"]
+              "retained of base", "free dirs", "gate: retain picked", "projector cond.", "applied"]
     lines = [header]
     for r in rows:
         m = r["metrics"]
@@ -65,6 +65,7 @@ def status_table(rows: list[dict]) -> str:
             _refusal(m.get("refusal")),
             _retained(m.get("retained")),
             _room(m.get("room")),
+            f"{m['gate']['retain_picked']:.2f}" if m.get("gate") else "-",
             "{:.3g} -> {:.3g}".format(*m["projector_condition"]) if None not in m.get("projector_condition", [None]) else "-",
             r["applied_at"],
         ])

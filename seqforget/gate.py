@@ -1,0 +1,243 @@
+"""Gates: a gated registry applies each visual request's term only to the images near its forget set.
+
+In a gated registry (`init --gated`), a `visual` request's term is not composed into the
+weights. It is added to the outputs of its layers (forward hooks) for the images its gate
+picks, and to no others: an image no gate picks goes through the base model's vision tower
+and projector, bit for bit, whatever the registry holds. Retained drift on such images is
+zero by construction; what a gated request costs is its gate's false positives.
+
+A gate is a Mahalanobis test on what the vision tower hands the projector, averaged over the
+image's tokens (`features`), under the vision tower without the gated terms. Its statistics
+come from the request's forget images and random views of them (representations.augment):
+their mean and the principal directions of their covariance, shrunk towards the mean
+variance per dimension so that views off those directions stay near. The threshold lies
+midway (geometrically) between the farthest forget view and the nearest retain image of the
+request; where they overlap, it takes every forget view in. A gate is d x k numbers, like a
+basis: it reveals where a person's images lie in feature space, not the images.
+
+`Gating` is the hooks: before the vision tower runs on a batch, it runs the tower once more
+with every gated term off, scores each image (or crop) against every gate, and the gated
+layers of the tower and the projector then add each term to the rows of the images its gate
+picked. A text-only pass never reaches those layers.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from registry import Adapter
+from seqforget.composition import delta, low_rank
+from seqforget.conditioning import find_projector
+from seqforget.errors import SeqforgetError
+from seqforget.models import device_of
+from seqforget.representations import augment
+from seqforget.scopes import ARCHITECTURES
+
+VIEWS = 8  # random views of each forget image the gate's statistics see, besides the image itself
+PRINCIPAL = 16  # the most covariance directions a gate keeps
+
+
+@dataclass
+class Gate:
+    mean: torch.Tensor  # (d,) float64
+    directions: torch.Tensor  # (d, k) orthonormal: the forget views' principal directions
+    weights: torch.Tensor  # (k,) 1 / (variance along each + floor) - 1 / floor
+    floor: float  # the shrinkage: the forget views' mean variance per dimension
+    threshold: float  # a score at most this picks the image
+
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        """(n,) the squared Mahalanobis distance of each feature row (n, d) to the forget set, per dimension."""
+        c = features.double() - self.mean
+        along = c @ self.directions  # (n, k)
+        return ((c * c).sum(1) / self.floor + (along * along) @ self.weights) / c.shape[1]
+
+    def picks(self, features: torch.Tensor) -> torch.Tensor:
+        return self.scores(features) <= self.threshold
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"mean": self.mean.numpy(), "directions": self.directions.numpy(), "weights": self.weights.numpy(),
+                "floor": np.array([self.floor]), "threshold": np.array([self.threshold])}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "Gate":
+        try:
+            gate = cls(torch.from_numpy(arrays["mean"]).double(), torch.from_numpy(arrays["directions"]).double(),
+                       torch.from_numpy(arrays["weights"]).double(), float(arrays["floor"][0]),
+                       float(arrays["threshold"][0]))
+        except (KeyError, IndexError) as e:
+            raise SeqforgetError(f"a stored gate lacks its {e}") from e
+        d, k = gate.directions.shape
+        if gate.mean.shape != (d,) or gate.weights.shape != (k,) or not gate.floor > 0:
+            raise SeqforgetError("a stored gate's arrays do not fit together")
+        return gate
+
+
+def _statistics(x: torch.Tensor) -> Gate:
+    """A gate's mean, directions and shrinkage from feature rows x (n, d); its threshold unset."""
+    mean = x.mean(0)
+    _, s, vt = torch.linalg.svd(x - mean, full_matrices=False)
+    variance = s * s / len(x)  # along vt's rows
+    floor = max(float(variance.sum()) / x.shape[1], 1e-12)
+    k = min(PRINCIPAL, int((variance > 1e-12 * variance.max().clamp_min(1e-300)).sum()))
+    return Gate(mean, vt[:k].T.contiguous(), 1 / (variance[:k] + floor) - 1 / floor, floor, 0.0)
+
+
+def fit(forget: list[torch.Tensor], retain: torch.Tensor) -> tuple[Gate, dict]:
+    """A gate for the features of each forget image's views (a list of (v, d)), its threshold
+    set against retain features (m, d); and its figures.
+
+    The gate must take in views of the person it never saw. How far those lie is measured by
+    leaving each image out in turn (its views scored by the gate of the others): `unseen`, the
+    farthest of them. The gate takes in up to the geometric mean of that and the farthest
+    view it was fitted on, and where the nearest retain image lies beyond, up to midway
+    (geometrically) to it."""
+    x = torch.cat(forget).double()
+    gate = _statistics(x)
+    farthest = float(gate.scores(x).max())
+    unseen = max((float(_statistics(torch.cat(forget[:i] + forget[i + 1:]).double()).scores(forget[i]).max())
+                  for i in range(len(forget))), default=farthest) if len(forget) > 1 else farthest
+    takes = (farthest * max(unseen, farthest)) ** 0.5
+    nearest = float(gate.scores(retain).min()) if len(retain) else float("inf")
+    gate.threshold = (takes * nearest) ** 0.5 if nearest > takes else takes
+    return gate, {"farthest_forget": farthest, "unseen_forget": unseen, "nearest_retain": nearest,
+                  "threshold": gate.threshold, "views": len(x),
+                  "retain_picked": float(gate.picks(retain).double().mean()) if len(retain) else 0.0}
+
+
+def vision_tower(model: nn.Module) -> tuple[str, nn.Module]:
+    """The vision tower of a known architecture (seqforget.scopes.ARCHITECTURES), by name."""
+    arch = ARCHITECTURES.get(getattr(model.config, "model_type", None))
+    names = [n for n, _ in model.named_modules() if arch is not None and n.split(".")[-1] == arch.vision_mlp.part]
+    if not names:
+        raise SeqforgetError(f"a gated registry needs a model whose vision tower seqforget knows "
+                             f"({', '.join(ARCHITECTURES)}); this one is {getattr(model.config, 'model_type', None)}")
+    name = min(names, key=len)
+    return name, model.get_submodule(name)
+
+
+def _feature_layer(model: nn.Module) -> int:
+    layer = getattr(model.config, "vision_feature_layer", -1)
+    return layer if isinstance(layer, int) else -1
+
+
+class Gating:
+    """The gated terms of a live model and the hooks that apply them where their gates pick."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.tower_name, self.tower = vision_tower(model)
+        self.layer = _feature_layer(model)
+        self._terms: dict[str, tuple[Adapter, Gate]] = {}  # key -> (its adapter, its gate)
+        self._parts: dict[str, list[tuple[str, tuple]]] = {}  # layer -> [(key, (B', A) or ("dense", D))]
+        self._picked: dict[str, torch.Tensor] | None = None  # key -> (N,) bool for the batch the tower runs on
+        self._inside = False  # the tower's gate pass is running
+        self._hooks = [self.tower.register_forward_pre_hook(self._before_tower, with_kwargs=True)]
+        projector = find_projector(model)
+        if projector is not None:  # the last gated layers an image passes: a later direct call is not of its batch
+            self._hooks.append(projector.register_forward_hook(lambda *_: setattr(self, "_picked", None)))
+        self._layer_hooks: dict[str, object] = {}
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self._terms)
+
+    def add(self, key: str, adapter: Adapter, gate: Gate) -> None:
+        modules = dict(self.model.named_modules())
+        for name in adapter.weights:
+            if not (name.startswith(self.tower_name + ".") or _in_projector(self.model, name)):
+                raise SeqforgetError(f"a gated term may change only the vision tower and the projector, "
+                                     f"not {name}")
+            factors = low_rank(adapter, name)
+            part = ("factors", *factors) if factors is not None else ("dense", delta(adapter, name).float())
+            self._parts.setdefault(name, []).append((key, part))
+            if name not in self._layer_hooks:
+                self._layer_hooks[name] = modules[name].register_forward_hook(self._after_layer(name))
+        self._terms[key] = (adapter, gate)
+
+    def remove(self, key: str) -> None:
+        adapter, _ = self._terms.pop(key)
+        for name in adapter.weights:
+            self._parts[name] = [(k, p) for k, p in self._parts[name] if k != key]
+            if not self._parts[name]:
+                del self._parts[name]
+                self._layer_hooks.pop(name).remove()
+
+    def rename(self, key: str, new: str) -> None:
+        self._terms[new] = self._terms.pop(key)
+        for name, parts in self._parts.items():
+            self._parts[name] = [(new if k == key else k, p) for k, p in parts]
+
+    def adapter(self, key: str) -> Adapter:
+        return self._terms[key][0]
+
+    @torch.no_grad()
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(N, d): what the vision tower hands over for each image of pixel_values (as the tower
+        takes them), averaged over its tokens, with every gated term off."""
+        was, self._inside = self._inside, True
+        try:
+            out = self.tower(pixel_values.to(device_of(self.model)), output_hidden_states=True)
+        finally:
+            self._inside = was
+        return out.hidden_states[self.layer].float().mean(1)
+
+    def picked(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per gated term, which images of pixel_values (as the tower takes them) its gate picks."""
+        if not self._terms:
+            return {}
+        f = self.features(pixel_values).cpu()
+        return {key: gate.picks(f) for key, (_, gate) in self._terms.items()}
+
+    def remove_hooks(self) -> None:
+        for hook in self._hooks + list(self._layer_hooks.values()):
+            hook.remove()
+        self._hooks, self._layer_hooks = [], {}
+
+    def _before_tower(self, module, args, kwargs):
+        if self._inside:
+            return None
+        pixels = args[0] if args else kwargs.get("pixel_values")
+        self._picked = self.picked(pixels) if pixels is not None else None
+        return None
+
+    def _after_layer(self, name: str):
+        def hook(module, inputs, output):
+            if self._inside or self._picked is None:
+                return output  # the gate pass, or a call that did not come through the tower: the base layer
+            x = inputs[0]
+            for key, part in self._parts[name]:
+                rows = self._picked[key]
+                if rows.shape[0] != x.shape[0]:
+                    raise SeqforgetError(f"{name} runs on {x.shape[0]} rows but its tower ran on {rows.shape[0]} "
+                                         f"images: a gated registry needs one image per row in these layers")
+                if not rows.any():
+                    continue
+                change = (x @ part[2].to(x).T) @ part[1].to(x).T if part[0] == "factors" else x @ part[1].to(x).T
+                mask = rows.to(x.device).view(-1, *([1] * (x.dim() - 1)))
+                output = output + change * mask.to(x.dtype)
+            return output
+        return hook
+
+
+def _in_projector(model: nn.Module, name: str) -> bool:
+    arch = ARCHITECTURES.get(getattr(model.config, "model_type", None))
+    return arch is not None and arch.projector in name
+
+
+def image_features(gating: Gating, images: list[torch.Tensor]) -> torch.Tensor:
+    """(n', d): the features (Gating.features) of the images (each (3, S, S), or crops (c, 3, S, S)), crop by crop."""
+    if not images:
+        return torch.zeros(0, 0)
+    return gating.features(torch.stack(images).reshape(-1, *images[0].shape[-3:])).cpu()
+
+
+def views_features(gating: Gating, images: list[torch.Tensor], views: int, seed: int) -> list[torch.Tensor]:
+    """Per image, the features of the image and of `views` random views of it (representations.augment)."""
+    pixels = torch.stack(images)
+    generator = torch.Generator().manual_seed(seed)
+    batches = [pixels] + [augment(pixels, generator) for _ in range(views)]
+    features = [image_features(gating, list(b)) for b in batches]  # (n * crops, d) each
+    per_image = [f.reshape(len(images), -1, f.shape[-1]) for f in features]  # (n, crops, d) each
+    return [torch.cat([f[i] for f in per_image]) for i in range(len(images))]

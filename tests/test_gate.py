@@ -1,0 +1,105 @@
+"""Gated registries: a visual request's term applies only to the images its gate picks; every
+other image goes through the base model's vision side, bit for bit, and a rollback takes the
+term and its gate off exactly."""
+
+import pytest
+import torch
+
+from conftest import write_request
+from registry import GATE_FILE, Registry
+from seqforget import data
+from seqforget.engine import apply_request, export_model, init_registry, rollback_request
+from seqforget.errors import SeqforgetError
+from seqforget.gate import fit
+from seqforget.live import Live
+from seqforget.models import load_model
+from seqforget.report import markdown, report
+from seqforget.status import status_rows, status_table
+
+
+def test_a_gate_takes_every_forget_view_and_sets_its_threshold_between_them_and_the_retain_images():
+    g = torch.Generator().manual_seed(0)
+    d = 12
+    centre = torch.full((d,), 2.0)
+    forget = [centre + torch.randn(9, d, generator=g) * 0.3 for _ in range(4)]  # one person: 4 images, 9 views each
+    retain = torch.randn(60, d, generator=g)  # other people: spread around the origin
+    gate, figures = fit(forget, retain)
+    views = torch.cat(forget)
+    assert gate.picks(views).all() and not gate.picks(retain).any()
+    assert figures["farthest_forget"] <= figures["unseen_forget"]  # an image left out lies farther than those fitted
+    takes = (figures["farthest_forget"] * figures["unseen_forget"]) ** 0.5
+    assert takes < gate.threshold < figures["nearest_retain"]
+    assert gate.threshold == pytest.approx((takes * figures["nearest_retain"]) ** 0.5)
+    unseen = centre + torch.randn(20, d, generator=g) * 0.3  # views of the same person it never saw
+    assert gate.picks(unseen).float().mean() >= 0.9
+
+    # where retain images lie among the forget views, the forget views are still taken in
+    mixed, figures = fit(forget, torch.cat([retain, views[:3] + 1e-3]))
+    assert mixed.picks(views).all() and mixed.threshold == pytest.approx(takes, rel=1e-6)
+    assert figures["retain_picked"] > 0
+
+
+def rows_batch(world, processor, files: list[str], images_only: bool = True) -> dict:
+    rows = [r for f in files for r in data.read_rows(world / f, [], "rows") if r.image is not None or not images_only]
+    return data.collate([data.encode(processor, r) for r in rows], processor.tokenizer.pad_token_id)
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}).logits
+
+
+def test_a_gated_request_changes_only_the_images_its_gate_picks_and_rolls_back_exactly(world, tmp_path):
+    reg = tmp_path / "reg"
+    init_registry(reg, world / "model", gated=True)
+    path = write_request(tmp_path, "gated", scope="visual", method="stranger", forget=str(world / "forget_a.jsonl"),
+                         retain=str(world / "retain.jsonl"), reference=str(world / "reference.jsonl"), steps=10,
+                         check_every=10, partial=True)
+    entry = apply_request(reg, path, show_progress=False)
+    state = Registry.open(reg).snapshot()
+    assert GATE_FILE in entry["files"] and state.arrays(entry, GATE_FILE)["directions"].ndim == 2
+    metrics = state.record(entry, "metrics.json")
+    assert metrics["gate"]["retain_picked"] <= 0.25 and entry["metrics"]["gate"] == {
+        "retain_picked": metrics["gate"]["retain_picked"]}
+
+    base, processor = load_model(world / "model")
+    live = Live.load(state, world / "model")
+    for (name, p), q in zip(live.model.named_parameters(), base.parameters()):
+        assert torch.equal(p, q), name  # the term is not in the weights
+    forget = rows_batch(world, processor, ["forget_a.jsonl"])
+    assert not torch.equal(logits(live.model, forget), logits(base, forget))  # the forgotten person's images: changed
+    assert live.gating.picked(forget["pixel_values"])[live.gating.keys[0]].float().mean() >= 0.9
+
+    # every retained image its gate passes by goes through the base model exactly, and so does text
+    passed = 0
+    retained = [r for r in data.read_rows(world / "retain.jsonl", [], "retain") if r.image is not None][:16]
+    for row in retained:
+        one = data.collate([data.encode(processor, row)], processor.tokenizer.pad_token_id)
+        if not live.gating.picked(one["pixel_values"])[live.gating.keys[0]].item():
+            passed += 1
+            assert torch.equal(logits(live.model, one), logits(base, one))
+    assert passed >= 0.75 * len(retained)
+    text = data.collate([data.encode(processor, r) for r in
+                         data.read_rows(world / "forget_a.jsonl", [], "forget") if r.image is None],
+                        processor.tokenizer.pad_token_id)
+    assert torch.equal(logits(live.model, text), logits(base, text))
+
+    assert "gated" in markdown(report(state, "gated"))
+    assert f"{metrics['gate']['retain_picked']:.2f}" in status_table(status_rows(state)).splitlines()[-1]
+    with pytest.raises(SeqforgetError, match="gated"):
+        export_model(reg, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+    # a request of another scope has no gate: its term goes into the weights, as in any registry
+    other = apply_request(reg, write_request(tmp_path, "textual", forget=str(world / "forget_b.jsonl"),
+                                             retain=str(world / "retain.jsonl")), show_progress=False)
+    assert GATE_FILE not in other["files"]
+    live.sync(Registry.open(reg).snapshot())
+    assert live.gating.keys and any(not torch.equal(p, q) for p, q in zip(live.model.parameters(), base.parameters()))
+
+    rollback_request(reg, "gated")
+    rollback_request(reg, "textual")
+    live.sync(Registry.open(reg).snapshot())
+    assert live.gating.keys == [] and torch.equal(logits(live.model, forget), logits(base, forget))
+    for p, q in zip(live.model.parameters(), base.parameters()):
+        assert torch.equal(p, q)
