@@ -48,6 +48,7 @@ import torch
 
 from benchmarks.forget_retain import MEMBERSHIP, PROFILES, check_known, prepare, write_request
 from registry import Registry
+from seqforget import data
 from seqforget.bench import cache_root
 from seqforget.bench.scoring import accuracy_by_person, choice_accuracy, choice_hits, membership_aucs
 from seqforget.engine import apply_request, init_registry, read_request, rollback_request
@@ -57,16 +58,17 @@ from seqforget.models import load_model
 
 KEEP, BACK = 0.97, 0.90  # retained accuracy kept, and a rolled-back person's accuracy restored, as shares of vanilla
 ORACLE = {"visual": "without_images", "full": "without_people"}
-# name -> (request fields, registry budget or None)
+# name -> (request fields, registry options: a budget, gated)
 MECHANISMS = {
-    "default": ({}, None),
-    "budget": ({}, 0.95),
-    "dropout": ({"earlier_dropout": 0.5}, None),
-    "from_base": ({"targets_from_base": True}, None),
-    "keep_forgotten": ({"keep_forgotten": True}, None),
-    "anchored": ({"targets_from_base": True, "keep_forgotten": True}, None),
-    "apart": ({"apart_from_earlier": True}, None),
-    "anchored_apart": ({"targets_from_base": True, "keep_forgotten": True, "apart_from_earlier": True}, None),
+    "default": ({}, {}),
+    "budget": ({}, {"budget": 0.95}),
+    "gated": ({}, {"gated": True}),
+    "dropout": ({"earlier_dropout": 0.5}, {}),
+    "from_base": ({"targets_from_base": True}, {}),
+    "keep_forgotten": ({"keep_forgotten": True}, {}),
+    "anchored": ({"targets_from_base": True, "keep_forgotten": True}, {}),
+    "apart": ({"apart_from_earlier": True}, {}),
+    "anchored_apart": ({"targets_from_base": True, "keep_forgotten": True, "apart_from_earlier": True}, {}),
 }
 
 
@@ -86,6 +88,22 @@ def figures(bench, model, processor, people: list[str], retained: list[str], sco
             "general": choice_accuracy(model, processor, w.root, w.select({"general"}, None, "test"))}
 
 
+def gate_shares(bench, live: Live, people: list[str], retained: list[str]) -> dict[str, float]:
+    """In a gated registry, the share of held-out images some gate picks: of the people
+    forgotten so far (its recall), of retained people and of images without a person (its
+    false positives)."""
+    w = bench.world
+    groups = {"forgotten": w.select({"identity"}, people, "test"), "retained": w.select({"identity"}, retained, "test"),
+              "general": w.select({"general"}, None, "test")}
+    out = {}
+    for name, items in groups.items():
+        paths = sorted({i.example(w.root).image for i in items})
+        pixels = torch.stack([data.encode(live.processor, data.Row("?", "?", p)).pixel_values for p in paths])
+        picked = live.gating.picked(pixels)
+        out[name] = float(torch.stack(list(picked.values())).any(0).float().mean()) if picked else 0.0
+    return out
+
+
 def guard_people(bench, people: list[str]) -> list[str]:
     """People the budget's guard set asks about: neither forgotten nor among those retained accuracy is measured on."""
     measured = set(bench.retain_people(people))
@@ -98,14 +116,14 @@ def forgotten(person: str, figure: float, vanilla: dict, oracle: dict) -> bool:
 
 def run_stream(bench, people: list[str], scope: str, mechanism: str, vanilla: dict, oracle: dict, rollbacks: int,
                work: Path, fresh_retain: bool = False, log=print) -> dict:
-    fields, budget = MECHANISMS[mechanism]
+    fields, options = MECHANISMS[mechanism]
     retained = bench.retain_people(people)
     reg = work / f"registry-{mechanism}"
     guard = None
-    if budget is not None:
+    if "budget" in options:
         guard = bench.world.write_jsonl(work / f"guard-{mechanism}.jsonl",
                                         bench.world.select({"visual", "identity"}, guard_people(bench, people), "test"))
-    init_registry(reg, bench.vanilla, guard=guard, budget=budget or 0.95)
+    init_registry(reg, bench.vanilla, guard=guard, budget=options.get("budget", 0.95), gated=options.get("gated", False))
     live = Live.load(Registry.open(reg).snapshot(), bench.vanilla)
     steps = []
     for i, person in enumerate(people, start=1):
@@ -119,6 +137,8 @@ def run_stream(bench, people: list[str], scope: str, mechanism: str, vanilla: di
             entry = {"id": f"r{i:02d}", "metrics": {"stop": {"reason": reason, "message": str(e)}}, "refused": True}
         seconds = time.perf_counter() - start
         now = figures(bench, live.model, live.processor, people[:i], retained, scope)
+        if live.gating is not None:
+            now["gate"] = gate_shares(bench, live, people[:i], retained)
         steps.append({"request": entry["id"], "person": person, "seconds": seconds, "stop": entry["metrics"]["stop"],
                       "refused": entry.get("refused", False), "registry": entry["metrics"].get("retained"),
                       "free": entry["metrics"].get("room"), "known": entry["metrics"].get("known"), **now})
@@ -160,6 +180,10 @@ def step_line(i: int, people: list[str], now: dict, vanilla: dict, oracle: dict,
     kept = step["registry"]
     budget = f"; registry {kept['after'] / kept['base']:.1%} of base" if kept else ""
     free = f"; fewest free directions {step['free'][0]}/{step['free'][1]}" if step.get("free") else ""
+    if "gate" in now:
+        g = now["gate"]
+        free += (f"; gates pick {g['forgotten']:.0%} of forgotten people's held-out images, {g['retained']:.0%} of "
+                 f"retained people's, {g['general']:.0%} of general ones")
     return (f"request {i}/{len(people)} ({seconds:.0f} s, {done}): {person} {now['forget'][person]:.2f} (vanilla "
             f"{vanilla['forget'][person]:.2f}, oracle {oracle['forget'][person]:.2f}); all so far {mean:.2f} against the "
             f"oracle's {oracle_mean:.2f}, still forgotten {still}/{i}; identity {now['identity']:.2f}, membership "
