@@ -8,7 +8,7 @@ import torch
 from conftest import write_request
 from registry import GATE_FILE, Registry
 from seqforget import data
-from seqforget.engine import apply_request, export_model, init_registry, rollback_request
+from seqforget.engine import apply_request, export_model, init_registry, live_model, rollback_request
 from seqforget.errors import SeqforgetError
 from seqforget.gate import fit
 from seqforget.live import Live
@@ -69,6 +69,8 @@ def test_a_gated_request_changes_only_the_images_its_gate_picks_and_rolls_back_e
     forget = rows_batch(world, processor, ["forget_a.jsonl"])
     assert not torch.equal(logits(live.model, forget), logits(base, forget))  # the forgotten person's images: changed
     assert live.gating.picked(forget["pixel_values"])[live.gating.keys[0]].float().mean() >= 0.9
+    served, _ = live_model(state, world / "model")  # how a gated registry is served: with its gates on
+    assert torch.equal(logits(served, forget), logits(live.model, forget))
 
     # every retained image its gate passes by goes through the base model exactly, and so does text
     passed = 0
