@@ -10,7 +10,7 @@ from registry import GATE_FILE, Registry
 from seqforget import data
 from seqforget.engine import apply_request, export_model, init_registry, live_model, rollback_request
 from seqforget.errors import SeqforgetError
-from seqforget.gate import fit
+from seqforget.gate import CELLS, fit, pooled
 from seqforget.live import Live
 from seqforget.models import load_model
 from seqforget.report import markdown, report
@@ -37,6 +37,23 @@ def test_a_gate_takes_every_forget_view_and_sets_its_threshold_between_them_and_
     mixed, figures = fit(forget, torch.cat([retain, views[:3] + 1e-3]))
     assert mixed.picks(views).all() and mixed.threshold == pytest.approx(takes, rel=1e-6)
     assert figures["retain_picked"] > 0
+
+
+def test_a_gates_features_keep_where_things_lie_in_the_image():
+    g = torch.Generator().manual_seed(0)
+    side, d = 2 * CELLS, 3
+    patches = torch.randn(2, side * side, d, generator=g, dtype=torch.float64)
+    with_class = torch.cat([torch.randn(2, 1, d, generator=g, dtype=torch.float64), patches], 1)
+    grid = patches.reshape(2, side, side, d)
+    cells = grid.reshape(2, CELLS, 2, CELLS, 2, d).mean((2, 4))  # each cell: the mean of its 2 x 2 patches
+    assert torch.allclose(pooled(patches), cells.reshape(2, -1))
+    assert torch.equal(pooled(with_class), pooled(patches))  # a class token is left out
+    small = torch.randn(2, 4, d, generator=g, dtype=torch.float64)  # a 2 x 2 grid: fewer patches than cells
+    assert torch.equal(pooled(small), small.reshape(2, -1))
+    odd = torch.randn(2, 7, d, generator=g, dtype=torch.float64)  # no grid: one cell
+    assert torch.allclose(pooled(odd), odd.mean(1))
+    mirrored = grid.flip(2).reshape(2, -1, d)  # the same patches elsewhere: the mean over tokens cannot tell
+    assert torch.allclose(mirrored.mean(1), patches.mean(1)) and not torch.allclose(pooled(mirrored), pooled(patches))
 
 
 def rows_batch(world, processor, files: list[str], images_only: bool = True) -> dict:
