@@ -17,6 +17,11 @@ The `budget` mechanism's registry has a guard set (`init --guard`, budget 95%): 
 views of people no request forgets, none of them among the people retained accuracy is
 measured on, so that the budget's figure and the benchmark's do not share a row.
 
+The `gated` mechanism's registry is gated (`init --gated`, README "Gated registries"): each
+request's term applies only to the images its gate picks. Its step lines also give the share of
+held-out images some gate picks: of the people forgotten so far (recall), of the retained
+people and of the general images (false positives).
+
 Printed after every request: its person's figure against vanilla's and the oracle's; over all
 requests so far, the mean figure against the oracle's and how many people are still forgotten;
 forget identity ("who is this?" on held-out views) and the image rows' membership AUC of the
