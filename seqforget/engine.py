@@ -7,12 +7,12 @@
          keeps one and brings it up to date by differences: seqforget.live)
       -> probe forget/retain before (the pass over the retained rows also gathers their
          inputs' statistics: Gram matrices, or sketches for wide layers) -> extend the null-space bases with them
-      -> begin -> train this request's adapter -> forget/retain after (the stopping rule's
-         last check gave most of them)
+      -> begin -> in a gated registry, a visual request's gate (seqforget.gate), fitted on its
+         forget images' views and set against its retain images
+      -> train this request's adapter (behind its gate, if it has one) -> forget/retain after
+         (the stopping rule's last check gave most of them)
       -> gather the forget keys: the directions its forget rows send through each target
          layer of the model after it, beyond the retained basis
-      -> in a gated registry, a visual request's gate (seqforget.gate), fitted on its forget
-         images' views and set against its retain images
       -> put adapter, bases, forget keys, gate and records -> commit (the one commit point) -> unlock
 """
 
@@ -339,23 +339,27 @@ def _unlearn(live: Live, method, request: Request, before: dict, forget: data.Ro
     `keep`: the registry budget's floor, which every check must hold."""
     settings = request.training
     model = live.model
-    gated = live.gating is not None and request.scope == "visual"
-    if gated:
+    if live.gating is not None and checkpointing:
+        raise SeqforgetError("gradient checkpointing is not offered in a gated registry: it recomputes the vision "
+                             "tower's layers after their gates' picks are gone; apply without it")
+    gate, gate_figures = None, None
+    if live.gating is not None and request.scope == "visual":
         _refuse_if_ungated_layers(request, live, targets)
+        gate, gate_figures = _gate(live, forget, retain, settings.seed)  # the request trains behind it
     earlier = (live.earlier_off(settings.earlier_dropout, settings.seed)
                if settings.earlier_dropout > 0 or settings.targets_from_base else None)
     try:
         with progress:
             trained = train_adapter(model, method, forget, retain, guard, reference, targets, nullspaces, settings,
                                     progress, earlier, guard_start=before["guard" if guard is not None else "retain"]["token_acc"],
-                                    checkpointing=checkpointing, processes=group, floor=keep)
+                                    checkpointing=checkpointing, processes=group, floor=keep,
+                                    behind=(lambda layers: live.gating.behind(gate, layers)) if gate is not None else None)
     finally:
         if earlier is not None:
             earlier.remove()
     _refuse_if_diverged(request, trained.adapter)
     _refuse_if_short(request, trained.stop, keep)
     _refuse_if_unchanged(request, trained.adapter)
-    gate, gate_figures = _gate(live, forget, retain, settings.seed) if gated else (None, None)
     live.add(_pending(request), trained.adapter, gate)
     after = _after(model, trained, before, forget, retain, guard)
     metrics = {"before": before, "after": after,

@@ -23,7 +23,18 @@ basis: it reveals where a person's images lie in feature space, not the images.
 with every gated term off, scores each image (or crop) against every gate, and the gated
 layers of the tower and the projector then add each term to the rows of the images its gate
 picked. A text-only pass never reaches those layers.
+
+A request trains behind its own gate (`Gating.behind`): the gate is fitted before training,
+and while the request's LoRA trains, its layers change only the images the gate picks. Its
+retain rows then see what they will see once it is committed (the base vision side, but for
+the gate's false positives), so the retain guard watches the model the registry will hold and
+does not stop a request for drift that its gate keeps from retained images.
+
+Gradient checkpointing is not offered with gates: it recomputes the tower's layers in the
+backward pass, after the batch's picks are gone.
 """
+
+from contextlib import contextmanager
 
 from dataclasses import dataclass
 
@@ -42,6 +53,7 @@ from seqforget.scopes import ARCHITECTURES
 VIEWS = 8  # random views of each forget image the gate's statistics see, besides the image itself
 PRINCIPAL = 16  # the most covariance directions a gate keeps
 CELLS = 4  # a gate's features pool the image's patches to at most CELLS x CELLS cells
+TRAINEE = "(training)"  # Gating.picked's key for the gate of the request training behind it
 
 
 @dataclass
@@ -137,6 +149,7 @@ class Gating:
         self._terms: dict[str, tuple[Adapter, Gate]] = {}  # key -> (its adapter, its gate)
         self._parts: dict[str, list[tuple[str, tuple]]] = {}  # layer -> [(key, (B', A) or ("dense", D))]
         self._picked: dict[str, torch.Tensor] | None = None  # key -> (N,) bool for the batch the tower runs on
+        self._trainee: Gate | None = None  # the gate of the request training behind it (`behind`)
         self._inside = False  # the tower's gate pass is running
         self._hooks = [self.tower.register_forward_pre_hook(self._before_tower, with_kwargs=True)]
         projector = find_projector(model)
@@ -189,11 +202,32 @@ class Gating:
         return pooled(out.hidden_states[self.layer].float())
 
     def picked(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per gated term, which images of pixel_values (as the tower takes them) its gate picks."""
-        if not self._terms:
+        """Per gated term, which images of pixel_values (as the tower takes them) its gate picks
+        (and under TRAINEE, those the gate of a request training behind it picks)."""
+        gates = {key: gate for key, (_, gate) in self._terms.items()}
+        if self._trainee is not None:
+            gates[TRAINEE] = self._trainee
+        if not gates:
             return {}
         f = self.features(pixel_values).cpu()
-        return {key: gate.picks(f) for key, (_, gate) in self._terms.items()}
+        return {key: gate.picks(f) for key, gate in gates.items()}
+
+    @contextmanager
+    def behind(self, gate: Gate, layers: dict[str, nn.Module]):
+        """While a request trains: its PEFT LoRA layers (name -> the layer, which wraps its
+        `base_layer`) change only the images `gate` picks; every other row gets the base layer's
+        output, with any earlier gated terms."""
+        for name in layers:
+            if not (name.startswith(self.tower_name + ".") or _in_projector(self.model, name)):
+                raise SeqforgetError(f"a gated request may train only the vision tower and the projector, not {name}")
+        self._trainee = gate
+        hooks = [layer.register_forward_hook(self._behind_gate) for layer in layers.values()]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self._trainee = None
 
     def remove_hooks(self) -> None:
         for hook in self._hooks + list(self._layer_hooks.values()):
@@ -207,16 +241,29 @@ class Gating:
         self._picked = self.picked(pixels) if pixels is not None else None
         return None
 
+    def _behind_gate(self, module, inputs, output):
+        if self._inside or self._picked is None:
+            return module.base_layer(inputs[0])  # the gate pass (every gated term off), or a call not through the tower
+        rows = self._rows(TRAINEE, inputs[0], module)
+        if rows.all():
+            return output
+        return torch.where(rows.to(output.device).view(-1, *([1] * (output.dim() - 1))), output,
+                           module.base_layer(inputs[0]))
+
+    def _rows(self, key: str, x: torch.Tensor, module) -> torch.Tensor:
+        rows = self._picked[key]
+        if rows.shape[0] != x.shape[0]:
+            raise SeqforgetError(f"a gated layer runs on {x.shape[0]} rows but its tower ran on {rows.shape[0]} "
+                                 f"images: a gated registry needs one image per row in the tower and the projector")
+        return rows
+
     def _after_layer(self, name: str):
         def hook(module, inputs, output):
             if self._inside or self._picked is None:
                 return output  # the gate pass, or a call that did not come through the tower: the base layer
             x = inputs[0]
             for key, part in self._parts[name]:
-                rows = self._picked[key]
-                if rows.shape[0] != x.shape[0]:
-                    raise SeqforgetError(f"{name} runs on {x.shape[0]} rows but its tower ran on {rows.shape[0]} "
-                                         f"images: a gated registry needs one image per row in these layers")
+                rows = self._rows(key, x, module)
                 if not rows.any():
                     continue
                 change = (x @ part[2].to(x).T) @ part[1].to(x).T if part[0] == "factors" else x @ part[1].to(x).T

@@ -13,6 +13,7 @@ with all of them on: the model the registry will hold. With `targets_from_base`,
 the stopping rule and the retain guard still start from the live model.
 """
 
+import contextlib
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ class Trained:
 def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None, reference: Rows | None,
                   targets: list[str], nullspaces: dict[str, NullSpace], settings, progress=None, earlier=None,
                   guard_start: float | None = None, checkpointing: bool = False, processes: Group | None = None,
-                  floor: Floor | None = None) -> Trained:
+                  floor: Floor | None = None, behind=None) -> Trained:
     """Train the method's update on `model` (left unchanged on return) and give back its adapter.
 
     forget, retain: the request's encoded rows, as the scope means them; guard: retain rows
@@ -56,7 +57,9 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
     checkpointing: recompute the layers' activations in the backward pass instead of keeping them
     (transformers' gradient checkpointing): less memory for the same gradients, at about one more
     forward pass's time. processes: the processes sharing each batch (seqforget.distributed), or
-    None for this one alone.
+    None for this one alone. behind: in a gated registry, a context for the update's LoRA layers
+    ({name: layer}) under which they change only the images the request's gate picks
+    (seqforget.gate.Gating.behind); an update of another kind trains ungated.
     """
     start = time.perf_counter()
     processes = processes or Group()
@@ -69,7 +72,10 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
     if settings.targets_from_base and earlier is not None:
         original = _without(original, earlier)  # ... or as the base model, every earlier request off
     net.eval()
+    gated = contextlib.ExitStack()
     try:
+        if behind is not None and update.kind == "lora":
+            gated.enter_context(behind(update.layers))
         if checkpointing:  # after PEFT wrapped the model: wrapping a checkpointed one, it adds input hooks of its own
             _checkpointing_on(model)
         method.prepare(net, forget, retain, reference, original, update)
@@ -121,6 +127,7 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
         adapter = update.adapter(method.sign)
     finally:
         net.eval()
+        gated.close()
         update.remove()
         if checkpointing:
             model.activation_checkpointing_disable()

@@ -10,9 +10,12 @@ from registry import GATE_FILE, Registry
 from seqforget import data
 from seqforget.engine import apply_request, export_model, init_registry, live_model, rollback_request
 from seqforget.errors import SeqforgetError
-from seqforget.gate import CELLS, fit, pooled
+from seqforget.gate import CELLS, TRAINEE, Gating, fit, pooled
 from seqforget.live import Live
 from seqforget.models import load_model
+from seqforget.requests import Training
+from seqforget.scopes import scope_layers
+from seqforget.updates import LoraUpdate
 from seqforget.report import markdown, report
 from seqforget.status import status_rows, status_table
 
@@ -122,3 +125,31 @@ def test_a_gated_request_changes_only_the_images_its_gate_picks_and_rolls_back_e
     assert live.gating.keys == [] and torch.equal(logits(live.model, forget), logits(base, forget))
     for p, q in zip(live.model.parameters(), base.parameters()):
         assert torch.equal(p, q)
+
+
+def test_a_request_trains_behind_its_gate_and_the_images_it_passes_by_get_no_gradient(world):
+    model, processor = load_model(world / "model")
+    gating = Gating(model)
+    batch = rows_batch(world, processor, ["forget_a.jsonl", "retain.jsonl"])
+    pixels = batch["pixel_values"]
+    features = gating.features(pixels)
+    gate, _ = fit([features[:1]], features[1:2])  # picks the first row's image (and any other row showing it)
+    picks = gate.picks(features)
+    assert picks[0] and not picks.all()
+    base = logits(model, batch)
+
+    update = LoraUpdate(model, scope_layers(model, "visual"), Training(), {})
+    with torch.no_grad():
+        for b in update.signed:
+            b.normal_()  # PEFT starts B at zero: make the update change something
+    with gating.behind(gate, update.layers):
+        out = update.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}).logits
+        assert torch.equal(gating.picked(pixels)[TRAINEE], picks)
+        assert torch.equal(out[~picks], base[~picks])  # the images it passes by: the base model, bit for bit
+        assert not torch.allclose(out[picks], base[picks])
+        out[~picks].sum().backward()
+        assert all(p.grad is None or not p.grad.any() for p in update.parameters)  # nothing to learn from them
+    ungated = update.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}).logits
+    assert not torch.allclose(ungated[~picks], base[~picks])  # out from behind the gate: every image changes
+    update.remove()
+    gating.remove_hooks()
