@@ -112,6 +112,13 @@ def test_a_gated_request_changes_only_the_images_its_gate_picks_and_rolls_back_e
         export_model(reg, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
+    with pytest.raises(SeqforgetError, match="checkpointing"):  # it would recompute the tower without the picks
+        apply_request(reg, write_request(tmp_path, "checkpointed", scope="visual", method="stranger",
+                                         forget=str(world / "forget_b.jsonl"), retain=str(world / "retain.jsonl"),
+                                         reference=str(world / "reference.jsonl")),
+                      show_progress=False, checkpointing=True)
+    assert [e["id"] for e in Registry.open(reg).snapshot().requests] == ["gated"]
+
     # a request of another scope has no gate: its term goes into the weights, as in any registry
     other = apply_request(reg, write_request(tmp_path, "textual", forget=str(world / "forget_b.jsonl"),
                                              retain=str(world / "retain.jsonl")), show_progress=False)
