@@ -244,13 +244,13 @@ class Gating:
     def _behind_gate(self, module, inputs, output):
         if self._inside or self._picked is None:
             return module.base_layer(inputs[0])  # the gate pass (every gated term off), or a call not through the tower
-        rows = self._rows(TRAINEE, inputs[0], module)
+        rows = self._rows(TRAINEE, inputs[0])
         if rows.all():
             return output
         return torch.where(rows.to(output.device).view(-1, *([1] * (output.dim() - 1))), output,
                            module.base_layer(inputs[0]))
 
-    def _rows(self, key: str, x: torch.Tensor, module) -> torch.Tensor:
+    def _rows(self, key: str, x: torch.Tensor) -> torch.Tensor:
         rows = self._picked[key]
         if rows.shape[0] != x.shape[0]:
             raise SeqforgetError(f"a gated layer runs on {x.shape[0]} rows but its tower ran on {rows.shape[0]} "
@@ -263,7 +263,7 @@ class Gating:
                 return output  # the gate pass, or a call that did not come through the tower: the base layer
             x = inputs[0]
             for key, part in self._parts[name]:
-                rows = self._rows(key, x, module)
+                rows = self._rows(key, x)
                 if not rows.any():
                     continue
                 change = (x @ part[2].to(x).T) @ part[1].to(x).T if part[0] == "factors" else x @ part[1].to(x).T
