@@ -213,7 +213,7 @@ def export_model(root: Path, out_dir: Path, model_dir: Path | None = None, dtype
     """Write the live model (base + active requests) as a transformers model folder, all at once,
     in `dtype` (default: the registry's), composed on `device` (default: the registry's)."""
     state = Registry.open(root).snapshot()
-    if registry_gated(state) and any(state.arrays(e, GATE_FILE) is not None for e in state.active):
+    if any(GATE_FILE in e["files"] for e in state.active):
         raise SeqforgetError("this registry is gated: its visual requests change only the images their gates pick, "
                              "which a transformers folder cannot hold; serve it with seqforget.engine.live_model")
     out_dir = Path(out_dir).absolute()
@@ -391,8 +391,7 @@ def _images(rows: data.Rows, most: int | None = None) -> list[torch.Tensor]:
 
 def _refuse_if_ungated_layers(request: Request, live: Live, targets: list[str]) -> None:
     """A gated term changes only what an image passes before the language model reads it."""
-    tower, projector = live.gating.tower_name, projector_name(live.model)
-    outside = [t for t in targets if not t.startswith(tower + ".") and not (projector and t.startswith(projector + "."))]
+    outside = live.gating.outside(targets)
     if outside:
         raise SeqforgetError(f"request {request.id}: in a gated registry a visual request may train only the vision "
                              f"tower and the projector, not {', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''}")

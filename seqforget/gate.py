@@ -44,7 +44,7 @@ from torch import nn
 
 from registry import Adapter
 from seqforget.composition import delta, low_rank
-from seqforget.conditioning import find_projector
+from seqforget.conditioning import projector_name
 from seqforget.errors import SeqforgetError
 from seqforget.models import device_of
 from seqforget.representations import augment
@@ -152,21 +152,26 @@ class Gating:
         self._trainee: Gate | None = None  # the gate of the request training behind it (`behind`)
         self._inside = False  # the tower's gate pass is running
         self._hooks = [self.tower.register_forward_pre_hook(self._before_tower, with_kwargs=True)]
-        projector = find_projector(model)
-        if projector is not None:  # the last gated layers an image passes: a later direct call is not of its batch
-            self._hooks.append(projector.register_forward_hook(lambda *_: setattr(self, "_picked", None)))
+        self.projector_name = projector_name(model)
+        if self.projector_name is not None:  # the last gated layers an image passes: a later direct call is not of its batch
+            self._hooks.append(model.get_submodule(self.projector_name).register_forward_hook(
+                lambda *_: setattr(self, "_picked", None)))
         self._layer_hooks: dict[str, object] = {}
 
     @property
     def keys(self) -> list[str]:
         return list(self._terms)
 
+    def outside(self, names) -> list[str]:
+        """The layers among `names` that lie neither in the vision tower nor in the projector:
+        a gated term may change none of them."""
+        inside = [self.tower_name] + ([self.projector_name] if self.projector_name else [])
+        return [n for n in names if not any(n.startswith(part + ".") for part in inside)]
+
     def add(self, key: str, adapter: Adapter, gate: Gate) -> None:
+        _refuse_outside(self.outside(adapter.weights))
         modules = dict(self.model.named_modules())
         for name in adapter.weights:
-            if not (name.startswith(self.tower_name + ".") or _in_projector(self.model, name)):
-                raise SeqforgetError(f"a gated term may change only the vision tower and the projector, "
-                                     f"not {name}")
             factors = low_rank(adapter, name)
             part = ("factors", *factors) if factors is not None else ("dense", delta(adapter, name).float())
             self._parts.setdefault(name, []).append((key, part))
@@ -217,9 +222,7 @@ class Gating:
         """While a request trains: its PEFT LoRA layers (name -> the layer, which wraps its
         `base_layer`) change only the images `gate` picks; every other row gets the base layer's
         output, with any earlier gated terms."""
-        for name in layers:
-            if not (name.startswith(self.tower_name + ".") or _in_projector(self.model, name)):
-                raise SeqforgetError(f"a gated request may train only the vision tower and the projector, not {name}")
+        _refuse_outside(self.outside(layers))
         self._trainee = gate
         hooks = [layer.register_forward_hook(self._behind_gate) for layer in layers.values()]
         try:
@@ -288,9 +291,10 @@ def pooled(tokens: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.adaptive_avg_pool2d(grid, min(CELLS, side)).flatten(2).transpose(1, 2).reshape(n, -1)
 
 
-def _in_projector(model: nn.Module, name: str) -> bool:
-    arch = ARCHITECTURES.get(getattr(model.config, "model_type", None))
-    return arch is not None and arch.projector in name
+def _refuse_outside(names: list[str]) -> None:
+    if names:
+        raise SeqforgetError(f"a gated term may change only the vision tower and the projector, not "
+                             f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''}")
 
 
 def image_features(gating: Gating, images: list[torch.Tensor]) -> torch.Tensor:
