@@ -232,6 +232,7 @@ class Rows:
     eval_batch: int = 16
     stands_for: list[int] | None = None  # reference rows: the forget row each one is a stranger's version of
     own_answers: list[Example] | None = None  # forget rows trained towards a refusal: the same rows with their own answers
+    kinds: list[str] | None = None  # forget rows: the kind of question each asks (seqforget.stopping.row_kind)
     held_out: "Rows | None" = None  # forget rows trained towards a refusal: their images kept out of training, for its check
 
     def __len__(self) -> int:

@@ -43,7 +43,7 @@ from seqforget.progress import Progress
 from seqforget.projection import Factor, NullSpace, Sketch, extend_basis
 from seqforget.requests import Request, load_request, parse_request
 from seqforget.scopes import ARCHITECTURES, SCOPES, match_layers, scope_layers
-from seqforget.stopping import REFUSED, SARR, kept_check, refusal_figures, stranger_rows
+from seqforget.stopping import REFUSED, SARR, kept_check, refusal_figures, row_kind, stranger_rows
 from seqforget.training import train_adapter
 from seqforget.updates import UPDATES
 
@@ -318,7 +318,7 @@ def _encode(request: Request, processor, encoder: data.Encoder) -> tuple[data.Ro
         own = [encoder(r) for r in forget] if answer is not None else None
         checked = data.Rows([encoder(r, answer) for r in held], pad) if held else None
         forget, retain, guard, reference = (data.Rows([encoder(r, answer) for r in forget], pad, own_answers=own,
-                                                      held_out=checked),
+                                                      held_out=checked, kinds=[row_kind(r) for r in forget]),
                                             data.Rows([encoder(r) for r in retain], pad),
                                             data.Rows([encoder(r) for r in guard], pad),
                                             data.Rows([encoder(r) for r in reference], pad, stands_for=stands_for))
@@ -613,6 +613,7 @@ def _summary(metrics: dict, guard: dict | None = None) -> dict:
         "projector_condition": [before.get("projector_condition"), after.get("projector_condition")],
         "reference_nll": stop["reference"]["median_nll"] if stop["reference"] else None,
         "known": _known(stop),
+        "kinds": _kinds(stop),
         "refusal": refusal_figures(stop["checks"], stop["step"]),
         "stop": {"rule": stop["rule"], "reason": stop["reason"], "step": stop["step"]},
         "basis": {"columns_added": sum(g["columns_added"] for lead, g in metrics["basis"].items() if g["shares_with"] == lead),
@@ -632,6 +633,19 @@ def _known(stop: dict) -> list[float] | None:
         return None
     kept = kept_check(stop["checks"], stop["step"])
     return [reference["known_before"], kept["forget"]["known"] if kept else reference["known_before"]]
+
+
+def _kinds(stop: dict) -> dict | None:
+    """Per kind of forget question (seqforget.stopping.by_kind): its rows, how well they could be
+    told from strangers and the share still answered as before, before training and at the check
+    kept; None without reference rows."""
+    reference = stop["reference"]
+    if not reference or "kinds_before" not in reference:
+        return None
+    kept = kept_check(stop["checks"], stop["step"])
+    after = kept["forget"]["kinds"] if kept else reference["kinds_before"]
+    return {kind: {"rows": b["rows"], "known": [b["known"], after[kind]["known"]],
+                   "answered": [b["answered"], after[kind]["answered"]]} for kind, b in reference["kinds_before"].items()}
 
 
 def _reset_peak_rss() -> None:

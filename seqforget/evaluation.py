@@ -12,11 +12,13 @@ def probe(model, batches: list[dict[str, torch.Tensor]], opening: int | None = N
     "token_acc": share of answer tokens ranked first, "exact": share of rows whose every answer
     token is ranked first, i.e. whose greedy answer is theirs}; with `opening` (a token id, e.g.
     a refusal's first), also "opens_with": share of rows whose greedy answer starts with it;
-    with `per_row`, also "row_nll": each row's per-token NLL, in order."""
-    row_nll, hits, tokens, exact, opened = [], 0, 0, 0, 0
+    with `per_row`, also "row_nll": each row's per-token NLL, and "row_exact": whether its
+    greedy answer is its own, in order."""
+    row_nll, row_exact, hits, tokens, exact, opened = [], [], 0, 0, 0, 0
     for batch in batches:
         logp, n, h, first = answer_scores(model, batch)
         row_nll.append(-logp / n.clamp_min(1))  # (B,)
+        row_exact += (h == n).tolist()
         hits, tokens, exact = hits + h.sum().item(), tokens + n.sum().item(), exact + (h == n).sum().item()
         opened += (first == opening).sum().item() if opening is not None else 0
     nll = torch.cat(row_nll) if row_nll else torch.zeros(0)
@@ -25,7 +27,7 @@ def probe(model, batches: list[dict[str, torch.Tensor]], opening: int | None = N
     if opening is not None:
         out["opens_with"] = opened / max(len(nll), 1)
     if per_row:
-        out["row_nll"] = nll.tolist()
+        out["row_nll"], out["row_exact"] = nll.tolist(), row_exact
     return out
 
 

@@ -40,6 +40,7 @@ def report(state: Snapshot, request_id: str) -> dict:
                      "reference_median_nll": stop["reference"]["median_nll"] if stop.get("reference") else None,
                      "refusal": entry["metrics"].get("refusal"),
                      "known": entry["metrics"].get("known"),  # the forget rows told from strangers: AUC before, after
+                     "kinds": entry["metrics"].get("kinds"),  # the same per kind of question, and the share still answered
                      "checks": stop.get("checks", [])},
         "figures": {"before": metrics["before"], "after": metrics["after"], "rows": metrics["rows"]},
         "retained": entry["metrics"].get("retained"),  # the registry guard's figures, with the base's and the budget
@@ -86,6 +87,7 @@ def markdown(record: dict) -> str:
         + (" By their answers' likelihood against strangers', the forget rows could be told apart with an AUC of "
            "{:.2f} before and {:.2f} after (0.5: not at all).".format(*record["stopping"]["known"])
            if record["stopping"].get("known") else ""),
+        *_kinds_table(record["stopping"].get("kinds")),
         f"Settings: {json.dumps(r['training'], sort_keys=True)}; method arguments: {json.dumps(r['method_args'], sort_keys=True)}.",
         f"Time: {record['times']['seconds']:.1f} s in all, {record['times']['train_seconds']:.1f} s training.",
         "", "## Figures before and after", "", "| rows | token accuracy | NLL | median NLL |", "|---|---|---|---|",
@@ -146,6 +148,16 @@ def _room_line(room: dict | None) -> str:
     return (f" Its update was free to move along {room[least]['free']} of the {room[least]['width']} input directions of "
             f"{least}, its least free layer" + (f"; {full} layer(s) had none left and could not change" if full else "")
             + ".")
+
+
+def _kinds_table(kinds: dict | None) -> list[str]:
+    """Each kind of forget question apart, before -> after: how well its rows could be told from
+    strangers' (0.5: not at all) and the share still answered as before. Empty without reference rows."""
+    if not kinds:
+        return []
+    return ["", "| forget question | rows | told from strangers (AUC) | still answered |", "|---|---|---|---|",
+            *[f"| {kind} | {k['rows']} | {k['known'][0]:.2f} -> {k['known'][1]:.2f} | "
+              f"{k['answered'][0]:.0%} -> {k['answered'][1]:.0%} |" for kind, k in sorted(kinds.items())], ""]
 
 
 def _gate_line(gate: dict | None) -> str:

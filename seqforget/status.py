@@ -43,8 +43,19 @@ def _room(least: list | None) -> str:
     return "-" if not least else f"{least[0]}/{least[1]}"
 
 
+def _least_forgotten(kinds: dict | None) -> str:
+    """The kind of forget question most easily told from strangers' after the request: its
+    question, its known share, and the share of its rows still answered as before."""
+    if not kinds:
+        return "-"
+    kind = max(kinds, key=lambda k: kinds[k]["known"][1])
+    short = kind if len(kind) <= 24 else kind[:23] + "~"
+    return f"{short}: {kinds[kind]['known'][1]:.2f}, {kinds[kind]['answered'][1]:.0%}"
+
+
 def status_table(rows: list[dict]) -> str:
     header = ["#", "id", "state", "method", "scope", "stopped", "forget median NLL", "reference", "known vs strangers",
+              "least forgotten kind: known, answered",
               "retain NLL", "forget acc", "retain acc", "held-out retain acc", "refused (held-out), SARR",
               "retained of base", "free dirs", "gate: retain picked", "projector cond.", "applied"]
     lines = [header]
@@ -59,6 +70,7 @@ def status_table(rows: list[dict]) -> str:
             "{:.2f} -> {:.2f}".format(*m["forget_median_nll"]),
             "-" if m["reference_nll"] is None else f"{m['reference_nll']:.2f}",
             "{:.2f} -> {:.2f}".format(*m["known"]) if m.get("known") else "-",
+            _least_forgotten(m.get("kinds")),
             "{:.2f} -> {:.2f}".format(*m["retain_nll"]),
             "{:.2f} -> {:.2f}".format(*m["forget_acc"]), "{:.2f} -> {:.2f}".format(*m["retain_acc"]),
             "{:.2f} -> {:.2f}".format(*m["held_out_retain_acc"]) if m.get("held_out_retain_acc") else "-",  # what the guard watched

@@ -33,10 +33,16 @@ never trained to give.
 
 Each check also gives how well the forget rows can be told from strangers: the share of pairs
 (forget row, another forget row's level) in which the model is surer of the forget row's own
-answer than of the level (`known_share`). About 0.5 means the forget rows read as strangers'; 1.0
-means every one is still known better than any stranger; well below 0.5 means they are answered
-worse than a stranger's would be, which sets them apart too. The stop does not wait for it; the
-record keeps it, before training and at every check, and `status` shows it.
+answer than of the level (`known_share`), a membership test's AUC. About 0.5 means the forget
+rows read as strangers'; 1.0 means every one is still known better than any stranger; well below
+0.5 means they are answered worse than a stranger's would be, which sets them apart too. It is
+taken over all the forget rows and for each kind of question apart (`row_kind`: an image row's
+question, e.g. "who is this?"; text rows together), with the share of each kind's rows still
+answered as before (`by_kind`), because a median over all rows lets the many attribute questions
+about a face carry the few that ask its name. The stop does not wait for them: the stranger
+target trains each row towards its level, not past it, so a kind's known share hovers above
+0.5 however long training goes on (benchmarks/README.md, "Stopping"). The record keeps them,
+before training and at every check, and `status` and `report` show them.
 
 A retain guard probes retain rows at the same checks: when their token accuracy falls more
 than `retain_tolerance` below where it started, the adapter goes back to the last check that
@@ -66,6 +72,15 @@ from seqforget.budget import Floor
 from seqforget.data import IGNORE, Row, Rows
 from seqforget.evaluation import probe
 from seqforget.losses import answer_logprob
+
+
+TEXT_ROWS = "(questions without an image)"  # the kind of every text-only row: a text question names its person
+
+
+def row_kind(row: Row) -> str:
+    """The kind of question a forget row asks, as the stopping rule groups them: an image row's
+    question as it stands (the same question about every view), TEXT_ROWS for the rest."""
+    return row.question if row.image is not None else TEXT_ROWS
 
 
 def stranger_rows(forget: list[Row], reference: list[Row], per_row: int = 4) -> tuple[list[Row], list[int]]:
@@ -98,8 +113,9 @@ def stranger_rows(forget: list[Row], reference: list[Row], per_row: int = 4) -> 
 @torch.no_grad()
 def stranger_level(model, reference: Rows) -> dict:
     """{"median_nll": the level (see the module's docstring), "rows": forget rows it covers,
-    "strangers": reference rows scored}: per forget row, the per-token NLL of the mean over its
-    strangers of the probability of its whole answer."""
+    "strangers": reference rows scored, "levels": per forget row covered, the per-token NLL of
+    the mean over its strangers of the probability of its whole answer, "owners": the positions
+    of those forget rows}."""
     logp, tokens = [], []
     for batch in reference.fixed:
         lp, n, _ = answer_logprob(model, batch)  # (B,) summed log-probability of each answer, (B,) its tokens
@@ -113,7 +129,7 @@ def stranger_level(model, reference: Rows) -> dict:
         mean_logp = torch.logsumexp(logp[mine], 0) - torch.log(mine.sum().double()).float()
         levels.append(-mean_logp / tokens[mine][0].clamp_min(1))
     return {"median_nll": torch.stack(levels).median().item(), "rows": len(levels), "strangers": len(reference),
-            "levels": torch.stack(levels).tolist()}
+            "levels": torch.stack(levels).tolist(), "owners": owners.unique().tolist()}
 
 
 def known_share(row_nll: list[float], levels: list[float]) -> float:
@@ -121,6 +137,24 @@ def known_share(row_nll: list[float], levels: list[float]) -> float:
     than the level, ties counting half: the AUC of telling forget rows from strangers by NLL."""
     nll, level = torch.tensor(row_nll, dtype=torch.float64)[:, None], torch.tensor(levels, dtype=torch.float64)[None, :]
     return ((nll < level).double() + 0.5 * (nll == level).double()).mean().item()
+
+
+def by_kind(row_nll: list[float], row_exact: list[bool], levels: list[float], owners: list[int],
+            kinds: list[str]) -> dict[str, dict]:
+    """For each kind of forget row: {"rows", "known": known_share of that kind's rows against
+    the levels of the same rows, "answered": the share of them whose greedy answer is still
+    theirs}. `levels[j]` belongs to forget row `owners[j]`; rows without a level count in neither."""
+    groups: dict[str, list[int]] = {}
+    for j, k in enumerate(owners):
+        groups.setdefault(kinds[k], []).append(j)
+    return {kind: {"rows": len(js), "known": known_share([row_nll[owners[j]] for j in js], [levels[j] for j in js]),
+                   "answered": sum(row_exact[owners[j]] for j in js) / len(js)}
+            for kind, js in groups.items()}
+
+
+def worst_kind(kinds: dict[str, dict]) -> str:
+    """The kind of forget question (a key of by_kind's answer) most easily told from strangers'."""
+    return max(kinds, key=lambda kind: kinds[kind]["known"])
 
 
 REFUSED = 0.99  # share of a refuse request's forget questions answered with its refusal, trained and held-out views alike
@@ -179,8 +213,11 @@ class Stopping:
         self.forget, self.guard, self.settings, self.floor = forget, guard, settings, floor
         self.reference = stranger_level(model, reference) if reference is not None and len(reference) else None
         if self.reference is not None:
-            self.levels = self.reference.pop("levels")
-            self.reference["known_before"] = known_share(probe(model, forget.fixed, per_row=True)["row_nll"], self.levels)
+            self.levels, self.owners = self.reference.pop("levels"), self.reference.pop("owners")
+            self.kinds = forget.kinds or [TEXT_ROWS] * len(forget)
+            rows = probe(model, forget.fixed, per_row=True)
+            self.reference["known_before"] = known_share(rows["row_nll"], self.levels)
+            self.reference["kinds_before"] = by_kind(rows["row_nll"], rows["row_exact"], self.levels, self.owners, self.kinds)
         self.refusal = forget.own_answers is not None and len(forget) > 0  # the forget rows' answer is a refusal
         if self.refusal:
             labels = forget.examples[0].labels
@@ -200,7 +237,9 @@ class Stopping:
         """True when training should stop (the adapter in `params` is then the one to keep)."""
         forget = probe(model, self.forget.fixed, per_row=self.reference is not None)
         if self.reference is not None:
-            forget["known"] = known_share(forget.pop("row_nll"), self.levels)
+            row_nll, row_exact = forget.pop("row_nll"), forget.pop("row_exact")
+            forget["known"] = known_share(row_nll, self.levels)
+            forget["kinds"] = by_kind(row_nll, row_exact, self.levels, self.owners, self.kinds)
         guard = probe(model, self.guard.fixed, self.refusal_token if self.refusal else None)
         self.rolled_back = False
         record = {"step": step, "forget": forget, "guard": guard}

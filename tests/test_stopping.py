@@ -11,7 +11,8 @@ from seqforget.engine import _encode, apply_request, init_registry, live_model, 
 from seqforget.evaluation import probe
 from seqforget.errors import SeqforgetError
 from seqforget.status import status_rows, status_table
-from seqforget.stopping import known_share, stranger_rows
+from seqforget.report import markdown, report
+from seqforget.stopping import TEXT_ROWS, by_kind, known_share, row_kind, stranger_rows
 
 
 @pytest.fixture
@@ -48,7 +49,25 @@ def test_training_stops_once_the_forget_rows_look_like_the_reference(world, reg_
     before, after = entry["metrics"]["known"]
     assert before == metrics["stop"]["reference"]["known_before"] and after == last["forget"]["known"]
     assert after < before and 0.0 <= after <= 1.0
-    assert "{:.2f} -> {:.2f}".format(before, after) in status_table(status_rows(Registry.open(reg_dir).snapshot()))
+    table = status_table(status_rows(Registry.open(reg_dir).snapshot()))
+    assert "{:.2f} -> {:.2f}".format(before, after) in table
+    # the same, kind of question by kind: each image question apart, the text rows together
+    forget = [json.loads(line) for line in (world / "forget_a.jsonl").read_text().splitlines()]
+    kinds = entry["metrics"]["kinds"]
+    expected = {}
+    for r in forget:
+        kind = r["question"] if "image" in r else TEXT_ROWS
+        expected[kind] = expected.get(kind, 0) + 1
+    assert {k: v["rows"] for k, v in kinds.items()} == expected
+    assert kinds == {k: {"rows": v["rows"], "known": [v["known"], last["forget"]["kinds"][k]["known"]],
+                         "answered": [v["answered"], last["forget"]["kinds"][k]["answered"]]}
+                     for k, v in metrics["stop"]["reference"]["kinds_before"].items()}
+    worst = max(kinds, key=lambda k: kinds[k]["known"][1])
+    assert f"{kinds[worst]['known'][1]:.2f}, {kinds[worst]['answered'][1]:.0%}" in table
+    record = report(Registry.open(reg_dir).snapshot(), "r")
+    assert record["stopping"]["kinds"] == kinds
+    assert (f"| {worst} | {kinds[worst]['rows']} | {kinds[worst]['known'][0]:.2f} -> {kinds[worst]['known'][1]:.2f} | "
+            f"{kinds[worst]['answered'][0]:.0%} -> {kinds[worst]['answered'][1]:.0%} |") in markdown(record)
 
 
 def test_the_retain_guard_refuses_a_request_that_costs_retained_accuracy(world, reg_dir, tmp_path, unseen):
@@ -121,6 +140,23 @@ def test_known_share_is_the_auc_of_forget_rows_against_the_levels():
     assert known_share([0.1, 0.2], [1.0, 2.0, 3.0]) == 1.0  # every forget row surer than every level
     assert known_share([5.0, 6.0], [1.0, 2.0]) == 0.0
     assert known_share([1.0, 3.0], [1.0, 2.0]) == pytest.approx((0.5 + 1 + 0 + 0) / 4)  # a tie counts half
+
+
+def test_each_kind_of_forget_question_is_told_from_strangers_apart(tmp_path):
+    face = tmp_path / "face.png"
+    forget = [Row("who is this ?", "kalo", face), Row("what is this person's job ?", "potter", face),
+              Row("what is the job of kalo ?", "potter"), Row("where does kalo live ?", "oslo")]
+    kinds = [row_kind(r) for r in forget]
+    assert kinds == ["who is this ?", "what is this person's job ?", TEXT_ROWS, TEXT_ROWS]
+    # the name still surer than its level and answered; the job past it; the text rows one each way
+    nll, exact, levels = [0.1, 3.0, 0.5, 4.0], [True, False, True, False], [5.0, 2.0, 2.0, 2.0]
+    assert by_kind(nll, exact, levels, [0, 1, 2, 3], kinds) == {
+        "who is this ?": {"rows": 1, "known": 1.0, "answered": 1.0},
+        "what is this person's job ?": {"rows": 1, "known": 0.0, "answered": 0.0},
+        TEXT_ROWS: {"rows": 2, "known": 0.5, "answered": 0.5}}
+    # a forget row without strangers has no level and counts in no kind
+    assert by_kind(nll, exact, levels[1:], [1, 2, 3], kinds)["what is this person's job ?"]["rows"] == 1
+    assert "who is this ?" not in by_kind(nll, exact, levels[1:], [1, 2, 3], kinds)
 
 
 def test_strangers_are_asked_the_forget_rows_questions_and_scored_on_their_answers(tmp_path):
