@@ -21,7 +21,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,7 +32,7 @@ from registry import Registry
 from seqforget import data
 from seqforget.engine import apply_request, init_registry, live_model, rollback_request
 from seqforget.losses import answer_nll
-from seqforget.models import load_model
+from seqforget.models import TinySpec, load_model
 from seqforget.bench import cache_root
 from seqforget.bench.scoring import accuracy_by_person, choice_accuracy, choice_hits, generation_scores, membership_aucs
 from seqforget.bench.vanilla import TrainSpec, cached_model, examples_for, language_side, trainable
@@ -61,10 +61,17 @@ class Profile:
     thresholds: tuple = (None, 0.9, 0.97)  # None: no projection
     stream_thresholds: tuple = (None, 0.97)
     scopes: tuple[str, ...] = ("full", "visual")
+    model: TinySpec = field(default_factory=TinySpec)  # its image_size is the world's
 
 
+# The size ladder: is a stream's wear a property of the method or of a 0.8M-parameter model?
+# Each rung is the default profile with a larger model (and, at the top, larger images and more people).
 PROFILES = {
-    "default": Profile(WorldSpec(), TrainSpec()),
+    "default": Profile(WorldSpec(), TrainSpec()),  # 0.8M parameters
+    "5m": Profile(WorldSpec(), TrainSpec(), model=TinySpec(vision_hidden=128, vision_layers=4, text_hidden=256, text_layers=6)),
+    "25m": Profile(WorldSpec(people=200, image_size=64), TrainSpec(),
+                   model=TinySpec(vision_hidden=256, vision_layers=4, vision_heads=8, image_size=64,
+                                  text_hidden=512, text_layers=8, text_heads=8)),
     "tiny": Profile(
         WorldSpec(people=8, unseen=4, train_views=3, test_views=1, general=16),
         TrainSpec(vision_epochs=60, scenery=64, lm_epochs=80, scenery_rows=32, batch_size=16),
@@ -86,7 +93,8 @@ class Bench:
     log: callable = print
 
     def model_dir(self, without_images=(), without_people=()) -> Path:
-        return cached_model(self.world, self.cache, without_images, without_people, self.profile.train, log=lambda s: None)
+        return cached_model(self.world, self.cache, without_images, without_people, self.profile.train, self.profile.model,
+                            log=lambda s: None)
 
     def retain_people(self, forgotten) -> list[str]:
         rest = [n for n in self.world.forget_order() if n not in set(forgotten)]
