@@ -2,7 +2,7 @@
 
     python -m benchmarks.stream_quality [--requests 30] [--world shapes:1] [--scope visual]
                                         [--mechanisms default,budget] [--rollbacks 3] [--fresh-retain]
-                                        [--quick] [--out figures.json] [--plot curves.png]
+                                        [--quick] [--profile 5m] [--out figures.json] [--plot curves.png]
 
 For each mechanism in --mechanisms (MECHANISMS), one stream of one-person requests on a fresh
 registry of the world's vanilla model, through the stream's path (one live model kept by
@@ -36,7 +36,9 @@ forget accuracy against request number, one line per mechanism.
 
 Then --rollbacks requests spread over the stream are rolled back, each alone, on a copy of the
 final registry: the rolled-back person's figure as a share of vanilla's (target at least 90%),
-and how many of the other people stay forgotten (target: all that were).
+and how many of the other people stay forgotten (target: all that were). Last, the same people
+are forgotten at once, by one request on a fresh registry of the mechanism's kind, and the
+summary gives the stream's gap to it (--no-at-once skips it).
 """
 
 import argparse
@@ -120,7 +122,7 @@ def forgotten(person: str, figure: float, vanilla: dict, oracle: dict) -> bool:
 
 
 def run_stream(bench, people: list[str], scope: str, mechanism: str, vanilla: dict, oracle: dict, rollbacks: int,
-               work: Path, fresh_retain: bool = False, log=print) -> dict:
+               work: Path, fresh_retain: bool = False, simultaneous: bool = True, log=print) -> dict:
     fields, options = MECHANISMS[mechanism]
     retained = bench.retain_people(people)
     reg = work / f"registry-{mechanism}"
@@ -173,7 +175,33 @@ def run_stream(bench, people: list[str], scope: str, mechanism: str, vanilla: di
             f"(target at least {BACK:.0%}; retained people are at {after['retain_visual'] / vanilla['retain_visual']:.0%}); "
             f"others still forgotten {row['others_forgotten_after']}/{len(others)} "
             f"(before {row['others_forgotten_before']}), their mean {row['others_mean_before']:.2f} -> {row['others_mean_after']:.2f}")
-    return {"mechanism": mechanism, "steps": steps, "rollbacks": taken_back}
+    return {"mechanism": mechanism, "steps": steps, "rollbacks": taken_back,
+            "at_once": at_once(bench, people, scope, mechanism, work, log) if simultaneous else None}
+
+
+def at_once(bench, people: list[str], scope: str, mechanism: str, work: Path, log=print) -> dict:
+    """The same people forgotten by one request, on a fresh registry of the same kind: what the
+    stream is measured against (its sequential-against-simultaneous gap)."""
+    fields, options = MECHANISMS[mechanism]
+    reg = work / f"registry-{mechanism}-at-once"
+    guard = None
+    if "budget" in options:
+        guard = bench.world.write_jsonl(work / f"guard-{mechanism}.jsonl",
+                                        bench.world.select({"visual", "identity"}, guard_people(bench, people), "test"))
+    init_registry(reg, bench.vanilla, guard=guard, budget=options.get("budget", 0.95), gated=options.get("gated", False))
+    path = write_request(bench, work, "all", people, scope, None, None, as_sent=True, fields=fields)
+    start = time.perf_counter()
+    try:
+        entry = apply_request(reg, read_request(Registry.open(reg).snapshot(), path), show_progress=False)
+        stop, refused = entry["metrics"]["stop"], False
+    except SeqforgetError as e:
+        stop, refused = {"reason": "over_budget" if isinstance(e, OverBudget) else "refused", "message": str(e)}, True
+    seconds = time.perf_counter() - start
+    live = Live.load(Registry.open(reg).snapshot(), bench.vanilla)
+    out = {"seconds": seconds, "stop": stop, "refused": refused,
+           **figures(bench, live.model, live.processor, people, bench.retain_people(people), scope)}
+    shutil.rmtree(reg)
+    return out
 
 
 def step_line(i: int, people: list[str], now: dict, vanilla: dict, oracle: dict, seconds: float, step: dict) -> str:
@@ -212,6 +240,18 @@ def summary(runs: list[dict], people: list[str], vanilla: dict, oracle: dict) ->
                   f"{last['identity']:.2f} (oracle {oracle['identity']:.2f}), membership {last['membership_visual']:.2f} "
                   f"(oracle {oracle['membership_visual']:.2f}); {sum(s['seconds'] for s in run['steps']) / len(people):.1f} s "
                   f"per request"]
+        once = run.get("at_once")
+        if once:
+            once_still = sum(forgotten(p, once["forget"][p], vanilla, oracle) for p in people)
+            once_gap = statistics.mean(abs(once["forget"][p] - oracle["forget"][p]) for p in people)
+            done = "REFUSED" if once["refused"] else once["stop"]["reason"].replace("_", " ")
+            lines.append(f"  at once (one request for all {len(people)}, {once['seconds']:.0f} s, {done}): retain visual "
+                         f"{once['retain_visual'] / vanilla['retain_visual']:.1%}, general "
+                         f"{once['general'] / vanilla['general']:.1%} of vanilla; still forgotten {once_still}/{len(people)}; "
+                         f"mean |forget - oracle| {once_gap:.2f}; identity {once['identity']:.2f}, membership "
+                         f"{once['membership_visual']:.2f}. The stream's gap: retain visual "
+                         f"{(last['retain_visual'] - once['retain_visual']) / vanilla['retain_visual']:+.1%} of vanilla, "
+                         f"mean |forget - oracle| {gap - once_gap:+.2f}")
         for rb in run["rollbacks"]:
             lines.append(f"  rollback of request {rb['position']}: its person back to {rb['back']:.0%} of vanilla "
                          f"(target at least {BACK:.0%}; retained visual then {rb['retain_visual'] / vanilla['retain_visual']:.0%}"
@@ -265,8 +305,12 @@ def main(argv=None) -> None:
     parser.add_argument("--fresh-retain", action="store_true",
                         help="each request brings its own retain sample (default: every request the same one)")
     parser.add_argument("--quick", action="store_true", help="10 requests, one rollback")
+    parser.add_argument("--no-at-once", dest="at_once", action="store_false",
+                        help="skip the one request for all the stream's people that each stream is compared with")
     parser.add_argument("--plot", type=Path, default=None, help="draw the curves into this PNG")
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="default",
+                        help="the world and model size (benchmarks/forget_retain.py PROFILES: the size ladder)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads torch may use")
     parser.add_argument("--cache", type=Path, default=None, help="where worlds and trained models are kept")
     parser.add_argument("--out", type=Path, default=None, help="write every figure to this JSON file")
     args = parser.parse_args(argv)
@@ -282,7 +326,7 @@ def main(argv=None) -> None:
     profile = PROFILES[args.profile]
     profile = replace(profile, world=replace(profile.world, style=style, seed=int(seed)),
                       train=replace(profile.train, seed=int(seed)))
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     bench = prepare(profile, args.cache or cache_root() / "bench")
     people = bench.world.forget_order()[: args.requests]
     check_known(bench, people)
@@ -295,7 +339,7 @@ def main(argv=None) -> None:
         for mechanism in mechanisms:
             print(f"\nstream of {len(people)} {args.scope} requests on {args.world}, {mechanism}")
             runs.append(run_stream(bench, people, args.scope, mechanism, vanilla, oracle, args.rollbacks, Path(work),
-                                   args.fresh_retain))
+                                   args.fresh_retain, args.at_once))
     print("\n" + "\n".join(summary(runs, people, vanilla, oracle)))
     if args.plot:
         plot(runs, people, vanilla, oracle, args.plot, f"{len(people)} {args.scope} requests on {args.world}")

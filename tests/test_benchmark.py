@@ -170,4 +170,10 @@ def test_the_stream_benchmark_keeps_each_registry_within_its_budget_and_draws_it
         assert step["refused"] or step["registry"]["after"] / step["registry"]["base"] >= 0.95
         assert 0 <= step["identity"] <= 1 and 0 <= step["membership_visual"] <= 1 and step["general"] > 0
     assert "registry" in printed and "% of base" in printed
+    # the same two people forgotten by one request, on a registry of its own: the stream's gap to it
+    once = runs["budget"]["at_once"]
+    people = json.loads(out.read_text())["people"]
+    assert set(once["forget"]) == set(people) and 0 <= once["retain_visual"] <= 1
+    assert once["refused"] or once["stop"]["reason"] in ("reached", "retain_guard", "registry_guard", "budget")
+    assert "at once (one request for all 2" in printed and "The stream's gap: retain visual" in printed
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
