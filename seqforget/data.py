@@ -250,3 +250,18 @@ class Rows:
 
     def endless(self, batch_size: int, seed: int):
         return endless(self.examples, batch_size, self.pad_id, seed)
+
+
+@dataclass
+class RequestRows:
+    """A request's rows, encoded as its scope means them (seqforget.engine._encode)."""
+
+    forget: Rows
+    retain: Rows  # what the retain term trains on
+    guard: Rows | None  # retain rows training never sees, which the retain guard watches (None: it watches `retain`)
+    reference: Rows | None  # strangers' versions of the forget rows, which set the level to stop at (None: no level)
+
+    @property
+    def watched(self) -> Rows:
+        """The rows the retain guard watches."""
+        return self.guard if self.guard is not None else self.retain

@@ -144,13 +144,13 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
             live.sync(state)
         model, processor = live.model, live.processor
         targets = _targets(request, method, model)
-        forget, retain, guard, reference = _encode(request, processor, live.encoder)
+        rows = _encode(request, processor, live.encoder)
         keep = _floor(state, request, live.encoder, processor.tokenizer.pad_token_id)
         start = time.perf_counter()
         _reset_peak_rss()
         bases = live.bases(state)
         retained = InputStats(model, targets, request.training.sketch_rank)  # the guard's rows are retained inputs too
-        before = _probes(model, forget, retain, guard, retained, keep)
+        before = _probes(model, rows, retained, keep)
         if keep is not None:
             refuse_if_below(keep, before["registry_guard"]["exact"], request.id)
         grown = time.perf_counter()
@@ -158,10 +158,10 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
         basis_seconds = time.perf_counter() - grown
         nullspaces = _nullspaces(request, targets, bases, added, _held(request, live, state))
         with writer.begin(request.id, method=request.method, scope=request.scope) as txn:
-            adapter, gate, metrics = _unlearn(live, method, request, before, forget, retain, guard, reference, targets, nullspaces,
-                                       Progress(request.training.steps, f"apply {request.id}", show_progress, stop=stop),
-                                       checkpointing, group, keep)
-            keys, metrics["forget_keys"] = _forget_keys(model, forget, targets, bases, added, request)
+            adapter, gate, metrics = _unlearn(live, method, request, before, rows, targets, nullspaces,
+                                              Progress(request.training.steps, f"apply {request.id}", show_progress, stop=stop),
+                                              checkpointing, group, keep)
+            keys, metrics["forget_keys"] = _forget_keys(model, rows.forget, targets, bases, added, request)
             metrics["room"] = _room(model, targets, nullspaces)
             metrics.update(basis=growth, seconds=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb(),
                            dtype=str(model.dtype).removeprefix("torch."), device=str(device_of(model)),
@@ -290,7 +290,7 @@ def _floor(state: Snapshot, request: Request, encoder: data.Encoder, pad: int) -
 REFUSAL_HELD_OUT = 0.25  # share of a refuse request's forget images kept out of training: its stopping rule's unseen views
 
 
-def _encode(request: Request, processor, encoder: data.Encoder) -> tuple[data.Rows, data.Rows, data.Rows | None, data.Rows | None]:
+def _encode(request: Request, processor, encoder: data.Encoder) -> data.RequestRows:
     """Forget, retain, guard and reference rows as the scope means them: a `visual` request
     keeps text-only knowledge (those forget rows join the retain set, and only image rows of the
     reference count); a `refuse` request trains its forget rows towards the refusal, but for a
@@ -327,12 +327,12 @@ def _encode(request: Request, processor, encoder: data.Encoder) -> tuple[data.Ro
     tolerance = request.training.retain_tolerance
     if 0 < tolerance and guard.answer_tokens * tolerance < 1:
         retain, guard = data.Rows(retain.examples + guard.examples, pad), data.Rows([], pad)
-    return forget, retain, guard if len(guard) else None, reference if len(reference) else None
+    return data.RequestRows(forget, retain, guard if len(guard) else None, reference if len(reference) else None)
 
 
-def _unlearn(live: Live, method, request: Request, before: dict, forget: data.Rows, retain: data.Rows,
-             guard: data.Rows | None, reference: data.Rows | None, targets: list[str], nullspaces: dict[str, NullSpace],
-             progress: Progress, checkpointing: bool = False, group: Group | None = None, keep: Floor | None = None):
+def _unlearn(live: Live, method, request: Request, before: dict, rows: data.RequestRows, targets: list[str],
+             nullspaces: dict[str, NullSpace], progress: Progress, checkpointing: bool = False, group: Group | None = None,
+             keep: Floor | None = None):
     """Train the adapter under the null spaces, probe after (`before`: the probes before):
     (adapter, gate, metrics). The live model ends with the adapter composed in (in a gated
     registry, a visual request's behind its gate), pending until the request commits.
@@ -345,13 +345,13 @@ def _unlearn(live: Live, method, request: Request, before: dict, forget: data.Ro
     gate, gate_figures = None, None
     if live.gating is not None and request.scope == "visual":
         _refuse_if_ungated_layers(request, live, targets)
-        gate, gate_figures = _gate(live, forget, retain, settings.seed)  # the request trains behind it
+        gate, gate_figures = _gate(live, rows.forget, rows.retain, settings.seed)  # the request trains behind it
     earlier = (live.earlier_off(settings.earlier_dropout, settings.seed)
                if settings.earlier_dropout > 0 or settings.targets_from_base else None)
     try:
         with progress:
-            trained = train_adapter(model, method, forget, retain, guard, reference, targets, nullspaces, settings,
-                                    progress, earlier, guard_start=before["guard" if guard is not None else "retain"]["token_acc"],
+            trained = train_adapter(model, method, rows, targets, nullspaces, settings, progress, earlier,
+                                    guard_start=before["guard" if rows.guard is not None else "retain"]["token_acc"],
                                     checkpointing=checkpointing, processes=group, floor=keep,
                                     behind=(lambda layers: live.gating.behind(gate, layers)) if gate is not None else None)
     finally:
@@ -361,9 +361,10 @@ def _unlearn(live: Live, method, request: Request, before: dict, forget: data.Ro
     _refuse_if_short(request, trained.stop, keep)
     _refuse_if_unchanged(request, trained.adapter)
     live.add(_pending(request), trained.adapter, gate)
-    after = _after(model, trained, before, forget, retain, guard)
+    after = _after(model, trained, before, rows)
+    guard = rows.guard
     metrics = {"before": before, "after": after,
-               "rows": {"forget": len(forget), "retain": len(retain), "guard": len(guard) if guard else 0,
+               "rows": {"forget": len(rows.forget), "retain": len(rows.retain), "guard": len(guard) if guard else 0,
                         "guard_tokens": guard.answer_tokens if guard else 0},
                "targets": len(targets), "projection": settings.projection and UPDATES[method.adapter_kind].projected,
                "stop": {**trained.stop.record(), "reached": trained.stop.reached}, "gradient_checkpointing": checkpointing,
@@ -503,24 +504,23 @@ def _room(model, targets: list[str], nullspaces: dict[str, NullSpace]) -> dict[s
             for name in targets}
 
 
-def _probes(model, forget: data.Rows, retain: data.Rows, guard: data.Rows | None, retained: InputStats | None = None,
-            keep: Floor | None = None) -> dict:
+def _probes(model, rows: data.RequestRows, retained: InputStats | None = None, keep: Floor | None = None) -> dict:
     """Forget, retain and guard figures, the registry's guard rows' (with `keep`), and the
     projector's condition. `retained`: gathers the statistics of the retained rows' inputs
     while they are probed (forget rows are not, nor the registry's guard rows: the budget
     watches the model on them, and protecting them would only hide what it costs elsewhere)."""
     with retained or contextlib.nullcontext():
-        out = {"retain": probe(model, retain.fixed)}
-        if guard is not None:
-            out["guard"] = probe(model, guard.fixed)
+        out = {"retain": probe(model, rows.retain.fixed)}
+        if rows.guard is not None:
+            out["guard"] = probe(model, rows.guard.fixed)
     if keep is not None:
         out["registry_guard"] = probe(model, keep.rows.fixed)
-    out["forget"] = probe(model, forget.fixed)
-    out["projector_condition"] = _projector_condition(model, forget, retain)
+    out["forget"] = probe(model, rows.forget.fixed)
+    out["projector_condition"] = _projector_condition(model, rows.forget, rows.retain)
     return out
 
 
-def _after(model, trained, before: dict, forget: data.Rows, retain: data.Rows, guard: data.Rows | None) -> dict:
+def _after(model, trained, before: dict, rows: data.RequestRows) -> dict:
     """The figures after training, as `_probes` gives them. The stopping rule probed the forget
     rows and the guard's rows (the retain rows when there is no guard) on the very adapter kept,
     at its check (none kept: the model as before); only what no check saw is probed again, and
@@ -531,13 +531,14 @@ def _after(model, trained, before: dict, forget: data.Rows, retain: data.Rows, g
     after = {"forget": seen["forget"]}
     if "registry_guard" in before:
         after["registry_guard"] = {"exact": kept["retained"] if kept is not None else before["registry_guard"]["exact"]}
-    if guard is not None:
-        after["retain"], after["guard"] = probe(model, retain.fixed), seen["guard"]
+    if rows.guard is not None:
+        after["retain"], after["guard"] = probe(model, rows.retain.fixed), seen["guard"]
     else:
         after["retain"] = seen["guard"]
     projector = projector_name(model)
     moved = projector is not None and any(t.startswith(projector + ".") for t in trained.adapter.modules)
-    after["projector_condition"] = _projector_condition(model, forget, retain) if moved else before["projector_condition"]
+    after["projector_condition"] = (_projector_condition(model, rows.forget, rows.retain) if moved
+                                    else before["projector_condition"])
     return after
 
 

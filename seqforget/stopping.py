@@ -69,7 +69,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from seqforget.budget import Floor
-from seqforget.data import IGNORE, Row, Rows
+from seqforget.data import IGNORE, RequestRows, Row, Rows
 from seqforget.evaluation import probe
 from seqforget.losses import answer_logprob
 
@@ -205,19 +205,20 @@ SHRINKS = 3  # times the retain guard halves the learning rate before it stops t
 class Stopping:
     """Decides, at each check, whether training goes on; keeps the last adapter the guard accepts."""
 
-    def __init__(self, model, forget: Rows, guard: Rows, reference: Rows | None, settings, guard_start: float | None = None,
-                 floor: Floor | None = None):
-        """guard: the retain rows the retain guard watches; guard_start: their token accuracy
-        under `model`, if already probed; floor: what the registry's budget asks of its guard
-        rows (seqforget.budget), or None."""
+    def __init__(self, model, rows: RequestRows, settings, guard_start: float | None = None, floor: Floor | None = None):
+        """rows: the request's; the retain guard watches `rows.watched`. guard_start: their token
+        accuracy under `model`, if already probed; floor: what the registry's budget asks of its
+        guard rows (seqforget.budget), or None."""
+        forget, guard, reference = rows.forget, rows.watched, rows.reference
         self.forget, self.guard, self.settings, self.floor = forget, guard, settings, floor
         self.reference = stranger_level(model, reference) if reference is not None and len(reference) else None
         if self.reference is not None:
             self.levels, self.owners = self.reference.pop("levels"), self.reference.pop("owners")
             self.kinds = forget.kinds or [TEXT_ROWS] * len(forget)
-            rows = probe(model, forget.fixed, per_row=True)
-            self.reference["known_before"] = known_share(rows["row_nll"], self.levels)
-            self.reference["kinds_before"] = by_kind(rows["row_nll"], rows["row_exact"], self.levels, self.owners, self.kinds)
+            probed = probe(model, forget.fixed, per_row=True)
+            self.reference["known_before"] = known_share(probed["row_nll"], self.levels)
+            self.reference["kinds_before"] = by_kind(probed["row_nll"], probed["row_exact"], self.levels, self.owners,
+                                                     self.kinds)
         self.refusal = forget.own_answers is not None and len(forget) > 0  # the forget rows' answer is a refusal
         if self.refusal:
             labels = forget.examples[0].labels

@@ -22,7 +22,7 @@ import torch
 
 from registry import Adapter, pause_point
 from seqforget.budget import Floor
-from seqforget.data import Rows
+from seqforget.data import RequestRows
 from seqforget.distributed import Group
 from seqforget.errors import SeqforgetError
 from seqforget.losses import answer_nll
@@ -40,15 +40,15 @@ class Trained:
     step_seconds: float  # of which in the optimiser steps: forward, backward, update, projection
 
 
-def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None, reference: Rows | None,
-                  targets: list[str], nullspaces: dict[str, NullSpace], settings, progress=None, earlier=None,
+def train_adapter(model, method, rows: RequestRows, targets: list[str], nullspaces: dict[str, NullSpace], settings,
+                  progress=None, earlier=None,
                   guard_start: float | None = None, checkpointing: bool = False, processes: Group | None = None,
                   floor: Floor | None = None, behind=None) -> Trained:
     """Train the method's update on `model` (left unchanged on return) and give back its adapter.
 
-    forget, retain: the request's encoded rows, as the scope means them; guard: retain rows
-    kept out of training that the retain guard watches (None: it watches `retain`); reference: rows
-    the model never saw, which set the level to stop at (seqforget.stopping), or None.
+    rows: the request's encoded rows, as the scope means them: forget and retain rows to train on,
+    the guard's rows the retain guard watches, reference rows that set the level to stop at
+    (seqforget.stopping).
     nullspaces: {module: NullSpace} for the projected layers, or {} for none.
     settings: seqforget.requests.Training. progress: a seqforget.progress.Progress, or None.
     earlier: a seqforget.live.EarlierOff to draw from at every step, or None.
@@ -78,12 +78,12 @@ def train_adapter(model, method, forget: Rows, retain: Rows, guard: Rows | None,
             gated.enter_context(behind(update.layers))
         if checkpointing:  # after PEFT wrapped the model: wrapping a checkpointed one, it adds input hooks of its own
             _checkpointing_on(model)
-        method.prepare(net, forget, retain, reference, original, update)
-        forget_batches = forget.endless(settings.batch_size, settings.seed)
-        retain_batches = retain.endless(settings.batch_size, settings.seed + 1)
+        method.prepare(net, rows.forget, rows.retain, rows.reference, original, update)
+        forget_batches = rows.forget.endless(settings.batch_size, settings.seed)
+        retain_batches = rows.retain.endless(settings.batch_size, settings.seed + 1)
         optimizer = torch.optim.AdamW(update.parameters, lr=settings.lr, weight_decay=0.0)
         with torch.no_grad(), update.original():
-            stopping = Stopping(net, forget, guard if guard is not None else retain, reference, settings, guard_start, floor)
+            stopping = Stopping(net, rows, settings, guard_start, floor)
         stopping.start(update.parameters)
         trajectory, step_seconds = [], 0.0
         bound = getattr(method, "step_guard", None)

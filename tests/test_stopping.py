@@ -120,8 +120,8 @@ def test_the_figures_after_a_request_are_those_of_the_committed_model(world, reg
 def assert_after_figures_are_the_committed_models(reg_dir, request_path, metrics: dict) -> None:
     state = Registry.open(reg_dir).snapshot()
     model, processor = live_model(state)
-    forget, retain, guard, _ = _encode(read_request(state, request_path), processor, Encoder(processor))
-    for name, rows in (("forget", forget), ("retain", retain), ("guard", guard)):
+    encoded = _encode(read_request(state, request_path), processor, Encoder(processor))
+    for name, rows in (("forget", encoded.forget), ("retain", encoded.retain), ("guard", encoded.guard)):
         if rows is not None:
             fresh = probe(model, rows.fixed)
             assert fresh["nll"] == pytest.approx(metrics["after"][name]["nll"], rel=1e-4, abs=1e-6), name
