@@ -199,9 +199,9 @@ def stream(source, registry_path, model_dir, dtype, device, checkpointing, once,
     Each request is applied once; after a stop or a kill, the next start goes on where it
     stopped. Refused requests are recorded (see `status`) and skipped. SIGTERM or Ctrl-C
     stops after the request in hand (one still training is abandoned, nothing committed)."""
-    from seqforget.stream import Stop, run_stream
+    from seqforget.stream import StopSignal, run_stream
 
-    with Stop() as stop:
+    with StopSignal() as stop:
         tally = run_stream(registry_path, source, model_dir, once=once, poll=poll, show_progress=not quiet,
                            log=click.echo, stop=stop, wait=wait, dtype=dtype, checkpointing=checkpointing, device=device)
     ended = f"stopped by {stop.signal}" if stop.signal else "drained"

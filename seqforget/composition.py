@@ -76,7 +76,7 @@ def term(adapter: Adapter, module: str) -> torch.Tensor:
     return torch.round(d / QUANTUM).to(torch.int64)  # dividing by a power of two is exact
 
 
-def terms(model: nn.Module, adapters: list[Adapter]) -> dict[str, torch.Tensor]:
+def summed_terms(model: nn.Module, adapters: list[Adapter]) -> dict[str, torch.Tensor]:
     """Per layer, the exact sum of the adapters' terms, after checking each fits its layer."""
     modules = dict(model.named_modules())
     totals: dict[str, torch.Tensor] = {}
@@ -105,6 +105,6 @@ def compose(model: nn.Module, adapters: list[Adapter], direction: int = +1) -> N
     place is exact up to that rounding; seqforget.live keeps the base weights and the sums
     so that its rollbacks are exact."""
     modules = dict(model.named_modules())
-    for name, total in terms(model, adapters).items():
+    for name, total in summed_terms(model, adapters).items():
         w = modules[name].weight
         w.copy_(added(w, total, direction))

@@ -158,8 +158,8 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
         basis_seconds = time.perf_counter() - grown
         nullspaces = _nullspaces(request, targets, bases, added, _held(request, live, state))
         with writer.begin(request.id, method=request.method, scope=request.scope) as txn:
-            adapter, gate, metrics = _unlearn(live, method, request, before, rows, targets, nullspaces,
-                                              Progress(request.training.steps, f"apply {request.id}", show_progress, stop=stop),
+            progress = Progress(request.training.steps, f"apply {request.id}", show_progress, stop=stop)
+            adapter, gate, metrics = _unlearn(live, method, request, before, rows, targets, nullspaces, progress,
                                               checkpointing, group, keep)
             keys, metrics["forget_keys"] = _forget_keys(model, rows.forget, targets, bases, added, request)
             metrics["room"] = _room(model, targets, nullspaces)
@@ -179,7 +179,7 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
                                 "metrics": _summary(metrics, state.guard), **({"stream": source} if source else {})})
             if group.main:
                 group.wait()  # the others (seqforget.distributed.Follower) return the entry this commit wrote
-        live.commit(_pending(request), entry)
+        live.commit(_pending_key(request), entry)
         return entry
 
 
@@ -360,7 +360,7 @@ def _unlearn(live: Live, method, request: Request, before: dict, rows: data.Requ
     _refuse_if_diverged(request, trained.adapter)
     _refuse_if_short(request, trained.stop, keep)
     _refuse_if_unchanged(request, trained.adapter)
-    live.add(_pending(request), trained.adapter, gate)
+    live.add(_pending_key(request), trained.adapter, gate)
     after = _after(model, trained, before, rows)
     guard = rows.guard
     metrics = {"before": before, "after": after,
@@ -398,7 +398,7 @@ def _refuse_if_ungated_layers(request: Request, live: Live, targets: list[str]) 
                              f"tower and the projector, not {', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''}")
 
 
-def _pending(request: Request) -> str:
+def _pending_key(request: Request) -> str:
     return f"pending:{request.id}"
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from registry import GATE_FILE, Adapter, Basis, Snapshot
-from seqforget.composition import added, delta, low_rank, terms
+from seqforget.composition import added, delta, low_rank, summed_terms
 from seqforget.data import Encoder
 from seqforget.distributed import own, rows
 from seqforget.errors import SeqforgetError
@@ -62,8 +62,8 @@ class Live:
         self.gating = Gating(model) if gated else None  # the gated terms, applied by hooks
         self.encoder = Encoder(processor)  # requests' rows, encoded (a stream's requests share most of theirs)
         self._terms: dict[str, Adapter] = {}  # entry key -> the adapter of each term composed in
-        self._pending: set[str] = set()  # keys of terms added before their request committed
-        self._base: dict[str, torch.Tensor] = {}  # layer -> its base weight, kept once a term touches it
+        self._uncommitted: set[str] = set()  # keys of terms added before their request committed
+        self._base_weights: dict[str, torch.Tensor] = {}  # layer -> its base weight, kept once a term touches it
         self._sums: dict[str, torch.Tensor] = {}  # layer -> exact sum of the active terms (int64 quanta)
         self._bases: dict[str, dict[str, Basis]] = {}  # entry key -> the basis columns that request added
         self._keys: dict[str, dict[str, Basis]] = {}  # entry key -> that request's forget keys
@@ -87,20 +87,20 @@ class Live:
             if key not in self._terms:
                 arrays = state.arrays(entry, GATE_FILE)
                 self._put_on(key, state.adapter(entry), Gate.from_arrays(arrays) if arrays is not None else None)
-        self._pending.clear()
+        self._uncommitted.clear()
 
     def add(self, key: str, adapter: Adapter, gate: Gate | None = None) -> None:
         """Compose a request that is not committed yet (with `gate`: apply it where the gate
         picks); `sync` takes it off again unless the snapshot it is given lists it (by `entry_key`)."""
         self._put_on(key, adapter, gate)
-        self._pending.add(key)
+        self._uncommitted.add(key)
 
     def commit(self, key: str, entry: dict) -> None:
         """The pending term `key` committed as `entry`: it is now known by the entry's key."""
         self._terms[entry_key(entry)] = self._terms.pop(key)
         if self.gating is not None and key in self.gating.keys:
             self.gating.rename(key, entry_key(entry))
-        self._pending.discard(key)
+        self._uncommitted.discard(key)
 
     def _put_on(self, key: str, adapter: Adapter, gate: Gate | None) -> None:
         if gate is None:
@@ -121,14 +121,14 @@ class Live:
     @torch.no_grad()
     def _change(self, key: str, adapter: Adapter, direction: int) -> None:
         modules = dict(self.model.named_modules())
-        for name, t in terms(self.model, [adapter]).items():
+        for name, t in summed_terms(self.model, [adapter]).items():
             weight = modules[name].weight
             t = rows(weight, t)  # of a sharded weight, the rows this process holds
-            if name not in self._base:
-                self._base[name] = own(weight).detach().to("cpu", copy=True)  # kept off the model's device
+            if name not in self._base_weights:
+                self._base_weights[name] = own(weight).detach().to("cpu", copy=True)  # kept off the model's device
                 self._sums[name] = torch.zeros_like(t)
             self._sums[name] += direction * t
-            own(weight).copy_(added(self._base[name], self._sums[name]))
+            own(weight).copy_(added(self._base_weights[name], self._sums[name]))
         if direction > 0:
             self._terms[key] = adapter
         else:
@@ -139,14 +139,15 @@ class Live:
         and keep of each base copy and sum only the rows this process holds."""
         group.shard(self.model, device, keep)
         modules = dict(self.model.named_modules())
-        for name in self._base:
+        for name in self._base_weights:
             weight = modules[name].weight
-            self._base[name], self._sums[name] = rows(weight, self._base[name]), rows(weight, self._sums[name])
+            self._base_weights[name] = rows(weight, self._base_weights[name])
+            self._sums[name] = rows(weight, self._sums[name])
 
     def earlier_off(self, p: float, seed: int) -> "EarlierOff":
         """Switches for the committed active terms, each off with probability `p` at every draw."""
         gated = set(self.gating.keys) if self.gating is not None else set()
-        committed = {key: a for key, a in self._terms.items() if key not in self._pending and key not in gated}
+        committed = {key: a for key, a in self._terms.items() if key not in self._uncommitted and key not in gated}
         return EarlierOff(self.model, committed, p, seed)
 
     def bases(self, state: Snapshot) -> dict[str, Basis]:
@@ -158,7 +159,7 @@ class Live:
         of its change D: D^T D = F F^T, so span(F) holds every input direction the term reads."""
         out: dict[str, list[torch.Tensor]] = {}
         for key, adapter in self._terms.items():
-            if key in self._pending:
+            if key in self._uncommitted:
                 continue
             for name in adapter.modules:
                 factors = low_rank(adapter, name)

@@ -95,7 +95,7 @@ def _jsonl_items(path: Path) -> list[Item]:
     return items
 
 
-class Stop:
+class StopSignal:
     """Set by SIGTERM or SIGINT while the stream runs; the previous handlers come back after."""
 
     def __init__(self):
@@ -105,7 +105,7 @@ class Stop:
     def __call__(self) -> bool:
         return self.signal is not None
 
-    def __enter__(self) -> "Stop":
+    def __enter__(self) -> "StopSignal":
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -127,7 +127,7 @@ class Tally:
 
 
 def run_stream(root: Path, source: Path, model_dir: Path | None = None, once: bool = False, poll: float = 2.0,
-               show_progress: bool = True, log=print, stop: Stop | None = None, wait: bool = True,
+               show_progress: bool = True, log=print, stop: StopSignal | None = None, wait: bool = True,
                dtype: str | None = None, checkpointing: bool = False, device: str | None = None) -> Tally:
     """Apply SOURCE's requests in order until it is drained (`once`) or a stop is asked for.
     The registry's lock is held for each request in hand, not while the stream waits for more;
@@ -138,10 +138,10 @@ def run_stream(root: Path, source: Path, model_dir: Path | None = None, once: bo
     state = reg.snapshot()
     live = Live.load(state, base_model_dir(state, model_dir), dtype, device)
     tally = Tally()
-    stop = stop or Stop()
+    stop = stop or StopSignal()
     handled: set[tuple[str, str]] = set()  # items this run took, whatever came of them (an equal re-sent one leaves no record)
     while not stop():
-        todo = [i for i in _pending(reg, read_source(source)) if (i.source, i.digest) not in handled]
+        todo = [i for i in _not_applied(reg, read_source(source)) if (i.source, i.digest) not in handled]
         for n, item in enumerate(todo, start=1):
             if stop():
                 break
@@ -156,7 +156,7 @@ def run_stream(root: Path, source: Path, model_dir: Path | None = None, once: bo
     return tally
 
 
-def _pending(reg: Registry, items: list[Item]) -> list[Item]:
+def _not_applied(reg: Registry, items: list[Item]) -> list[Item]:
     """The items not yet done: neither committed from this very text nor rejected for it."""
     state = reg.snapshot()
     seen = {(e["stream"]["source"], e["stream"]["digest"]) for e in state.requests if e.get("stream")}
@@ -164,7 +164,7 @@ def _pending(reg: Registry, items: list[Item]) -> list[Item]:
     return [i for i in items if (i.source, i.digest) not in seen]
 
 
-def _one(reg: Registry, item: Item, live: Live, counter: str, show_progress: bool, log, stop: Stop, tally: Tally,
+def _one(reg: Registry, item: Item, live: Live, counter: str, show_progress: bool, log, stop: StopSignal, tally: Tally,
          wait: bool, checkpointing: bool = False) -> None:
     start = time.perf_counter()
     try:
@@ -199,7 +199,7 @@ def _one(reg: Registry, item: Item, live: Live, counter: str, show_progress: boo
         f"{', partial' if entry.get('partial') else ''}")
 
 
-def _sleep(seconds: float, stop: Stop) -> None:
+def _sleep(seconds: float, stop: StopSignal) -> None:
     end = time.monotonic() + seconds
     while not stop() and time.monotonic() < end:
         time.sleep(min(0.2, end - time.monotonic()))
