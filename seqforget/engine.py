@@ -43,7 +43,7 @@ from seqforget.progress import Progress
 from seqforget.projection import Factor, NullSpace, Sketch, extend_basis
 from seqforget.requests import Request, load_request, parse_request
 from seqforget.scopes import ARCHITECTURES, SCOPES, match_layers, scope_layers
-from seqforget.stopping import REFUSED, SARR, kept_check, refusal_figures, row_kind, stranger_rows
+from seqforget.stopping import Stop, kept_check, refusal_figures, row_kind, stranger_rows
 from seqforget.training import train_adapter
 from seqforget.updates import UPDATES
 
@@ -526,7 +526,7 @@ def _after(model, trained, before: dict, rows: data.RequestRows) -> dict:
     at its check (none kept: the model as before); only what no check saw is probed again, and
     the projector's condition only if the adapter changed the projector."""
     stop = trained.stop
-    kept = kept_check(stop.checks, stop.step)
+    kept = stop.kept
     seen = {"forget": before["forget"], "guard": before.get("guard", before["retain"])} if kept is None else kept
     after = {"forget": seen["forget"]}
     if "registry_guard" in before:
@@ -563,40 +563,18 @@ def _refuse_if_unchanged(request: Request, adapter) -> None:
                          f"guards undo every step?). Nothing was committed")
 
 
-def _refuse_if_short(request: Request, stop, keep: Floor | None = None) -> None:
+def _refuse_if_short(request: Request, stop: Stop, keep: Floor | None = None) -> None:
     """A request that did not reach its level is not committed silently; one that the registry's
     budget stopped is refused with its own exit status, partial or not if it kept no step."""
     if stop.reached or (request.partial and not (stop.reason == "registry_guard" and stop.step == 0)):
         return
-    last = stop.checks[-1] if stop.checks else None
+    why = stop.shortfall(request.training.steps, request.training.retain_tolerance, keep)
     if stop.reason == "registry_guard":
-        kept = kept_check(stop.checks, stop.step)
-        lowest = min(c["retained"] for c in stop.checks)
-        within = f"step {stop.step}, at {keep.share(kept['retained']):.1%}" if kept else "none"
-        raise OverBudget(f"request {request.id} would take the registry below its budget of {keep.budget:.0%} of the "
-                         f"base model's answers on its guard rows (it reached {keep.share(lowest):.1%}), and its last "
-                         f"step within the budget ({within}) had not reached its level. Nothing was committed: "
-                         + ("lower its lr, or roll back an earlier request" if kept is None else
+        raise OverBudget(f"request {request.id} {why}. Nothing was committed: "
+                         + ("lower its lr, or roll back an earlier request" if stop.kept is None else
                             "set partial: true to commit that step, or roll back an earlier request"))
-    if stop.rule == "refusal":
-        figures = refusal_figures(stop.checks, stop.step)
-        seen = (f"at step {stop.step} it refused {figures['trained']:.0%} of its trained forget questions, "
-                + (f"{figures['held_out']:.0%} of those about images it never trained on, "
-                   if figures["held_out"] is not None else "")
-                + f"and {figures['sarr']:.0%} of the retained questions" if figures else "it kept no step")
-        why = ("the retain guard stopped it" if stop.reason == "retain_guard"
-               else f"its budget of {request.training.steps} steps ran out")
-        raise SeqforgetError(f"request {request.id} did not learn its refusal ({REFUSED:.0%} of its forget questions "
-                             f"refused, at most {SARR:.0%} of retained ones): {why}; {seen}. Nothing was committed: "
-                             f"raise steps or lr, or set partial: true to commit it as it is")
-    where = (f"forget median NLL {last['forget']['median_nll']:.2f} against the reference's "
-             f"{stop.reference['median_nll']:.2f}" if last and stop.reference else "no reference rows")
-    why = ("the retain guard stopped it (the retain accuracy it watches fell more than "
-           f"{request.training.retain_tolerance} at step {last['step']})" if stop.reason == "retain_guard" and last
-           else f"its budget of {request.training.steps} steps ran out")
-    raise SeqforgetError(f"request {request.id} did not reach the level of a model that never saw its rows: {why}; "
-                         f"{where}. Nothing was committed: raise steps or lr, or set partial: true to commit it as it is")
-
+    raise SeqforgetError(f"request {request.id} {why}. Nothing was committed: raise steps or lr, or set partial: true "
+                         f"to commit it as it is")
 
 def _summary(metrics: dict, guard: dict | None = None) -> dict:
     """The figures the manifest keeps for `status`: before -> after of each probe, and the stop;

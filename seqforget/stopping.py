@@ -176,8 +176,40 @@ class Stop:
         """Whether the request did what its rule asks: the reference level, or its whole budget."""
         return self.reason == "reached" or (self.rule == "budget" and self.reason == "budget")
 
+    @property
+    def kept(self) -> dict | None:
+        """The check whose adapter was kept; None if none was (step 0)."""
+        return kept_check(self.checks, self.step)
+
     def record(self) -> dict:
         return asdict(self)
+
+    def shortfall(self, steps: int, tolerance: float, floor: Floor | None = None) -> str:
+        """How training ended short of its level, in words, for a request of `steps` steps whose
+        retain guard allowed `tolerance` (and whose registry's budget is `floor`)."""
+        last = self.checks[-1] if self.checks else None
+        if self.reason == "registry_guard":
+            kept = self.kept
+            lowest = min(c["retained"] for c in self.checks)
+            within = f"step {self.step}, at {floor.share(kept['retained']):.1%}" if kept else "none"
+            return (f"would take the registry below its budget of {floor.budget:.0%} of the base model's answers on "
+                    f"its guard rows (it reached {floor.share(lowest):.1%}), and its last step within the budget "
+                    f"({within}) had not reached its level")
+        if self.rule == "refusal":
+            figures = refusal_figures(self.checks, self.step)
+            seen = (f"at step {self.step} it refused {figures['trained']:.0%} of its trained forget questions, "
+                    + (f"{figures['held_out']:.0%} of those about images it never trained on, "
+                       if figures["held_out"] is not None else "")
+                    + f"and {figures['sarr']:.0%} of the retained questions" if figures else "it kept no step")
+            why = "the retain guard stopped it" if self.reason == "retain_guard" else f"its budget of {steps} steps ran out"
+            return (f"did not learn its refusal ({REFUSED:.0%} of its forget questions refused, at most {SARR:.0%} of "
+                    f"retained ones): {why}; {seen}")
+        where = (f"forget median NLL {last['forget']['median_nll']:.2f} against the reference's "
+                 f"{self.reference['median_nll']:.2f}" if last and self.reference else "no reference rows")
+        why = ("the retain guard stopped it (the retain accuracy it watches fell more than "
+               f"{tolerance} at step {last['step']})" if self.reason == "retain_guard" and last
+               else f"its budget of {steps} steps ran out")
+        return f"did not reach the level of a model that never saw its rows: {why}; {where}"
 
 
 def kept_check(checks: list[dict], step: int) -> dict | None:
@@ -200,6 +232,15 @@ def refuses(check: dict) -> bool:
 
 
 SHRINKS = 3  # times the retain guard halves the learning rate before it stops training
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a check tells training to do."""
+
+    stop: bool  # training ends here, with the adapter now in the parameters
+    lr_scale: float  # go on at settings.lr times this
+    rolled_back: bool  # the parameters were put back to the last adapter kept: the optimiser's moments are stale
 
 
 class Stopping:
@@ -228,21 +269,20 @@ class Stopping:
         self.kept_step, self.kept = 0, None
         self.reason = "budget"
         self.shrinks, self.lr_scale = 0, 1.0  # the learning rate is settings.lr * lr_scale
-        self.rolled_back = False  # whether the last check put the kept adapter back
 
     def start(self, params: list[torch.nn.Parameter]) -> None:
         """Keep the untrained adapter: what the guard goes back to if the first check fails."""
         self.kept = [p.detach().clone() for p in params]
 
-    def check(self, model, step: int, params: list[torch.nn.Parameter]) -> bool:
-        """True when training should stop (the adapter in `params` is then the one to keep)."""
+    def check(self, model, step: int, params: list[torch.nn.Parameter]) -> Decision:
+        """Probe the model at `step`, put the last adapter kept back into `params` if the retain
+        guard or the registry's budget objects, and say whether and how training goes on."""
         forget = probe(model, self.forget.fixed, per_row=self.reference is not None)
         if self.reference is not None:
             row_nll, row_exact = forget.pop("row_nll"), forget.pop("row_exact")
             forget["known"] = known_share(row_nll, self.levels)
             forget["kinds"] = by_kind(row_nll, row_exact, self.levels, self.owners, self.kinds)
         guard = probe(model, self.guard.fixed, self.refusal_token if self.refusal else None)
-        self.rolled_back = False
         record = {"step": step, "forget": forget, "guard": guard}
         if self.refusal:
             held = self.forget.held_out
@@ -256,26 +296,25 @@ class Stopping:
             with torch.no_grad():
                 for p, kept in zip(params, self.kept):
                     p.copy_(kept)
-            self.rolled_back = True
             which = "registry budget" if below else "retain guard"
             if self.shrinks < SHRINKS and step < self.settings.steps:
                 self.shrinks += 1
                 self.lr_scale /= 2
                 record["decision"] = f"{which}: back to step {self.kept_step}, learning rate x{self.lr_scale:g}"
-                return False
+                return Decision(False, self.lr_scale, rolled_back=True)
             record["decision"] = f"{which}: back to step {self.kept_step}, stopped"
             self.reason = "registry_guard" if below else "retain_guard"
-            return True
+            return Decision(True, self.lr_scale, rolled_back=True)
         self.kept_step, self.kept = step, [p.detach().clone() for p in params]
         if self.reference is not None and forget["median_nll"] >= self.reference["median_nll"]:
             record["decision"] = "reached the reference level"
             self.reason = "reached"
-            return True
+            return Decision(True, self.lr_scale, rolled_back=False)
         if self.refusal and refuses(record):
             record["decision"] = "refuses its questions"
             self.reason = "reached"
-            return True
-        return False
+            return Decision(True, self.lr_scale, rolled_back=False)
+        return Decision(False, self.lr_scale, rolled_back=False)
 
     def result(self) -> Stop:
         rule = "reference" if self.reference is not None else "refusal" if self.refusal else "budget"

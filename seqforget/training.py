@@ -116,13 +116,13 @@ def train_adapter(model, method, rows: RequestRows, targets: list[str], nullspac
             if step % settings.check_every == 0 or step == settings.steps:
                 net.eval()
                 with signed(update.signed, method.sign):  # probe the update the registry will store
-                    done = stopping.check(net, step, update.parameters)
+                    decision = stopping.check(net, step, update.parameters)
                 for group in optimizer.param_groups:
-                    group["lr"] = settings.lr * stopping.lr_scale
-                if stopping.rolled_back:
+                    group["lr"] = settings.lr * decision.lr_scale
+                if decision.rolled_back:
                     optimizer.state.clear()  # AdamW's moments would push straight back where the guard undid
                 net.train()
-                if done:
+                if decision.stop:
                     break
         adapter = update.adapter(method.sign)
     finally:
