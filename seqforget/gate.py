@@ -16,8 +16,12 @@ come from the request's forget images and random views of them (representations.
 their mean and the principal directions of their covariance, shrunk towards the mean
 variance per dimension so that views off those directions stay near. The threshold lies
 midway (geometrically) between the farthest forget view and the nearest retain image of the
-request; where they overlap, it takes every forget view in. A gate is d x k numbers, like a
-basis: it reveals where a person's images lie in feature space, not the images.
+request; where they overlap, it takes every forget view in. Within the threshold, each of the
+request's retain images vetoes what lies nearer to it than to the forget set's centre (in the
+same distance): a retained face like the forgotten one is seldom nearer the centre than to the
+other views of a retained face like it. A gate is d x k numbers about the forget set, like a
+basis (it reveals where a person's images lie in feature space, not the images), and the
+features of the retain images the request brought.
 
 `Gating` is the hooks: before the vision tower runs on a batch, it runs the tower once more
 with every gated term off, scores each image (or crop) against every gate, and the gated
@@ -63,6 +67,7 @@ class Gate:
     weights: torch.Tensor  # (k,) 1 / (variance along each + floor) - 1 / floor
     floor: float  # the shrinkage: the forget views' mean variance per dimension
     threshold: float  # a score at most this picks the image
+    retain: torch.Tensor | None = None  # (m, d) float64: the request's retain images, each of which vetoes what lies nearer it
 
     def scores(self, features: torch.Tensor) -> torch.Tensor:
         """(n,) the squared Mahalanobis distance of each feature row (n, d) to the forget set, per dimension."""
@@ -70,23 +75,38 @@ class Gate:
         along = c @ self.directions  # (n, k)
         return ((c * c).sum(1) / self.floor + (along * along) @ self.weights) / c.shape[1]
 
+    def between(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """(n, m) the same distance between each row of a (n, d) and each row of b (m, d)."""
+        a, b = a.double(), b.double()
+        plain = torch.cdist(a, b).pow(2) / self.floor  # (n, m)
+        along = (a @ self.directions)[:, None, :] - (b @ self.directions)[None, :, :]  # (n, m, k)
+        return (plain + (along * along) @ self.weights) / a.shape[1]
+
     def picks(self, features: torch.Tensor) -> torch.Tensor:
-        return self.scores(features) <= self.threshold
+        """Images within the threshold that lie nearer the forget set's centre than any retain image."""
+        s = self.scores(features)
+        picked = s <= self.threshold
+        if self.retain is not None and len(self.retain) and picked.any():
+            picked &= s < self.between(features, self.retain).min(1).values
+        return picked
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"mean": self.mean.numpy(), "directions": self.directions.numpy(), "weights": self.weights.numpy(),
-                "floor": np.array([self.floor]), "threshold": np.array([self.threshold])}
+                "floor": np.array([self.floor]), "threshold": np.array([self.threshold]),
+                **({"retain": self.retain.float().numpy()} if self.retain is not None else {})}
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray]) -> "Gate":
         try:
             gate = cls(torch.from_numpy(arrays["mean"]).double(), torch.from_numpy(arrays["directions"]).double(),
                        torch.from_numpy(arrays["weights"]).double(), float(arrays["floor"][0]),
-                       float(arrays["threshold"][0]))
+                       float(arrays["threshold"][0]),
+                       torch.from_numpy(arrays["retain"]).double() if "retain" in arrays else None)
         except (KeyError, IndexError) as e:
             raise SeqforgetError(f"a stored gate lacks its {e}") from e
         d, k = gate.directions.shape
-        if gate.mean.shape != (d,) or gate.weights.shape != (k,) or not gate.floor > 0:
+        if (gate.mean.shape != (d,) or gate.weights.shape != (k,) or not gate.floor > 0
+                or (gate.retain is not None and (gate.retain.dim() != 2 or gate.retain.shape[1] != d))):
             raise SeqforgetError("a stored gate's arrays do not fit together")
         return gate
 
@@ -118,9 +138,21 @@ def fit(forget: list[torch.Tensor], retain: torch.Tensor) -> tuple[Gate, dict]:
     takes = (farthest * max(unseen, farthest)) ** 0.5
     nearest = float(gate.scores(retain).min()) if len(retain) else float("inf")
     gate.threshold = (takes * nearest) ** 0.5 if nearest > takes else takes
+    gate.retain = retain.float().double()  # as it is stored: in float32
     return gate, {"farthest_forget": farthest, "unseen_forget": unseen, "nearest_retain": nearest,
-                  "threshold": gate.threshold, "views": len(x),
-                  "retain_picked": float(gate.picks(retain).double().mean()) if len(retain) else 0.0}
+                  "threshold": gate.threshold, "views": len(x), "retain_picked": _retain_picked(gate)}
+
+
+def _retain_picked(gate: Gate) -> float:
+    """The share of the gate's retain images it would pick if each were not among them: a retain
+    image vetoes itself, so each is judged by the others' vetoes (a retained person the request
+    did not bring has none of their own)."""
+    r = gate.retain
+    if r is None or not len(r):
+        return 0.0
+    others = gate.between(r, r).fill_diagonal_(float("inf")).min(1).values
+    s = gate.scores(r)
+    return float(((s <= gate.threshold) & (s < others)).double().mean())
 
 
 def vision_tower(model: nn.Module) -> tuple[str, nn.Module]:

@@ -2,6 +2,8 @@
 other image goes through the base model's vision side, bit for bit, and a rollback takes the
 term and its gate off exactly."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from registry import GATE_FILE, Registry
 from seqforget import data
 from seqforget.engine import apply_request, export_model, init_registry, live_model, rollback_request
 from seqforget.errors import SeqforgetError
-from seqforget.gate import CELLS, TRAINEE, Gating, fit, pooled
+from seqforget.gate import CELLS, TRAINEE, Gate, Gating, fit, pooled
 from seqforget.live import Live
 from seqforget.models import load_model
 from seqforget.requests import Training
@@ -36,10 +38,37 @@ def test_a_gate_takes_every_forget_view_and_sets_its_threshold_between_them_and_
     unseen = centre + torch.randn(20, d, generator=g) * 0.3  # views of the same person it never saw
     assert gate.picks(unseen).float().mean() >= 0.9
 
-    # where retain images lie among the forget views, the forget views are still taken in
+    # where retain images lie among the forget views, the threshold still takes every forget view in;
+    # the views the retain images stand on are theirs, and the retain images tell on each other
     mixed, figures = fit(forget, torch.cat([retain, views[:3] + 1e-3]))
-    assert mixed.picks(views).all() and mixed.threshold == pytest.approx(takes, rel=1e-6)
-    assert figures["retain_picked"] > 0
+    assert mixed.threshold == pytest.approx(takes, rel=1e-6)
+    assert not mixed.picks(views[:3]).any()
+    others = views[9:]  # the other images' views: taken in, but for those nearer a retain image than the centre
+    picked = mixed.picks(others)
+    nearer = mixed.between(others, views[:3] + 1e-3).min(1).values < mixed.scores(others)
+    assert picked.float().mean() >= 0.85 and torch.equal(picked, ~nearer)
+    assert figures["retain_picked"] == pytest.approx(3 / 63)  # each of the three, judged without itself, by the others'
+
+
+def test_a_retain_image_keeps_a_gate_from_the_views_that_lie_nearer_it_than_the_forget_set():
+    g = torch.Generator().manual_seed(1)
+    d = 12
+    centre = torch.full((d,), 2.0)
+    forget = [centre + torch.randn(9, d, generator=g) * 0.3 for _ in range(4)]
+    lookalike = centre + 0.6  # a retained face within the gate's reach
+    retain = torch.cat([torch.randn(60, d, generator=g), lookalike[None]])
+    gate, _ = fit(forget, retain)
+    assert not gate.picks(lookalike[None]).any()  # the threshold lies between the forget views and it
+    # the lookalike's views that the request never brought, a little nearer the forget set: within the threshold
+    other_views = gate.mean.float() + 0.8 * (lookalike - gate.mean.float()) + torch.randn(20, d, generator=g) * 0.01
+    unvetoed = replace(gate, retain=None)
+    assert unvetoed.picks(other_views).all()  # within the threshold
+    assert not gate.picks(other_views).any()  # but nearer the lookalike than the forget set's centre
+    unseen = centre + torch.randn(20, d, generator=g) * 0.3  # the forgotten person's views are still taken in
+    assert gate.picks(unseen).float().mean() >= 0.9
+    stored = Gate.from_arrays(gate.arrays())  # the retain images travel with the gate, in float32
+    assert torch.equal(stored.picks(torch.cat([other_views, unseen])), gate.picks(torch.cat([other_views, unseen])))
+    assert stored.retain.shape == (61, d)
 
 
 def test_a_gates_features_keep_where_things_lie_in_the_image():
