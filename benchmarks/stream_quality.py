@@ -121,16 +121,23 @@ def forgotten(person: str, figure: float, vanilla: dict, oracle: dict) -> bool:
     return abs(figure - oracle["forget"][person]) < abs(figure - vanilla["forget"][person])
 
 
-def run_stream(bench, people: list[str], scope: str, mechanism: str, vanilla: dict, oracle: dict, rollbacks: int,
-               work: Path, fresh_retain: bool = False, simultaneous: bool = True, log=print) -> dict:
-    fields, options = MECHANISMS[mechanism]
-    retained = bench.retain_people(people)
-    reg = work / f"registry-{mechanism}"
+def new_registry(bench, people: list[str], mechanism: str, reg: Path) -> Path:
+    """A registry of the world's vanilla model with the mechanism's options (MECHANISMS): with a
+    budget, its guard set holds the held-out views of guard_people."""
+    options = MECHANISMS[mechanism][1]
     guard = None
     if "budget" in options:
-        guard = bench.world.write_jsonl(work / f"guard-{mechanism}.jsonl",
+        guard = bench.world.write_jsonl(reg.parent / f"guard-{mechanism}.jsonl",
                                         bench.world.select({"visual", "identity"}, guard_people(bench, people), "test"))
     init_registry(reg, bench.vanilla, guard=guard, budget=options.get("budget", 0.95), gated=options.get("gated", False))
+    return reg
+
+
+def run_stream(bench, people: list[str], scope: str, mechanism: str, vanilla: dict, oracle: dict, rollbacks: int,
+               work: Path, fresh_retain: bool = False, simultaneous: bool = True, log=print) -> dict:
+    fields = MECHANISMS[mechanism][0]
+    retained = bench.retain_people(people)
+    reg = new_registry(bench, people, mechanism, work / f"registry-{mechanism}")
     live = Live.load(Registry.open(reg).snapshot(), bench.vanilla)
     steps = []
     for i, person in enumerate(people, start=1):
@@ -182,13 +189,8 @@ def run_stream(bench, people: list[str], scope: str, mechanism: str, vanilla: di
 def at_once(bench, people: list[str], scope: str, mechanism: str, work: Path, log=print) -> dict:
     """The same people forgotten by one request, on a fresh registry of the same kind: what the
     stream is measured against (its sequential-against-simultaneous gap)."""
-    fields, options = MECHANISMS[mechanism]
-    reg = work / f"registry-{mechanism}-at-once"
-    guard = None
-    if "budget" in options:
-        guard = bench.world.write_jsonl(work / f"guard-{mechanism}.jsonl",
-                                        bench.world.select({"visual", "identity"}, guard_people(bench, people), "test"))
-    init_registry(reg, bench.vanilla, guard=guard, budget=options.get("budget", 0.95), gated=options.get("gated", False))
+    fields = MECHANISMS[mechanism][0]
+    reg = new_registry(bench, people, mechanism, work / f"registry-{mechanism}-at-once")
     path = write_request(bench, work, "all", people, scope, None, None, as_sent=True, fields=fields)
     start = time.perf_counter()
     try:
