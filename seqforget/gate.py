@@ -18,10 +18,10 @@ variance per dimension so that views off those directions stay near. The thresho
 midway (geometrically) between the farthest forget view and the nearest retain image of the
 request; where they overlap, it takes every forget view in. Within the threshold, each of the
 request's retain images vetoes what lies nearer to it than to the forget set's centre (in the
-same distance): a retained face like the forgotten one is seldom nearer the centre than to the
-other views of a retained face like it. A gate is d x k numbers about the forget set, like a
-basis (it reveals where a person's images lie in feature space, not the images), and the
-features of the retain images the request brought.
+same distance): the threshold alone lets in retained faces that look like the forgotten one,
+and the retain images of such faces keep them out. A gate is d x k numbers about the forget
+set, like a basis (it reveals where a person's images lie in feature space, not the images),
+and the features of the retain images the request brought.
 
 `Gating` is the hooks: before the vision tower runs on a batch, it runs the tower once more
 with every gated term off, scores each image (or crop) against every gate, and the gated
