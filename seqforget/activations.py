@@ -5,10 +5,7 @@ import torch
 from torch import nn
 
 from seqforget.losses import model_inputs
-from seqforget.projection import Sketch, sketch_directions
-from seqforget.requests import Training
-
-SKETCH_RANK = Training.sketch_rank  # layers wider than twice this keep a sketch of their inputs, not a Gram matrix
+from seqforget.projection import SKETCH_RANK, Sketch, sketch_directions
 
 
 class InputStats:

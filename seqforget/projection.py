@@ -23,6 +23,8 @@ import torch
 
 from registry import Basis
 
+SKETCH_RANK = 1024  # layers wider than twice this keep a Sketch of this rank of their retained inputs, not a Gram matrix
+
 
 def project_out(a: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """A (I - U U^T) for A (r, d) and orthonormal U (d, k), without forming the d x d projector."""

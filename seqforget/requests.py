@@ -31,6 +31,7 @@ import yaml
 from registry import sha256_file
 from seqforget.data import Row, read_rows
 from seqforget.errors import SeqforgetError
+from seqforget.projection import SKETCH_RANK
 from seqforget.scopes import SCOPES
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_LISTED = 12
@@ -47,7 +48,7 @@ class Training:
     alpha: float = 16.0  # LoRA alpha; the update is (alpha / r) * B A
     batch_size: int = 8  # rows per forget batch and per retain batch
     energy_threshold: float = 0.97  # share of retained input energy the null-space basis must hold
-    sketch_rank: int = 1024  # layers wider than twice this keep a sketch of this rank of their retained inputs, not a Gram
+    sketch_rank: int = SKETCH_RANK  # layers wider than twice this keep a sketch of this rank of their retained inputs
     projection: bool = True  # project updates into the null space of retained inputs
     seed: int = 0
     check_every: int = 25  # steps between checks of the stopping rule and the retain guard
