@@ -576,6 +576,7 @@ def _refuse_if_short(request: Request, stop: Stop, keep: Floor | None = None) ->
     raise SeqforgetError(f"request {request.id} {why}. Nothing was committed: raise steps or lr, or set partial: true "
                          f"to commit it as it is")
 
+
 def _summary(metrics: dict, guard: dict | None = None) -> dict:
     """The figures the manifest keeps for `status`: before -> after of each probe, and the stop;
     with the registry's `guard`, its exact answers before and after, the base's and the budget."""

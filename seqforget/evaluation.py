@@ -18,8 +18,9 @@ def probe(model, batches: list[dict[str, torch.Tensor]], opening: int | None = N
     for batch in batches:
         logp, n, h, first = answer_scores(model, batch)
         row_nll.append(-logp / n.clamp_min(1))  # (B,)
-        row_exact += (h == n).tolist()
-        hits, tokens, exact = hits + h.sum().item(), tokens + n.sum().item(), exact + (h == n).sum().item()
+        whole = h == n  # (B,) rows whose every answer token is ranked first
+        row_exact += whole.tolist()
+        hits, tokens, exact = hits + h.sum().item(), tokens + n.sum().item(), exact + whole.sum().item()
         opened += (first == opening).sum().item() if opening is not None else 0
     nll = torch.cat(row_nll) if row_nll else torch.zeros(0)
     out = {"nll": nll.mean().item() if len(nll) else 0.0, "median_nll": nll.median().item() if len(nll) else 0.0,

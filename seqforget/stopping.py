@@ -41,7 +41,7 @@ question, e.g. "who is this?"; text rows together), with the share of each kind'
 answered as before (`by_kind`), because a median over all rows lets the many attribute questions
 about a face carry the few that ask its name. The stop does not wait for them: the stranger
 target trains each row towards its level, not past it, so a kind's known share hovers above
-0.5 however long training goes on (benchmarks/README.md, "Stopping"). The record keeps them,
+0.5 however long training goes on (benchmarks/README.md, "What the forget rows' median hides"). The record keeps them,
 before training and at every check, and `status` and `report` show them.
 
 A retain guard probes retain rows at the same checks: when their token accuracy falls more
@@ -150,11 +150,6 @@ def by_kind(row_nll: list[float], row_exact: list[bool], levels: list[float], ow
     return {kind: {"rows": len(js), "known": known_share([row_nll[owners[j]] for j in js], [levels[j] for j in js]),
                    "answered": sum(row_exact[owners[j]] for j in js) / len(js)}
             for kind, js in groups.items()}
-
-
-def worst_kind(kinds: dict[str, dict]) -> str:
-    """The kind of forget question (a key of by_kind's answer) most easily told from strangers'."""
-    return max(kinds, key=lambda kind: kinds[kind]["known"])
 
 
 REFUSED = 0.99  # share of a refuse request's forget questions answered with its refusal, trained and held-out views alike
