@@ -17,7 +17,7 @@ The `budget` mechanism's registry has a guard set (`init --guard`, budget 95%): 
 views of people no request forgets, none of them among the people retained accuracy is
 measured on, so that the budget's figure and the benchmark's do not share a row.
 
-The `gated` mechanism's registry is gated (`init --gated`, README "Gated registries"): each
+The `gated` mechanism's registry is gated (`init --gated`, docs/how-it-works.md, "Gated registries"): each
 request's term applies only to the images its gate picks. Its step lines also give the share of
 held-out images some gate picks: of the people forgotten so far (recall), of the retained
 people and of the general images (false positives).
