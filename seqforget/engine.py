@@ -344,7 +344,7 @@ def _unlearn(live: Live, method, request: Request, before: dict, rows: data.Requ
                              "tower's layers after their gates' picks are gone; apply without it")
     gate, gate_figures = None, None
     if live.gating is not None and request.scope == "visual":
-        _refuse_if_ungated_layers(request, live, targets)
+        live.gating.refuse_rows_unknown(targets)
         gate, gate_figures = _gate(live, rows.forget, rows.retain, settings.seed)  # the request trains behind it
     earlier = (live.earlier_off(settings.earlier_dropout, settings.seed)
                if settings.earlier_dropout > 0 or settings.targets_from_base else None)
@@ -388,14 +388,6 @@ def _images(rows: data.Rows, most: int | None = None) -> list[torch.Tensor]:
             if most is not None and len(images) >= most:
                 break
     return images
-
-
-def _refuse_if_ungated_layers(request: Request, live: Live, targets: list[str]) -> None:
-    """A gated term changes only what an image passes before the language model reads it."""
-    outside = live.gating.outside(targets)
-    if outside:
-        raise SeqforgetError(f"request {request.id}: in a gated registry a visual request may train only the vision "
-                             f"tower and the projector, not {', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''}")
 
 
 def _pending_key(request: Request) -> str:
@@ -568,7 +560,7 @@ def _refuse_if_short(request: Request, stop: Stop, keep: Floor | None = None) ->
     budget stopped is refused with its own exit status, partial or not if it kept no step."""
     if stop.reached or (request.partial and not (stop.reason == "registry_guard" and stop.step == 0)):
         return
-    why = stop.shortfall(request.training.steps, request.training.retain_tolerance, keep)
+    why = stop.shortfall(request.training.steps, request.training.retain_tolerance, keep, request.training.known_limit)
     if stop.reason == "registry_guard":
         raise OverBudget(f"request {request.id} {why}. Nothing was committed: "
                          + ("lower its lr, or roll back an earlier request" if stop.kept is None else

@@ -23,10 +23,20 @@ and the retain images of such faces keep them out. A gate is d x k numbers about
 set, like a basis (it reveals where a person's images lie in feature space, not the images),
 and the features of the retain images the request brought.
 
+A gated term may also change layers of the language model (a request's `target_modules`):
+there it is added to the rows of the batch whose image its gate picked, at every position
+and every decoding step of that row, and to no other row. A text-only row, or a row whose image
+no gate picks, reads the base language model, so what is known of a person from text stays
+whatever the gated terms hold. This is how a gated request can reach what the language model
+makes of a face (its name, say) without touching what it answers about that person in words.
+
 `Gating` is the hooks: before the vision tower runs on a batch, it runs the tower once more
 with every gated term off, scores each image (or crop) against every gate, and the gated
 layers of the tower and the projector then add each term to the rows of the images its gate
-picked. A text-only pass never reaches those layers.
+picked. A text-only pass never reaches those layers. Before the model runs a new sequence,
+the rows that show an image (the model's image token) take their image's picks, for the
+language model's gated layers; a decoding step keeps them. The language model's gated layers
+need one image per row.
 
 A request trains behind its own gate (`Gating.behind`): the gate is fitted before training,
 and while the request's LoRA trains, its layers change only the images the gate picks. Its
@@ -181,9 +191,15 @@ class Gating:
         self._terms: dict[str, tuple[Adapter, Gate]] = {}  # key -> (its adapter, its gate)
         self._parts: dict[str, list[tuple[str, tuple]]] = {}  # layer -> [(key, (B', A) or ("dense", D))]
         self._picked: dict[str, torch.Tensor] | None = None  # key -> (N,) bool for the batch the tower runs on
+        self._picked_rows: dict[str, torch.Tensor] | None = None  # key -> (B,) bool: the language model's rows picked
+        self._image_rows: torch.Tensor | None = None  # (B,) bool: the rows of the batch about to run that show an image
+        self._scored: dict[str, torch.Tensor] | None = None  # the picks of the images the tower ran on last
         self._trainee: Gate | None = None  # the gate of the request training behind it (`behind`)
         self._inside = False  # the tower's gate pass is running
+        self.image_token = _image_token(model)
         self._hooks = [self.tower.register_forward_pre_hook(self._before_tower, with_kwargs=True)]
+        parent = self.tower_name.rpartition(".")[0]  # the module that runs the tower, then the language model
+        self._hooks.append(model.get_submodule(parent).register_forward_pre_hook(self._before_model, with_kwargs=True))
         self.projector_name = projector_name(model)
         if self.projector_name is not None:  # the last gated layers an image passes: a later direct call is not of its batch
             self._hooks.append(model.get_submodule(self.projector_name).register_forward_hook(
@@ -195,20 +211,21 @@ class Gating:
         return list(self._terms)
 
     def outside(self, names) -> list[str]:
-        """The layers among `names` that lie neither in the vision tower nor in the projector:
-        a gated term may change none of them."""
+        """The layers among `names` that lie neither in the vision tower nor in the projector: a
+        gated term changes them for the rows (not the images) whose image its gate picks."""
         inside = [self.tower_name] + ([self.projector_name] if self.projector_name else [])
         return [n for n in names if not any(n.startswith(part + ".") for part in inside)]
 
     def add(self, key: str, adapter: Adapter, gate: Gate) -> None:
-        _refuse_outside(self.outside(adapter.weights))
+        self.refuse_rows_unknown(adapter.weights)
         modules = dict(self.model.named_modules())
         for name in adapter.weights:
             factors = low_rank(adapter, name)
             part = ("factors", *factors) if factors is not None else ("dense", delta(adapter, name).float())
             self._parts.setdefault(name, []).append((key, part))
             if name not in self._layer_hooks:
-                self._layer_hooks[name] = modules[name].register_forward_hook(self._after_layer(name))
+                self._layer_hooks[name] = modules[name].register_forward_hook(
+                    self._after_layer(name, by_row=bool(self.outside([name]))))
         self._terms[key] = (adapter, gate)
 
     def remove(self, key: str) -> None:
@@ -254,9 +271,10 @@ class Gating:
         """While a request trains: its PEFT LoRA layers (name -> the layer, which wraps its
         `base_layer`) change only the images `gate` picks; every other row gets the base layer's
         output, with any earlier gated terms."""
-        _refuse_outside(self.outside(layers))
+        self.refuse_rows_unknown(layers)
         self._trainee = gate
-        hooks = [layer.register_forward_hook(self._behind_gate) for layer in layers.values()]
+        hooks = [layer.register_forward_hook(self._behind_gate(by_row=bool(self.outside([name]))))
+                 for name, layer in layers.items()]
         try:
             yield
         finally:
@@ -269,36 +287,68 @@ class Gating:
             hook.remove()
         self._hooks, self._layer_hooks = [], {}
 
+    def refuse_rows_unknown(self, names) -> None:
+        """A term on layers past the projector needs to know which of a batch's rows show an image."""
+        if self.image_token is None and self.outside(names):
+            raise SeqforgetError(f"this model's config names no image token, so a gated term may change only the vision "
+                                 f"tower and the projector, not {', '.join(self.outside(names)[:3])}")
+
+    def _before_model(self, module, args, kwargs):
+        """Before the model runs a batch: a new sequence's rows that show an image get the picks
+        of their images (those the tower is about to score, or, where the images' features came
+        ready, as in `generate`, those it scored last); a decoding step keeps the picks it had."""
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            return None
+        ids = args[0] if args else kwargs.get("input_ids")
+        rows = (ids == self.image_token).any(1).cpu() if ids is not None and self.image_token is not None else None
+        self._picked_rows, self._image_rows = None, None
+        if rows is None or not rows.any():
+            return None
+        if kwargs.get("pixel_values") is not None:
+            self._image_rows = rows  # the tower runs next (`_before_tower`)
+        elif self._scored is not None:
+            self._picked_rows = _by_row(self._scored, rows)
+        return None
+
     def _before_tower(self, module, args, kwargs):
         if self._inside:
             return None
         pixels = args[0] if args else kwargs.get("pixel_values")
-        self._picked = self.picked(pixels) if pixels is not None else None
+        self._picked = self._scored = self.picked(pixels) if pixels is not None else None
+        if self._image_rows is not None and self._picked is not None:
+            self._picked_rows = _by_row(self._picked, self._image_rows)
+        self._image_rows = None
         return None
 
-    def _behind_gate(self, module, inputs, output):
-        if self._inside or self._picked is None:
-            return module.base_layer(inputs[0])  # the gate pass (every gated term off), or a call not through the tower
-        rows = self._rows(TRAINEE, inputs[0])
-        if rows.all():
-            return output
-        return torch.where(rows.to(output.device).view(-1, *([1] * (output.dim() - 1))), output,
-                           module.base_layer(inputs[0]))
+    def _behind_gate(self, by_row: bool):
+        def hook(module, inputs, output):
+            picked = self._picked_rows if by_row else self._picked
+            if self._inside or picked is None:
+                return module.base_layer(inputs[0])  # the gate pass (every gated term off), or a call not through the tower
+            rows = self._rows(picked, TRAINEE, inputs[0])
+            if rows.all():
+                return output
+            return torch.where(rows.to(output.device).view(-1, *([1] * (output.dim() - 1))), output,
+                               module.base_layer(inputs[0]))
+        return hook
 
-    def _rows(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        rows = self._picked[key]
+    @staticmethod
+    def _rows(picked: dict[str, torch.Tensor], key: str, x: torch.Tensor) -> torch.Tensor:
+        rows = picked[key]
         if rows.shape[0] != x.shape[0]:
-            raise SeqforgetError(f"a gated layer runs on {x.shape[0]} rows but its tower ran on {rows.shape[0]} "
-                                 f"images: a gated registry needs one image per row in the tower and the projector")
+            raise SeqforgetError(f"a gated layer runs on {x.shape[0]} rows but its gate picked among {rows.shape[0]}: "
+                                 f"a gated registry needs one image per row")
         return rows
 
-    def _after_layer(self, name: str):
+    def _after_layer(self, name: str, by_row: bool):
         def hook(module, inputs, output):
-            if self._inside or self._picked is None:
+            picked = self._picked_rows if by_row else self._picked
+            if self._inside or picked is None:
                 return output  # the gate pass, or a call that did not come through the tower: the base layer
             x = inputs[0]
             for key, part in self._parts[name]:
-                rows = self._rows(key, x)
+                rows = self._rows(picked, key, x)
                 if not rows.any():
                     continue
                 change = (x @ part[2].to(x).T) @ part[1].to(x).T if part[0] == "factors" else x @ part[1].to(x).T
@@ -306,6 +356,27 @@ class Gating:
                 output = output + change * mask.to(x.dtype)
             return output
         return hook
+
+
+def _by_row(picked: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per key, (B,) which rows are picked, from the picks of the images of the rows that show one
+    (`rows`, (B,) bool); not one image per row: the picks by image, which the rows' layers refuse (`_rows`)."""
+    if any(len(p) != int(rows.sum()) for p in picked.values()):
+        return picked
+    out = {}
+    for key, picks in picked.items():
+        out[key] = torch.zeros(len(rows), dtype=torch.bool)
+        out[key][rows] = picks
+    return out
+
+
+def _image_token(model: nn.Module) -> int | None:
+    """The token id that stands for an image in the model's input ids, from its config."""
+    for field in ("image_token_id", "image_token_index"):
+        value = getattr(model.config, field, None)
+        if isinstance(value, int):
+            return value
+    return None
 
 
 def pooled(tokens: torch.Tensor) -> torch.Tensor:
@@ -321,12 +392,6 @@ def pooled(tokens: torch.Tensor) -> torch.Tensor:
         return tokens.mean(1)
     grid = tokens.transpose(1, 2).reshape(n, d, side, side)
     return torch.nn.functional.adaptive_avg_pool2d(grid, min(CELLS, side)).flatten(2).transpose(1, 2).reshape(n, -1)
-
-
-def _refuse_outside(names: list[str]) -> None:
-    if names:
-        raise SeqforgetError(f"a gated term may change only the vision tower and the projector, not "
-                             f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''}")
 
 
 def image_features(gating: Gating, images: list[torch.Tensor]) -> torch.Tensor:

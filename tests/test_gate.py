@@ -189,3 +189,53 @@ def test_a_request_trains_behind_its_gate_and_the_images_it_passes_by_get_no_gra
     assert not torch.allclose(ungated[~picks], base[~picks])  # out from behind the gate: every image changes
     update.remove()
     gating.remove_hooks()
+
+
+def test_a_gated_term_may_reach_the_language_model_for_the_rows_whose_image_its_gate_picks(world, tmp_path):
+    reg = tmp_path / "reg"
+    init_registry(reg, world / "model", gated=True)
+    layers = ["mlp.fc1", "mlp.fc2", "self_attn.q_proj", "self_attn.v_proj"]  # the vision tower's MLPs and the language model's
+    path = write_request(tmp_path, "gated", scope="visual", method="stranger", forget=str(world / "forget_a.jsonl"),
+                         retain=str(world / "retain.jsonl"), reference=str(world / "reference.jsonl"), steps=10,
+                         check_every=10, partial=True, target_modules=layers)
+    entry = apply_request(reg, path, show_progress=False)
+    assert any("language_model" in name for name in Registry.open(reg).snapshot().adapter(entry).weights)
+    base, processor = load_model(world / "model")
+    live = Live.load(Registry.open(reg).snapshot(), world / "model")
+    for p, q in zip(live.model.parameters(), base.parameters()):
+        assert torch.equal(p, q)  # the term is not in the weights
+
+    # one batch of text rows, the forgotten person's images and retained ones: only the picked rows change
+    batch = rows_batch(world, processor, ["forget_a.jsonl", "retain.jsonl"], images_only=False)
+    picks = live.gating.picked(batch["pixel_values"])[live.gating.keys[0]]
+    rows = torch.zeros(len(batch["input_ids"]), dtype=torch.bool)
+    rows[batch["has_image"]] = picks
+    assert rows.any() and (~batch["has_image"]).any() and (batch["has_image"] & ~rows).any()
+    out, before = logits(live.model, batch), logits(base, batch)
+    assert torch.equal(out[~rows], before[~rows])  # text rows and the images it passes by: the base model, bit for bit
+    assert not torch.allclose(out[rows], before[rows])
+    state = Registry.open(reg).snapshot()
+    adapter, gate = state.adapter(entry), Gate.from_arrays(state.arrays(entry, GATE_FILE))
+    vision_only = Gating(load_model(world / "model")[0])  # the same term without its language layers
+    vision_only.add("vision", replace(adapter, weights={n: w for n, w in adapter.weights.items() if "language_model" not in n}),
+                    gate)
+    assert not torch.allclose(logits(vision_only.model, batch)[rows], out[rows])  # the language layers' part tells
+
+    # generating from a picked image, every step reads the term, the first (with the image) and each after it
+    one = next(i for i in range(len(rows)) if rows[i])
+    example = data.encode(processor, [r for f in ["forget_a.jsonl", "retain.jsonl"] for r in data.read_rows(world / f, [], "rows")][one])
+    prompt = torch.tensor([example.prompt])
+    generated = live.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                    pixel_values=example.pixel_values[None], max_new_tokens=4, min_new_tokens=4,
+                                    do_sample=False, output_logits=True, return_dict_in_generate=True)
+    sequence = generated.sequences
+    whole = live.model(input_ids=sequence, attention_mask=torch.ones_like(sequence),
+                       pixel_values=example.pixel_values[None]).logits[0, prompt.shape[1] - 1: -1]
+    assert torch.allclose(torch.cat(generated.logits), whole, atol=1e-4)
+    text = data.collate([data.encode(processor, r) for r in data.read_rows(world / "forget_a.jsonl", [], "forget")
+                         if r.image is None], processor.tokenizer.pad_token_id)
+    assert torch.equal(logits(live.model, text), logits(base, text))  # a new batch without images: nothing picked
+
+    rollback_request(reg, "gated")
+    live.sync(Registry.open(reg).snapshot())
+    assert live.gating.keys == [] and torch.equal(logits(live.model, batch), before)
