@@ -61,6 +61,8 @@ class Training:
     # through the target layers (their forget keys): this request cannot move what they made of them
     apart_from_earlier: bool = False  # also project updates off every input direction the earlier active requests'
     # terms read, so that no two adapters share one (O3's orthogonal subspaces)
+    known_limit: float = 1.0  # the reference level is reached only when every kind of forget question is told from
+    # strangers' by at most this share (seqforget.stopping.by_kind; 0.5: not at all; 1.0: the median rule alone)
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ _CONTRACT = {"id", "scope", "method", "forget", "retain", "reference", "partial"
 _TRAINING = {f.name: f for f in dataclasses.fields(Training)}
 # Training fields added since earlier_dropout: they count in a request's identity only when set,
 # so that a request committed before them is still recognised when re-sent. A new field goes here.
-_LATER = ("targets_from_base", "sketch_rank", "keep_forgotten", "apart_from_earlier")
+_LATER = ("targets_from_base", "sketch_rank", "keep_forgotten", "apart_from_earlier", "known_limit")
 
 
 def read_request_file(path: Path) -> dict:
@@ -287,6 +289,7 @@ def _training(raw: dict, problems: list[str], budget: dict) -> Training:
         "retain_tolerance": (0.0, 1.0),
         "guard_share": (0.0, 0.5),
         "earlier_dropout": (0.0, 1.0),
+        "known_limit": (0.5, 1.0),
     }
     for name, (lo, hi) in bounds.items():
         if name in values and not lo <= values[name] <= hi:

@@ -179,9 +179,10 @@ class Stop:
     def record(self) -> dict:
         return asdict(self)
 
-    def shortfall(self, steps: int, tolerance: float, floor: Floor | None = None) -> str:
+    def shortfall(self, steps: int, tolerance: float, floor: Floor | None = None, known_limit: float = 1.0) -> str:
         """How training ended short of its level, in words, for a request of `steps` steps whose
-        retain guard allowed `tolerance` (and whose registry's budget is `floor`)."""
+        retain guard allowed `tolerance` and whose stop asked every kind of forget question to be
+        told from strangers' at most `known_limit` (and whose registry's budget is `floor`)."""
         last = self.checks[-1] if self.checks else None
         if self.reason == "registry_guard":
             kept = self.kept
@@ -201,10 +202,21 @@ class Stop:
                     f"retained ones): {why}; {seen}")
         where = (f"forget median NLL {last['forget']['median_nll']:.2f} against the reference's "
                  f"{self.reference['median_nll']:.2f}" if last and self.reference else "no reference rows")
+        if last and self.reference and known_limit < 1.0:
+            kind, known = most_known(last["forget"]["kinds"])
+            where += f"; its forget questions {kind!r} still told from strangers' at {known:.2f} (limit {known_limit})"
         why = ("the retain guard stopped it (the retain accuracy it watches fell more than "
                f"{tolerance} at step {last['step']})" if self.reason == "retain_guard" and last
                else f"its budget of {steps} steps ran out")
         return f"did not reach the level of a model that never saw its rows: {why}; {where}"
+
+
+def most_known(kinds: dict) -> tuple[str | None, float]:
+    """The kind of forget question best told from strangers' (by_kind) and its known share; (None, 0.5) if none."""
+    if not kinds:
+        return None, 0.5
+    kind = max(kinds, key=lambda k: kinds[k]["known"])
+    return kind, kinds[kind]["known"]
 
 
 def kept_check(checks: list[dict], step: int) -> dict | None:
@@ -301,7 +313,8 @@ class Stopping:
             self.reason = "registry_guard" if below else "retain_guard"
             return Decision(True, self.lr_scale, rolled_back=True)
         self.kept_step, self.kept = step, [p.detach().clone() for p in params]
-        if self.reference is not None and forget["median_nll"] >= self.reference["median_nll"]:
+        if (self.reference is not None and forget["median_nll"] >= self.reference["median_nll"]
+                and most_known(forget["kinds"])[1] <= self.settings.known_limit):
             record["decision"] = "reached the reference level"
             self.reason = "reached"
             return Decision(True, self.lr_scale, rolled_back=False)

@@ -1,6 +1,7 @@
 """Calibrated stopping on a real tiny LLaVA: the reference level, the retain guard, the budget."""
 
 import json
+import re
 
 import pytest
 
@@ -68,6 +69,33 @@ def test_training_stops_once_the_forget_rows_look_like_the_reference(world, reg_
     assert record["stopping"]["kinds"] == kinds
     assert (f"| {worst} | {kinds[worst]['rows']} | {kinds[worst]['known'][0]:.2f} -> {kinds[worst]['known'][1]:.2f} | "
             f"{kinds[worst]['answered'][0]:.0%} -> {kinds[worst]['answered'][1]:.0%} |") in markdown(record)
+
+
+def test_a_known_limit_holds_the_stop_until_every_kind_reads_as_strangers(world, reg_dir, tmp_path, unseen):
+    fields = dict(method="ga", check_every=1, lr=1e-3, reference=unseen, forget=str(world / "forget_a.jsonl"),
+                  retain=str(world / "retain.jsonl"))
+    median = apply_request(reg_dir, write_request(tmp_path, "median", steps=200, **fields), show_progress=False)
+    stop, kinds = median["metrics"]["stop"], median["metrics"]["kinds"]
+    worst = max(kinds, key=lambda k: kinds[k]["known"][1])
+    assert stop["reason"] == "reached" and kinds[worst]["known"][1] > 0.5  # the median rule let one kind through
+
+    # on the same model, with a limit of 0.5 and the same steps, that check is not enough: refused,
+    # nothing committed, the kind named
+    other = tmp_path / "other"
+    init_registry(other, world / "model")
+    before = snapshot(other)
+    strict = write_request(tmp_path, "strict", steps=stop["step"], known_limit=0.5, **fields)
+    with pytest.raises(SeqforgetError, match=re.escape(f"{worst!r} still told from strangers' at "
+                                                       f"{kinds[worst]['known'][1]:.2f} (limit 0.5)")):
+        apply_request(other, strict, show_progress=False)
+    assert {k: v for k, v in snapshot(other).items() if k != "journal.jsonl"} == {  # the journal notes the attempt
+        k: v for k, v in before.items() if k != "journal.jsonl"}
+    # given the steps, it goes on until every kind is at most the limit
+    entry = apply_request(other, write_request(tmp_path, "longer", steps=200, known_limit=0.5, **fields),
+                          show_progress=False)
+    assert entry["metrics"]["stop"]["reason"] == "reached" and entry["metrics"]["stop"]["step"] > stop["step"]
+    assert all(k["known"][1] <= 0.5 for k in entry["metrics"]["kinds"].values())
+
 
 
 def test_the_retain_guard_refuses_a_request_that_costs_retained_accuracy(world, reg_dir, tmp_path, unseen):
