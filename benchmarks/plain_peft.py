@@ -8,8 +8,8 @@ a `gd` request, and saves the adapter. No projection, no stopping checks, no pro
 registry: the work a request does beyond this is what `apply` costs on top. The rows are
 encoded and batched with seqforget's own helpers, the part a user would write the same way.
 
-The quality of the run is not the point; `benchmarks/README.md` has the timing against
-`seqforget apply` on the same request.
+The quality of the run is not the point; benchmarks/FINDINGS.md, "What a stream costs", has the
+timing against `seqforget apply` on the same request.
 """
 
 import argparse
