@@ -199,7 +199,8 @@ class EarlierOff:
     contribution from the outputs of its layers (a forward hook per layer): the live weights
     are never written, so they stay exact. The aim: a new adapter that does not lean on the
     earlier ones, so that rolling one back brings back its own rows only. On this project's
-    benchmark it did the opposite (docs/streams.md, "Rollback inside a stream"), so a request's
+    benchmark it did the opposite: rollbacks brought their person back less far
+    (benchmarks/FINDINGS.md, "Long streams and rollbacks inside them"), so a request's
     `earlier_dropout` is 0 unless it asks.
 
     The terms switched off in a layer are combined once per draw, as stacked LoRA factors or

@@ -14,22 +14,11 @@ their median NLL is at least that.
 
 Why the mean of probabilities, not the strangers' own NLLs: a retrained model is itself one
 confident reader of faces, right about some forgotten people by chance, and the median of
-single strangers' NLLs can ask for more than it gives. Six people forgotten on the benchmark
-worlds (seed 0), median per-token NLL of their answers:
-
-    rows, world        retrained oracle   level (mean probability)   single strangers
-    image, shapes            3.49                  2.22                     4.35
-    image, glyphs            3.85                  1.97                     3.29
-    text, shapes             3.32                  3.28                     3.52
-    text, glyphs             2.98                  2.01                     2.01
-
-(oracle: retrained without their images for image rows, without them for text rows; the
-other two columns under the original model.) The oracle passes the level in all four; the
-single strangers' median it would fail twice. On image rows the level is a lenient bound:
-the oracle clears it by 1.3 to 1.9 nats, so a request may stop while it still knows more
-than a model that never saw the person. Scored on their own answers, reference rows
-would compare unlike with unlike: a never-seen person's name is an answer the model was
-never trained to give.
+single strangers' NLLs can ask for more than it gives. On image rows the level is a lenient
+bound: a retrained oracle clears it by a margin, so a request may stop while it still knows
+more than a model that never saw the person (benchmarks/FINDINGS.md, "The stopping level
+against the retrain oracle"). Scored on their own answers, reference rows would compare unlike
+with unlike: a never-seen person's name is an answer the model was never trained to give.
 
 Each check also gives how well the forget rows can be told from strangers: the share of pairs
 (forget row, another forget row's level) in which the model is surer of the forget row's own
@@ -39,19 +28,21 @@ rows read as strangers'; 1.0 means every one is still known better than any stra
 taken over all the forget rows and for each kind of question apart (`row_kind`: an image row's
 question, e.g. "who is this?"; text rows together), with the share of each kind's rows still
 answered as before (`by_kind`), because a median over all rows lets the many attribute questions
-about a face carry the few that ask its name. The stop does not wait for them: the stranger
-target trains each row towards its level, not past it, so a kind's known share hovers above
-0.5 however long training goes on (benchmarks/README.md, "What the forget rows' median hides"). The record keeps them,
-before training and at every check, and `status` and `report` show them.
+about a face carry the few that ask its name. By default the stop does not wait for them (a
+request's `known_limit` below 1 makes it wait): the stranger target trains each row towards its
+level, not past it, so a kind's known share hovers above 0.5 however long training goes on
+(benchmarks/FINDINGS.md, "What the forget rows' median hides"). The record keeps them, before
+training and at every check, and `status` and `report` show them.
 
 A retain guard probes retain rows at the same checks: when their token accuracy falls more
 than `retain_tolerance` below where it started, the adapter goes back to the last check that
 kept it and training goes on at half the learning rate; the fourth time, it stops there. It
 watches the request's held-out retain rows (the share `guard_share` of its retain images that
 training never sees), because a retain term holds the rows it trains on whatever happens to
-the rest: on the benchmark worlds, guarding the trained rows never fired while retained people
-outside the sample lost 5 to 15 points. With no reference rows there is no level to reach: the
-step budget alone ends training, and the record says so.
+the rest: on the benchmark's worlds a guard on the trained rows did not fire while retained
+people outside the sample lost accuracy (benchmarks/FINDINGS.md, "Single requests against the
+retrain oracles"). With no reference rows there is no level to reach: the step budget alone
+ends training, and the record says so.
 
 With a registry budget (seqforget.budget), each check also probes the registry's guard rows,
 and a check below its floor goes back as a retain guard's check does; if training ends on
