@@ -13,6 +13,13 @@ def test_the_demo_commits_its_requests_rolls_one_back_and_commits_a_refusal_only
     assert [(e["scope"], e["state"]) for e in state.requests[:2]] == [("visual", "active"), ("full", "rolled_back")]
     assert "was rolled back" in out and "live:" in out
     assert "retained 100.0% of base (no request active), budget 95%" in out
+    # a table of what each step did, on views no request trained on, and its picture
+    table = out[out.index("accuracy after each step"):out.index("picture:")].strip().splitlines()[2:]
+    ids = [e["id"] for e in state.requests]
+    assert [line.strip().split("  ")[0] for line in table] == ["base model"] + [f"+ {i}" for i in ids] + [f"- {ids[1]}"]
+    assert all(line.count("%") == 2 * 3 + 1 for line in table)  # each person's images and text, the retained people's
+    assert (tmp_path / "demo" / "demo.png").read_bytes()[:4] == b"\x89PNG"
+    assert f"picture: {tmp_path / 'demo' / 'demo.png'}" in out
     for entry in state.requests:
         kept = entry["metrics"]["retained"]
         assert kept["after"] / kept["base"] >= kept["budget"]

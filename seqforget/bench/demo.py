@@ -95,6 +95,8 @@ def run_demo(out: Path, world, model_dir: Path) -> None:
     click.echo(f"$ seqforget init --model {model_dir} --retain retain.jsonl --reference reference.jsonl "
                f"--guard guard.jsonl --registry registry")
     click.echo("  " + budget_line(Registry.open(reg_dir).snapshot()))
+    base, processor = load_model(model_dir)
+    steps = [("base model", accuracies(base, processor, world, people, keep))]
     ids = []
     for person, (suffix, scope, method, settings) in zip(people, REQUESTS):
         request_id = f"{person}-{suffix}"
@@ -110,12 +112,13 @@ def run_demo(out: Path, world, model_dir: Path) -> None:
             click.echo(f"  not committed: {e}")
             continue
         click.echo("  " + _outcome(entry))
+        steps.append((f"+ {request_id}", accuracies(*live_model(Registry.open(reg_dir).snapshot()), world, people, keep)))
     click.echo(f"$ seqforget rollback {ids[1]}")
     rollback_request(reg_dir, ids[1])
 
     state = Registry.open(reg_dir).snapshot()
-    base, processor = load_model(model_dir)
     live, _ = live_model(state)
+    steps.append((f"- {ids[1]}", accuracies(live, processor, world, people, keep)))
     click.echo("\nanswers of the base model and of the live model (held-out views of each person):")
     bystander = world.forget_order()[-1]
     for person in people + [bystander]:
@@ -123,11 +126,65 @@ def run_demo(out: Path, world, model_dir: Path) -> None:
             row = item.example(world.root)
             question = (f"[photo of {person}] " if item.image else "") + item.question
             click.echo(f"  {question:52s} base: {answer(base, processor, row):9s} live: {answer(live, processor, row)}")
+    click.echo("\naccuracy after each step, on views no request trained on (choice among the world's answers):")
+    click.echo(steps_table(steps, people))
+    picture = plot_steps(steps, people, out / "demo.png")
+    click.echo(f"picture: {picture}" if picture else "picture: none (matplotlib is not installed; pip install '.[bench]')")
     click.echo("")
     click.echo(budget_line(state))
     click.echo(status_table(status_rows(state)))
     click.echo(f"\n{ids[1]} was rolled back: its adapter is out of the live model, whose answers for its person "
                f"are now what the other active requests leave them. Registry: {reg_dir}")
+
+
+def accuracies(model, processor, world, people: list[str], keep: list[str]) -> dict:
+    """What the demo shows after each step: per requested person, the share of their held-out
+    image questions and of their text questions answered right; and of the held-out image
+    questions of `keep`, people no request forgets."""
+    from seqforget.bench.scoring import choice_accuracy
+
+    def share(kinds, who, split=None):
+        return choice_accuracy(model, processor, world.root, world.select(kinds, who, split))
+
+    return {"images": {p: share({"visual", "identity"}, [p], "test") for p in people},
+            "text": {p: share({"textual"}, [p]) for p in people},
+            "retained": share({"visual", "identity"}, keep, "test")}
+
+
+def steps_table(steps: list[tuple[str, dict]], people: list[str]) -> str:
+    """One line per step: each person's image and text questions, then the retained people's images."""
+    head = ["step"] + [f"{p}: images, text" for p in people] + ["retained people: images"]
+    rows = [[name] + [f"{a['images'][p]:.0%}, {a['text'][p]:.0%}" for p in people] + [f"{a['retained']:.0%}"]
+            for name, a in steps]
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head] + rows)
+
+
+def plot_steps(steps: list[tuple[str, dict]], people: list[str], path: Path) -> Path | None:
+    """Draw the steps' accuracies into a PNG at `path`; None where matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = range(len(steps))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for p in people:
+        (line,) = ax.plot(x, [a["images"][p] for _, a in steps], marker="o", label=f"{p}: image questions")
+        ax.plot(x, [a["text"][p] for _, a in steps], marker=".", linestyle=":", color=line.get_color(),
+                label=f"{p}: text questions")
+    ax.plot(x, [a["retained"] for _, a in steps], marker="s", color="black", label="retained people: image questions")
+    ax.axhline(steps[0][1]["retained"], color="grey", linestyle="--", linewidth=0.8, label="retained, base model")
+    ax.set_xticks(list(x), [name for name, _ in steps], rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_ylabel("answered right (held-out views)")
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _outcome(entry: dict) -> str:
