@@ -246,7 +246,11 @@ def _head(header: str) -> list[str]:
 
 def markdown(results: dict, command: str) -> str:
     worlds = results["worlds"]
-    lines = ["# Quality of deletions against the retrain oracles", "", "Regenerate with:", "", f"    {command}", "",
+    lines = ["# Quality of deletions against the retrain oracles", "",
+             "Written by `benchmarks.quality`, which rewrites this file whole, so findings written by hand live "
+             "elsewhere. What these tables say, with the findings of the other benchmarks, is in "
+             "[FINDINGS.md](FINDINGS.md); what each figure means, in [README.md](README.md).", "",
+             "Regenerate with:", "", f"    {command}", "",
              *([f"Measured at commit {results['commit']}.", ""] if results.get("commit") else []),
              *([results["erratum"], ""] if results.get("erratum") else []),
              f"Worlds: {', '.join(w['world'] for w in worlds)}. Figures are means over the worlds with their range "

@@ -9,10 +9,8 @@ zero by construction; what a gated request costs is its gate's false positives.
 A gate is a Mahalanobis test on what the vision tower hands the projector, pooled to a grid of
 at most CELLS x CELLS cells of the image's patches (`features`), under the vision tower without
 the gated terms. The grid keeps where things lie in the image: the mean over all tokens loses it,
-and at the benchmark's scale lets neighbouring people's images into a gate (a third of retained
-people's held-out images picked by one gate or another after 30 requests, against none to 3% on
-the grid). Its statistics
-come from the request's forget images and random views of them (representations.augment):
+and at the benchmark's scale lets neighbouring people's images into a gate (benchmarks/FINDINGS.md,
+"Gated registries"). Its statistics come from the request's forget images and random views of them (representations.augment):
 their mean and the principal directions of their covariance, shrunk towards the mean
 variance per dimension so that views off those directions stay near. The threshold lies
 midway (geometrically) between the farthest forget view and the nearest retain image of the
