@@ -56,3 +56,21 @@ def test_the_stopping_level_is_the_median_of_each_rows_mean_stranger_probability
     expected = [-math.log(sum(math.exp(lp) for lp, _ in rows) / len(rows)) / rows[0][1] for rows in per_row.values()]
     assert level["rows"] == 5 and level["strangers"] == len(strangers)
     assert abs(level["median_nll"] - sorted(expected)[(len(expected) - 1) // 2]) < 1e-4, (level, expected)
+
+
+def test_own_answer_takes_the_forget_rows_answer_out_of_its_strangers_target(world):
+    model, processor = load_model(world / "model")
+    forget = _rows(world, processor, "forget_a.jsonl", True)
+    n = len(forget)
+    reference = data.Rows(forget.examples, forget.pad_id, stands_for=list(range(n)))  # each row its own stranger
+    full, without = StrangerTarget(augment=0.0), StrangerTarget(augment=0.0, own_answer=0.0)
+    full.prepare(model, forget, None, reference, nullcontext, None)
+    without.prepare(model, forget, None, reference, nullcontext, None)
+    for example, kept, taken in zip(forget.examples, full._targets, without._targets):
+        own = int(example.labels[example.labels != data.IGNORE][0])
+        assert kept[0, own].exp() > 0.5  # the model knows the row: its own stranger's target gives the answer
+        assert taken[0, own].exp() < 1e-10 and abs(float(taken[0].exp().sum()) - 1.0) < 1e-5
+        others = torch.ones_like(kept[0], dtype=torch.bool)
+        others[own] = False  # every other answer keeps its share of what is left
+        assert torch.allclose(taken[0, others].exp(), kept[0, others].exp() / kept[0, others].exp().sum(), atol=1e-6)
+        assert torch.equal(taken[1:], kept[1:])  # later tokens follow the answer as before

@@ -38,12 +38,18 @@ class StrangerTarget:
     by default: at weight 10 (shapes:0, six people) it forgot less (forget visual 0.83 against
     0.77) and kept no more (retain visual 0.91 against 0.92).
 
+    own_answer scales the probability the target gives each forget row's own answer (its first
+    token), renormalised. The strangers' mixture is taken under the model before the request,
+    which knows the answer and gives it to strangers now and then (a forgotten face's name,
+    above all); a model that never learnt it would not. At 0 the target never gives it.
+
     Needs reference rows like every forget row (the request's `reference`, or the registry's).
     """
 
     retain_weight: float = 3.0
     augment: float = field(default=1.0, metadata={"range": (0.0, 4.0)})
     feature_weight: float = 0.0
+    own_answer: float = field(default=1.0, metadata={"range": (0.0, 1.0)})
     name = "stranger"
     adapter_kind = "lora"
     source = 'seqforget: a bounded target (answers the model gives never-seen people) in place of ascent'
@@ -69,7 +75,13 @@ class StrangerTarget:
                     sums[k] = sums.get(k, 0) + rows_logp.exp()
                     counts[k] = counts.get(k, 0) + 1
                     position += 1
-        self._targets = [(sums[k] / counts[k]).clamp_min(1e-12).log() for k in range(len(forget))]  # (n_k, V) each
+        targets = [sums[k] / counts[k] for k in range(len(forget))]  # (n_k, V) each: probabilities
+        if self.own_answer < 1.0:
+            for target, example in zip(targets, forget.examples):
+                own = int(example.labels[example.labels != IGNORE][0])  # the row's own answer's first token
+                target[0, own] *= self.own_answer
+                target[0] /= target[0].sum()
+        self._targets = [t.clamp_min(1e-12).log() for t in targets]
         self._generator = torch.Generator().manual_seed(0)
 
     def loss(self, model, forget, retain, original):
