@@ -22,8 +22,9 @@ request's term applies only to the images its gate picks. Its step lines also gi
 held-out images some gate picks: of the people forgotten so far (recall), of the retained
 people and of the general images (false positives). `gated_lm` is gated too, and its requests
 also train the language model's layers, which read the term only on the rows whose image a gate
-picks, and stop only when every kind of forget question is told from strangers' at most 0.6
-(`known_limit`; with partial: true, a request that does not get there commits at its budget).
+picks, stop only when every kind of forget question is told from strangers' at most 0.6
+(`known_limit`; with partial: true, a request that does not get there commits at its budget),
+and train towards strangers' answers without the forget row's own (`own_answer: 0`).
 
 Printed after every request: its person's figure against vanilla's and the oracle's; over all
 requests so far, the mean figure against the oracle's and how many people are still forgotten;
@@ -75,7 +76,7 @@ MECHANISMS = {
     "gated": ({}, {"gated": True}),
     "gated_lm": ({"target_modules": ["mlp.fc1", "mlp.fc2", "multi_modal_projector.linear_1", "multi_modal_projector.linear_2",
                                      "self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
-                  "known_limit": 0.6}, {"gated": True}),
+                  "known_limit": 0.6, "method_args": {"own_answer": 0.0}}, {"gated": True}),
     "dropout": ({"earlier_dropout": 0.5}, {}),
     "from_base": ({"targets_from_base": True}, {}),
     "keep_forgotten": ({"keep_forgotten": True}, {}),
