@@ -13,7 +13,7 @@ import torch
 
 from benchmarks.forget_retain import FORGET_KINDS, MEMBERSHIP, evaluate, write_request
 from seqforget import data
-from seqforget.bench.scoring import auc, membership_aucs, stratified_auc
+from seqforget.bench.scoring import auc, membership_aucs, rouge_l, stratified_auc
 from seqforget.bench.vanilla import TrainSpec, train_model
 from seqforget.models import load_model
 
@@ -110,4 +110,12 @@ def test_evaluate_reports_per_person_and_membership(tiny_bench, forgotten):
     assert set(m["forget_visual_by_person"]) == set(forgotten) == set(m["forget_textual_by_person"])
     assert m["forget_visual"] == pytest.approx(sum(m["forget_visual_by_person"].values()) / len(forgotten))
     assert {f"membership_auc{s}" for s in MEMBERSHIP} <= set(m) and m["membership_auc"] > 0.8, m
-    assert 0 <= m["forget_visual_rouge_l"] <= 1 and 0 <= m["unseen_visual"] <= 1
+    # ROUGE-L gives an exact answer 1 and a partly right one some credit: never less than exact match
+    assert m["forget_visual_exact"] > 0 and m["forget_visual_rouge_l"] >= m["forget_visual_exact"]
+    assert 0 <= m["unseen_visual"] <= 1
+
+
+def test_rouge_l_is_the_f1_of_the_longest_common_subsequence_of_words():
+    assert rouge_l("the red fox", "the fox") == pytest.approx(0.8)  # LCS 2: precision 2/3, recall 1
+    assert rouge_l("fox the", "the fox") == pytest.approx(0.5)  # LCS 1 of 2 words each way
+    assert rouge_l("a b", "c d") == 0.0 and rouge_l("potter", "potter") == 1.0
