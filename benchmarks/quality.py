@@ -44,6 +44,7 @@ from seqforget.engine import apply_request, init_registry, live_model
 from seqforget.bench.scoring import refusal_rate
 from seqforget.models import load_model
 from seqforget.requests import Request
+from seqforget.methods import served
 from seqforget.scopes import SCOPES
 from benchmarks.forget_retain import (PROFILES, BenchmarkError, check_known, evaluate, prepare, relearn_other_half,
                                       write_request)
@@ -184,11 +185,11 @@ def run_world(profile_name: str, world: str, stream: int, stream_scopes: tuple[s
         model, processor = load_model(bench.model_dir(**{ORACLE[scope]: forgotten}))
         out["oracles"][scope] = evaluate(bench, model, processor, forgotten)
         out["oracles"][scope]["relearn_other_half"] = relearn_other_half(bench, model, processor, forgotten)
-        for method in SCOPES[scope].methods:
+        for method in served(scope):
             if methods is not None and method not in methods:
                 continue
             log(f"{world} single {scope}/{method}")
-            r = run_single(bench, scope, None if method == SCOPES[scope].methods[0] else method, forgotten, work)
+            r = run_single(bench, scope, None if method == SCOPES[scope].default else method, forgotten, work)
             r["target"] = target_check(scope, r["state"], out["vanilla"], out["oracles"][scope])
             out["single"][f"{scope}/{method}"] = r
     if methods is None or "refusal" in methods:
@@ -209,11 +210,11 @@ def run_world(profile_name: str, world: str, stream: int, stream_scopes: tuple[s
         for scope in stream_scopes:
             model, processor = load_model(bench.model_dir(**{ORACLE[scope]: people}))
             oracle = evaluate(bench, model, processor, people, retained)
-            for method in SCOPES[scope].methods[: None if deep else 1]:
+            for method in served(scope)[: None if deep else 1]:
                 if methods is not None and method not in methods:
                     continue
                 log(f"{world} stream {scope}/{method} of {stream}")
-                steps = run_stream(bench, scope, None if method == SCOPES[scope].methods[0] else method, people, work)
+                steps = run_stream(bench, scope, None if method == SCOPES[scope].default else method, people, work)
                 out["stream"][f"{scope}/{method}"] = {"vanilla": vanilla_state, "oracle": oracle, "steps": steps,
                                                       "target": target_check(scope, steps[-1]["state"], vanilla_state, oracle)}
     return out
@@ -270,7 +271,7 @@ def markdown(results: dict, command: str) -> str:
             if not key.startswith(scope + "/"):
                 continue
             runs = [w["single"][key] for w in worlds if key in w["single"]]
-            lines.append(_row(key + (" (default)" if key.split("/")[1] == SCOPES[scope].methods[0] else ""), [r["state"] for r in runs], [
+            lines.append(_row(key + (" (default)" if key.split("/")[1] == SCOPES[scope].default else ""), [r["state"] for r in runs], [
                 f"{sum(r['request']['reached'] for r in runs)}/{len(runs)}", _spread([r["request"]["steps"] for r in runs], 0),
                 _spread([r["request"]["seconds"] for r in runs], 0),
                 _spread([r["request"].get("projector_condition") for r in runs], 0), _met(runs)]))
@@ -289,12 +290,12 @@ def markdown(results: dict, command: str) -> str:
             lines.append(row.replace(f"| {name} |", f"| {name} | {VARIANTS[name][0]} |", 1))
         lines.append("")
     for scope in SCOPES_MEASURED:
-        default = f"{scope}/{SCOPES[scope].methods[0]}"
+        default = f"{scope}/{SCOPES[scope].default}"
         runs = [w["stream"][default] for w in worlds if default in w["stream"]]
         if not runs:
             continue
         n = len(runs[0]["steps"])
-        lines += [f"## {scope} scope, a stream of {n} one-person requests ({SCOPES[scope].methods[0]}, the default)", "",
+        lines += [f"## {scope} scope, a stream of {n} one-person requests ({SCOPES[scope].default}, the default)", "",
                   "After each request, on everyone forgotten so far; the oracle is retrained without all of them.", "",
                   *_head(HEADER.replace("| model |", "| after request |") + " reached the level |")]
         lines.append(_row("vanilla (all)", [r["vanilla"] for r in runs], [""]))
@@ -351,7 +352,7 @@ def _by_person(worlds: list[dict]) -> list[str]:
              *_head("| world | scope | model | " + " | ".join(f"person {i + 1}" for i in range(len(worlds[0]["people"]))) + " |")]
     for w in worlds:
         for scope in SCOPES_MEASURED:
-            key, metric = f"{scope}/{SCOPES[scope].methods[0]}", FORGET_METRIC[scope] + "_by_person"
+            key, metric = f"{scope}/{SCOPES[scope].default}", FORGET_METRIC[scope] + "_by_person"
             models = [("vanilla", w["vanilla"]), ("oracle", w["oracles"].get(scope)), (key, w["single"].get(key, {}).get("state"))]
             for name, state in models:
                 if state and metric in state:
@@ -375,7 +376,7 @@ def _by_world(worlds: list[dict]) -> list[str]:
                     "general (vanilla) | forget textual (vanilla) | target missed on |")]
     for w in worlds:
         for scope in SCOPES_MEASURED:
-            key = f"{scope}/{SCOPES[scope].methods[0]}"
+            key = f"{scope}/{SCOPES[scope].default}"
             runs = [("one request", w["single"].get(key), w["vanilla"], w["oracles"].get(scope))]
             if key in w["stream"]:
                 st = w["stream"][key]

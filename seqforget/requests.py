@@ -163,7 +163,7 @@ def parse_request(raw: dict, path: Path, source: str, default_retain: str | None
     if not isinstance(scope, str) or scope not in SCOPES:
         problems.append(f"scope: expected one of {', '.join(SCOPES)}, got {scope!r}")
         scope = None
-    method = raw.get("method", SCOPES[scope].methods[0] if scope else None)
+    method = raw.get("method", SCOPES[scope].default if scope else None)
     method_args = raw.get("method_args") or {}
     if not isinstance(method_args, dict):
         problems.append("method_args: expected a mapping")

@@ -9,7 +9,8 @@ architecture keeps those layers. The two tables.
     refuse  answer the target's questions with a refusal. The language model's attention
             (q, v) and MLP layers train, towards the refusal.
 
-A method listed first for a scope is its default. Scopes name the parts they train by role
+Each scope names its default method; each method (seqforget.methods) names the scopes it
+serves. Scopes name the parts they train by role
 (`ROLES`); `ARCHITECTURES` says, per model family (its config's model_type), which linear
 layers play each role.
 """
@@ -63,7 +64,7 @@ ARCHITECTURES = {  # config.model_type -> its layers
 class Scope:
     name: str
     layers: tuple[str, ...]  # roles (ROLES)
-    methods: tuple[str, ...]  # the methods that serve this scope; the first is the default
+    default: str  # the method a request of this scope gets when it names none (each method lists the scopes it serves)
     forgets_text_rows: bool  # False: text-only forget rows are knowledge that stays (retained)
     answers_refusal: bool  # forget rows are trained towards the request's refusal
 
@@ -71,10 +72,9 @@ class Scope:
 SCOPES = {
     s.name: s
     for s in (
-        Scope("visual", ("vision_mlp", "projector"), ("stranger", "gd", "ga", "npo", "target", "contrastive", "sine", "mmunlearner"),
-              forgets_text_rows=False, answers_refusal=False),
-        Scope("full", ("projector", "language"), ("stranger", "gd", "ga", "npo", "mmunlearner", "vleraser"), forgets_text_rows=True, answers_refusal=False),
-        Scope("refuse", ("language",), ("refusal",), forgets_text_rows=True, answers_refusal=True),
+        Scope("visual", ("vision_mlp", "projector"), "stranger", forgets_text_rows=False, answers_refusal=False),
+        Scope("full", ("projector", "language"), "stranger", forgets_text_rows=True, answers_refusal=False),
+        Scope("refuse", ("language",), "refusal", forgets_text_rows=True, answers_refusal=True),
     )
 }
 

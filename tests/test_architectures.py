@@ -83,7 +83,7 @@ def test_idefics3_applies_under_every_scope_exports_loads_in_peft_and_rolls_back
     batch = fixed_batch(world, processor)
     assert batch["pixel_values"].dim() == 5 and "pixel_attention_mask" in batch  # Idefics3's own image inputs
     for scope in SCOPES:
-        method = SCOPES[scope].methods[0]
+        method = SCOPES[scope].default
         request = write_request(tmp_path, scope, scope=scope, method=method, steps=3, forget=str(world / "forget_a.jsonl"),
                                 retain=str(world / "retain.jsonl"), reference=str(world / "reference.jsonl"), partial=True)
         entry = apply_request(reg_dir, request, show_progress=False)

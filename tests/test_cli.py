@@ -293,13 +293,13 @@ def test_kill_at_each_step_of_apply_leaves_the_request_whole_or_absent(world, ap
 
 
 def test_methods_lists_every_method_with_its_scopes_kind_arguments_and_source():
-    from seqforget.methods import METHODS
+    from seqforget.methods import METHODS, served
     from seqforget.scopes import SCOPES
 
     listed = json.loads(invoke("methods", "--json").output)
     assert sorted(m["name"] for m in listed) == sorted(METHODS)
     for m in listed:
-        assert m["scopes"] == [s for s, scope in SCOPES.items() if m["name"] in scope.methods] and m["scopes"]
+        assert m["scopes"] == [s for s in SCOPES if m["name"] in served(s)] and m["scopes"]
         assert m["adapter_kind"] == METHODS[m["name"]].adapter_kind and m["source"] and m["summary"]
         assert [a["name"] for a in m["args"]] == [f.name for f in dataclasses.fields(METHODS[m["name"]])]
     stranger = next(m for m in listed if m["name"] == "stranger")

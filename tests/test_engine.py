@@ -18,7 +18,7 @@ from seqforget.evaluation import probe
 from seqforget.engine import apply_request, export_model, init_registry, live_model, rollback_request
 from seqforget.losses import MODEL_INPUTS
 from seqforget.models import load_model
-from seqforget.methods import METHODS
+from seqforget.methods import METHODS, served
 from seqforget.scopes import SCOPES
 from seqforget.status import status_rows, status_table
 
@@ -247,7 +247,7 @@ def test_export_loads_with_transformers_and_matches_the_engine(world, two_reques
 
 # ---- every method under every scope it serves ---------------------------------------------------
 
-MATRIX = [(scope, method) for scope, s in SCOPES.items() for method in s.methods]
+MATRIX = [(scope, method) for scope in SCOPES for method in served(scope)]
 
 
 @pytest.mark.parametrize("scope, method", MATRIX, ids=[f"{s}-{m}" for s, m in MATRIX])
@@ -283,7 +283,7 @@ def test_every_method_applies_stores_exports_loads_in_peft_and_rolls_back(world,
         assert torch.equal(p, q), name  # nothing active: the base model, bit for bit
 
 
-@pytest.mark.parametrize("method", SCOPES["visual"].methods)
+@pytest.mark.parametrize("method", served("visual"))
 def test_a_visual_request_leaves_the_language_model_bit_identical(world, tmp_path, method):
     reg_dir = tmp_path / "reg"
     init_registry(reg_dir, world / "model")
@@ -327,7 +327,7 @@ def _retained_inputs_response(world, reg_dir, entry) -> tuple[float, float, bool
 
 @pytest.mark.parametrize("scope", list(SCOPES))
 def test_the_stored_update_leaves_retained_inputs_nearly_untouched_only_when_projected(world, tmp_path, scope):
-    method = SCOPES[scope].methods[0]
+    method = SCOPES[scope].default
     response = {}
     for projection in (True, False):
         reg_dir = tmp_path / f"reg-{projection}"

@@ -23,7 +23,7 @@ def _write(folder, **fields):
 
 def test_a_request_without_a_method_gets_its_scopes_default(tmp_path):
     for scope in ("full", "refuse"):
-        assert load_request(_write(tmp_path, scope=scope)).method == SCOPES[scope].methods[0]
+        assert load_request(_write(tmp_path, scope=scope)).method == SCOPES[scope].default
 
 
 def test_steps_and_lr_default_to_the_methods_budget_unless_the_request_sets_them(tmp_path):
@@ -58,11 +58,12 @@ def test_a_field_added_later_counts_in_a_requests_identity_only_when_set(tmp_pat
     assert set_.sha256() != plain.sha256()
 
 
-def test_every_scope_lists_methods_that_exist():
-    from seqforget.methods import METHODS
+def test_every_scope_has_a_default_that_serves_it_and_every_method_serves_a_scope():
+    from seqforget.methods import METHODS, served
 
-    for scope in SCOPES.values():
-        assert scope.methods and set(scope.methods) <= set(METHODS), scope
+    for name, scope in SCOPES.items():
+        assert scope.default in METHODS and served(name)[0] == scope.default, scope
+    assert all(cls.scopes and set(cls.scopes) <= set(SCOPES) for cls in METHODS.values())
 
 
 def test_off_a_terminal_progress_prints_no_line_per_step():

@@ -1,8 +1,8 @@
-"""Unlearning methods. Each is one file here and one line in METHODS; the scopes a method
-serves are listed in seqforget.scopes.SCOPES.
+"""Unlearning methods. Each is one file here and one line in METHODS.
 
 A method is a small object with:
   name           its registry name
+  scopes         the scopes it serves (seqforget.scopes.SCOPES; each scope names its default)
   adapter_kind   what trains and what the registry stores for it: "lora", "sine" or "masked"
                  (seqforget.updates)
   source         where its mechanism comes from
@@ -53,6 +53,7 @@ Batch = dict[str, torch.Tensor]
 
 class Method(Protocol):
     name: str
+    scopes: tuple[str, ...]
     sign: int
     adapter_kind: str
     source: str
@@ -65,8 +66,14 @@ class Method(Protocol):
     ) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
-METHODS: dict[str, type] = {m.name: m for m in (GradientAscent, GradientDifference, NPO, Refusal, AnswerTarget, StrangerTarget,
-                                                 ContrastiveVisual, SineProject, MMUnlearner, VLEraser)}
+METHODS: dict[str, type] = {m.name: m for m in (StrangerTarget, GradientDifference, GradientAscent, NPO, AnswerTarget,
+                                                 ContrastiveVisual, SineProject, MMUnlearner, VLEraser, Refusal)}
+
+
+def served(scope: str) -> tuple[str, ...]:
+    """The methods that serve `scope`, its default first, the others in METHODS' order."""
+    default = SCOPES[scope].default
+    return (default,) + tuple(name for name, cls in METHODS.items() if scope in cls.scopes and name != default)
 
 
 def method_problems(name: str, scope: str, args: dict) -> list[str]:
@@ -75,9 +82,9 @@ def method_problems(name: str, scope: str, args: dict) -> list[str]:
     if cls is None:
         return [f"method: unknown {name!r} (known: {', '.join(sorted(METHODS))})"]
     problems = []
-    if scope in SCOPES and name not in SCOPES[scope].methods:
+    if scope in SCOPES and scope not in cls.scopes:
         problems.append(f"method: {name} does not serve scope {scope!r} ({name} serves: {', '.join(scopes_of(name)) or 'none'}; "
-                        f"methods for {scope}: {', '.join(SCOPES[scope].methods)})")
+                        f"methods for {scope}: {', '.join(served(scope))})")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key, value in args.items():
         if key not in fields:
@@ -95,7 +102,7 @@ def method_problems(name: str, scope: str, args: dict) -> list[str]:
 
 
 def scopes_of(name: str) -> list[str]:
-    return [scope for scope, s in SCOPES.items() if name in s.methods]
+    return [scope for scope in SCOPES if scope in METHODS[name].scopes]
 
 
 def describe() -> list[dict]:
@@ -109,7 +116,7 @@ def describe() -> list[dict]:
                 for f in dataclasses.fields(cls)]  # None: unbounded
         summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split()).rstrip(":")
         out.append({"name": name, "scopes": scopes_of(name),
-                    "default_for": [scope for scope, s in SCOPES.items() if s.methods[0] == name],
+                    "default_for": [scope for scope, s in SCOPES.items() if s.default == name],
                     "adapter_kind": cls.adapter_kind, "sign": cls.sign, "args": args,
                     "budget": dict(getattr(method, "budget", {})), "needs_reference": getattr(method, "needs_reference", False),
                     "summary": summary, "source": cls.source})

@@ -8,6 +8,7 @@ class GradientAscent:
     """Raise the forget answers' negative log-likelihood: loss = -NLL(forget)."""
 
     name = "ga"
+    scopes = ("visual", "full")  # the scopes it serves (seqforget.scopes.SCOPES)
     adapter_kind = "lora"
     source = ('Jang et al., "Knowledge Unlearning for Mitigating Privacy Risks in Language Models", ACL '
              '2023 (arXiv 2210.01504)')

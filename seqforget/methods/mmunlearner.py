@@ -41,6 +41,7 @@ class MMUnlearner:
     retain_weight: float = 1.0
     step_guard: float = field(default=0.05, metadata={"range": (1e-6, 1e6)})
     name = "mmunlearner"
+    scopes = ("visual", "full")  # the scopes it serves (seqforget.scopes.SCOPES)
     adapter_kind = "masked"
     source = ('Huo et al., "MMUnlearner: Reformulating Multimodal Machine Unlearning in the Era of Multimodal Large '
               'Language Models", ACL Findings 2025 (arXiv 2502.11051)')

@@ -20,6 +20,7 @@ class NPO:
     beta: float = field(default=0.1, metadata={"range": (1e-6, 1e3)})
     retain_weight: float = 1.0
     name = "npo"
+    scopes = ("visual", "full")  # the scopes it serves (seqforget.scopes.SCOPES)
     adapter_kind = "lora"
     source = ('Zhang et al., "Negative Preference Optimization: From Catastrophic Collapse to Effective '
              'Unlearning", COLM 2024 (arXiv 2404.05868)')

@@ -28,6 +28,7 @@ class SineProject:
 
     objective: str = field(default="stranger", metadata={"choices": LOSSES})
     name = "sine"
+    scopes = ("visual",)  # the scopes it serves (seqforget.scopes.SCOPES)
     adapter_kind = "sine"
     source = ('SineProject: sinusoidally reparameterised projector for stable vision-language unlearning '
               '(arXiv 2511.18444)')

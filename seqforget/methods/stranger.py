@@ -51,6 +51,7 @@ class StrangerTarget:
     feature_weight: float = 0.0
     own_answer: float = field(default=1.0, metadata={"range": (0.0, 1.0)})
     name = "stranger"
+    scopes = ("visual", "full")  # the scopes it serves (seqforget.scopes.SCOPES)
     adapter_kind = "lora"
     source = 'seqforget: a bounded target (answers the model gives never-seen people) in place of ascent'
     needs_reference = True  # checked when the request is read
