@@ -261,7 +261,7 @@ def _targets(request: Request, method, model) -> list[str]:
     """The layers this request trains: those it names (every pattern must match at least one),
     else the method's own, else its scope's."""
     if not request.target_modules:
-        return scope_layers(model, request.scope, getattr(method, "layers", None))
+        return scope_layers(model, request.scope, method.layers)
     unmatched = [p for p in request.target_modules if not match_layers(model, [p])]
     if unmatched:
         raise SeqforgetError(f"request {request.id}: no linear layer of the model matches {', '.join(unmatched)}")

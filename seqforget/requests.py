@@ -176,7 +176,7 @@ def parse_request(raw: dict, path: Path, source: str, default_retain: str | None
         problems += found
         chosen = None if found or scope is None else make_method(method, method_args)
 
-    training = _training(raw, problems, dict(getattr(chosen, "budget", {})))
+    training = _training(raw, problems, dict(chosen.budget) if chosen is not None else {})
     targets = raw.get("target_modules")
     if targets is not None and (not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets) or not targets):
         problems.append("target_modules: expected a non-empty list of layer names")
@@ -234,7 +234,7 @@ def parse_request(raw: dict, path: Path, source: str, default_retain: str | None
 
 def _reference_problems(method, scope, by_default: bool, forget: list[Row], reference: list[Row]) -> list[str]:
     """A method that answers the forgotten as it answers strangers needs reference rows like each forget row."""
-    if method is None or not getattr(method, "needs_reference", False):
+    if method is None or not method.needs_reference:
         return []
     kinds = {r.image is not None for r in forget if r.image is not None or SCOPES[scope].forgets_text_rows}
     missing = kinds - {r.image is not None for r in reference}

@@ -86,7 +86,7 @@ def train_adapter(model, method, rows: RequestRows, targets: list[str], nullspac
             stopping = Stopping(net, rows, settings, guard_start, floor)
         stopping.start(update.parameters)
         trajectory, step_seconds = [], 0.0
-        bound = getattr(method, "step_guard", None)
+        bound = method.step_guard
         dropping = earlier is not None and earlier.p > 0  # earlier terms off at random for each step
         net.train()
         for step in range(1, settings.steps + 1):

@@ -17,10 +17,10 @@ A method is a small object with:
   loss(model, forget, retain, original)    its loss on a forget and a retain batch
 In both, `with original():` runs the model as it was before this request (the update
 switched off); wrap it in torch.no_grad().
-It may carry:
+It inherits these, at their defaults (seqforget.methods.base.Defaults), and may set them:
   budget           a dict of defaults for the request's `steps` and `lr`
   needs_reference  True if it cannot train without reference rows like the forget rows
-  layers           a tuple of seqforget.scopes.Layers: the layers it trains, in place of the
+  layers           a tuple of roles (seqforget.scopes.ROLES): the layers it trains, in place of the
                    scope's (a request's target_modules still override both)
   step_guard       a bound (nats per answer token): each optimiser step that raises the retain
                    batch's loss by more is halved or undone (seqforget.training.guarded_step)
@@ -57,6 +57,10 @@ class Method(Protocol):
     sign: int
     adapter_kind: str
     source: str
+    budget: dict
+    needs_reference: bool
+    layers: tuple[str, ...] | None
+    step_guard: float | None
 
     def prepare(self, model, forget: Rows, retain: Rows, reference: Rows | None, original: Callable[[], ContextManager],
                 update) -> None: ...
@@ -118,7 +122,7 @@ def describe() -> list[dict]:
         out.append({"name": name, "scopes": scopes_of(name),
                     "default_for": [scope for scope, s in SCOPES.items() if s.default == name],
                     "adapter_kind": cls.adapter_kind, "sign": cls.sign, "args": args,
-                    "budget": dict(getattr(method, "budget", {})), "needs_reference": getattr(method, "needs_reference", False),
+                    "budget": dict(method.budget), "needs_reference": method.needs_reference,
                     "summary": summary, "source": cls.source})
     return out
 

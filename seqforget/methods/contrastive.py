@@ -4,11 +4,12 @@ import torch
 import torch.nn.functional as F
 
 from seqforget.errors import SeqforgetError
+from seqforget.methods.base import Defaults
 from seqforget.representations import augment, image_features
 
 
 @dataclass
-class ContrastiveVisual:
+class ContrastiveVisual(Defaults):
     """Move the forgotten faces' visual features away from their own identity, into the region
     where never-seen faces land, and hold every retained face's features where they were. Only
     the visual side trains (the scope's vision-tower MLPs and projector); the language model

@@ -1,10 +1,11 @@
 from dataclasses import dataclass
 
 from seqforget.losses import answer_nll
+from seqforget.methods.base import Defaults
 
 
 @dataclass
-class GradientAscent:
+class GradientAscent(Defaults):
     """Raise the forget answers' negative log-likelihood: loss = -NLL(forget)."""
 
     name = "ga"

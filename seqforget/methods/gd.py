@@ -1,10 +1,11 @@
 from dataclasses import dataclass
 
 from seqforget.losses import answer_nll
+from seqforget.methods.base import Defaults
 
 
 @dataclass
-class GradientDifference:
+class GradientDifference(Defaults):
     """Gradient ascent on the forget set, descent on the retain set:
     loss = -NLL(forget) + retain_weight * NLL(retain)."""
 

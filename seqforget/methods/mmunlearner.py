@@ -4,10 +4,11 @@ import torch
 
 from seqforget.data import Rows
 from seqforget.losses import answer_nll
+from seqforget.methods.base import Defaults
 
 
 @dataclass
-class MMUnlearner:
+class MMUnlearner(Defaults):
     """Gradient ascent on the forget rows and descent on the retain rows, moving only the base
     weights that matter more to the forget rows than to anything retained (MMUnlearner):
 

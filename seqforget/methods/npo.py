@@ -4,10 +4,11 @@ import torch
 import torch.nn.functional as F
 
 from seqforget.losses import answer_logprob, answer_nll
+from seqforget.methods.base import Defaults
 
 
 @dataclass
-class NPO:
+class NPO(Defaults):
     """Negative Preference Optimization (Zhang et al., 2024), with a retain term:
 
         loss = -(2 / beta) * mean log sigmoid(-beta * (log p(y|x) - log p_ref(y|x)))

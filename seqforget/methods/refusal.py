@@ -5,11 +5,12 @@ import torch.nn.functional as F
 
 from seqforget.data import Rows, collate, subset
 from seqforget.losses import answer_logprob, answer_nll
+from seqforget.methods.base import Defaults
 
 
 
 @dataclass
-class Refusal:
+class Refusal(Defaults):
     """Teach a refusal for the forget rows, with prompt decoupling (SafeEraser, SineProject):
 
         loss = L(image rows) + text_weight * L(text-only rows)

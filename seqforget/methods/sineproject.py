@@ -1,11 +1,12 @@
 from dataclasses import dataclass, field
+from seqforget.methods.base import Defaults
 
 
 LOSSES = ("stranger", "target", "contrastive", "gd", "ga", "npo")  # the visual scope's losses
 
 
 @dataclass
-class SineProject:
+class SineProject(Defaults):
     """The projector's linear layers trained as W + sin(dW), under any of the visual losses
     (SineProject):
 
@@ -39,7 +40,7 @@ class SineProject:
         from seqforget.methods import METHODS
 
         self._inner = METHODS[self.objective]()
-        self.needs_reference = getattr(self._inner, "needs_reference", False)
+        self.needs_reference = self._inner.needs_reference
         self.budget = {"steps": 600, "lr": 3e-3}
 
     def prepare(self, model, forget, retain, reference, original, update):

@@ -5,11 +5,12 @@ import torch
 from seqforget.data import IGNORE
 from seqforget.errors import SeqforgetError
 from seqforget.losses import answer_kl, answer_logprobs, kl_to_original
+from seqforget.methods.base import Defaults
 from seqforget.representations import augment, image_features
 
 
 @dataclass
-class StrangerTarget:
+class StrangerTarget(Defaults):
     """Answer about the forgotten as the model, before this request, answers the same questions
     about strangers; answer everything retained as before.
 

@@ -4,12 +4,13 @@ import torch
 
 from seqforget.errors import SeqforgetError
 from seqforget.losses import answer_kl, answer_logprobs, kl_to_original
+from seqforget.methods.base import Defaults
 from seqforget.representations import augment, image_features
 
 
 
 @dataclass
-class AnswerTarget:
+class AnswerTarget(Defaults):
     """Answer about a forgotten face as the model answered about the known face it most
     resembles, and about every retained face as before. Only the vision side trains; the
     language model never sees a gradient, so what it knows from text stays by construction.

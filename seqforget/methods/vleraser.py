@@ -4,10 +4,11 @@ import torch
 import torch.nn.functional as F
 
 from seqforget.losses import answer_nll
+from seqforget.methods.base import Defaults
 
 
 @dataclass
-class VLEraser:
+class VLEraser(Defaults):
     """Distil the forget knowledge into a LoRA on the language model's feed-forward layers, then
     subtract it (VL-Eraser's distil-then-delete):
 
