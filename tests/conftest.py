@@ -13,9 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from click.testing import CliRunner
+from peft import PeftModel
+from transformers import AutoModelForImageTextToText
 
 from benchmarks.forget_retain import PROFILES, prepare
 from benchmarks.kill_stream import tiny_world
+from seqforget.cli import cli
 
 torch.set_num_threads(2)
 
@@ -91,3 +95,26 @@ def fixed_batch(world: Path, processor) -> dict:
 def logits(model, batch) -> torch.Tensor:
     with torch.no_grad():
         return model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}).logits
+
+
+# PEFT runs the LoRA as a path beside the weights, the engine merges it into them: float32 rounds
+# the two differently, by up to a few 1e-5 on logits of size 10 (measured against the same model in
+# float64: each path is up to 4.2e-5 from it, and the two up to 3.3e-5 apart;
+# test_peft_and_the_engine_are_each_float32_roundings_of_the_float64_model checks it)
+UNMERGED = 5e-5
+
+
+def peft_merged(world, folders):
+    """The base model with each adapter folder merged in by PEFT itself: seqforget's code is not used."""
+    model = AutoModelForImageTextToText.from_pretrained(world / "model", dtype=torch.float32)
+    for folder in folders:
+        model = PeftModel.from_pretrained(model, folder).merge_and_unload()
+    return model.eval()
+
+
+def invoke(*args, check=True):
+    """The command in this process (no fresh torch import): for the many error cases."""
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    if check:
+        assert result.exit_code == 0, result.stderr
+    return result

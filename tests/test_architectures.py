@@ -5,7 +5,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText
 
-from conftest import fixed_batch, logits, write_request
+from conftest import UNMERGED, fixed_batch, logits, write_request
 from registry import Registry
 from seqforget.composition import compose, delta
 from seqforget.conditioning import projector_name
@@ -14,7 +14,6 @@ from seqforget.errors import SeqforgetError
 from seqforget.methods import METHODS
 from seqforget.models import build_tiny_idefics3, load_model
 from seqforget.scopes import SCOPES, architecture, linear_layers, scope_layers
-from test_engine import UNMERGED
 
 
 def tiny_paligemma():

@@ -11,11 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from click.testing import CliRunner
-
-from conftest import snapshot, write_request
+from conftest import invoke, snapshot, write_request
 from registry import Registry
-from seqforget.cli import cli
 
 
 def run(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
@@ -25,14 +22,6 @@ def run(*args, check=True, **kwargs) -> subprocess.CompletedProcess:
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
-
-
-def invoke(*args, check=True):
-    """The command in this process (no fresh torch import): for the many error cases."""
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    if check:
-        assert result.exit_code == 0, result.stderr
-    return result
 
 
 def test_end_to_end(world, tmp_path):

@@ -7,11 +7,10 @@ of devices it does not have.
 import pytest
 import torch
 
-from conftest import snapshot, write_request
+from conftest import invoke, snapshot, write_request
 from registry import Registry
 from seqforget.errors import SeqforgetError
 from seqforget.models import device_of, load_model, torch_device
-from test_cli import invoke
 
 
 def test_device_names_resolve_or_are_refused_in_one_line():

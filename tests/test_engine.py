@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForImageTextToText
 
-from conftest import fixed_batch, logits, write_request
+from conftest import UNMERGED, fixed_batch, logits, peft_merged, write_request
 from registry import Registry
 from seqforget import data
 from seqforget.activations import InputStats, input_stats
@@ -21,13 +21,6 @@ from seqforget.models import load_model
 from seqforget.methods import METHODS, served
 from seqforget.scopes import SCOPES
 from seqforget.status import status_rows, status_table
-
-# PEFT runs the LoRA as a path beside the weights, the engine merges it into them: float32 rounds
-# the two differently, by up to a few 1e-5 on logits of size 10 (measured against the same model in
-# float64: each path is up to 4.2e-5 from it, and the two up to 3.3e-5 apart;
-# test_peft_and_the_engine_are_each_float32_roundings_of_the_float64_model checks it)
-UNMERGED = 5e-5
-
 
 @pytest.fixture(scope="module")
 def two_requests(world, tmp_path_factory):
@@ -42,14 +35,6 @@ def two_requests(world, tmp_path_factory):
 def _base_weights(world):
     model, _ = load_model(world / "model")
     return model, {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def peft_merged(world, folders):
-    """The base model with each adapter folder merged in by PEFT itself: seqforget's code is not used."""
-    model = AutoModelForImageTextToText.from_pretrained(world / "model", dtype=torch.float32)
-    for folder in folders:
-        model = PeftModel.from_pretrained(model, folder).merge_and_unload()
-    return model.eval()
 
 
 def test_adapters_lie_in_the_null_space_of_their_bases(two_requests):

@@ -8,13 +8,12 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import write_request
+from conftest import invoke, write_request
 from registry import Registry
 from seqforget.composition import compose
 from seqforget.engine import apply_request, rollback_request
 from seqforget.live import Live
 from seqforget.models import load_model
-from test_cli import invoke
 
 # mmunlearner's step guard undoes ascent steps that cost retained answers: at lr 1e-2 it undid all four
 # on seed 2 of the world, leaving nothing to commit; at 1e-3 they are taken

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import fixed_batch, logits, write_request
+from conftest import fixed_batch, logits, peft_merged, write_request
 from registry import Registry
 from seqforget import data
 from seqforget.composition import compose, delta
@@ -21,7 +21,6 @@ from seqforget.requests import Training
 from seqforget.scopes import linear_layers
 from seqforget.training import guarded_step
 from seqforget.updates import MaskedUpdate
-from test_engine import peft_merged
 
 
 def _rows(world, processor, name, with_image=None, answer=None):
