@@ -9,12 +9,12 @@ zero by construction; what a gated request costs is its gate's false positives.
 A gate is a Mahalanobis test on what the vision tower hands the projector, pooled to a grid of
 at most CELLS x CELLS cells of the image's patches (`features`), under the vision tower without
 the gated terms. The grid keeps where things lie in the image: the mean over all tokens loses it,
-and at the benchmark's scale lets neighbouring people's images into a gate (benchmarks/FINDINGS.md,
-"Gated registries"). Its statistics come from the request's forget images and random views of them (representations.augment):
-their mean and the principal directions of their covariance, shrunk towards the mean
-variance per dimension so that views off those directions stay near. The threshold lies
-midway (geometrically) between the farthest forget view and the nearest retain image of the
-request; where they overlap, it takes every forget view in. Within the threshold, each of the
+and at the benchmark's scale lets neighbouring people's images into a gate
+(benchmarks/FINDINGS.md, "Gated registries"). Its statistics come from the request's forget
+images and random views of them (representations.augment): their mean and the principal
+directions of their covariance, shrunk towards the mean variance per dimension so that views
+off those directions stay near. The threshold lies midway (geometrically) between the farthest
+forget view and the nearest retain image of the request; where they overlap, it takes every forget view in. Within the threshold, each of the
 request's retain images vetoes what lies nearer to it than to the forget set's centre (in the
 same distance): the threshold alone lets in retained faces that look like the forgotten one,
 and the retain images of such faces keep them out. A gate is d x k numbers about the forget

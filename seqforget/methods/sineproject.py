@@ -1,4 +1,5 @@
 from dataclasses import dataclass, field
+
 from seqforget.methods.base import Defaults
 
 

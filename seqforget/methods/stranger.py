@@ -40,7 +40,7 @@ class StrangerTarget(Defaults):
     0.77) and kept no more (retain visual 0.91 against 0.92).
 
     own_answer scales the probability the target gives each forget row's own answer (its first
-    token), renormalised. The strangers' mixture is taken under the model before the request,
+    token, so also any answer that starts with the same token), renormalised. The strangers' mixture is taken under the model before the request,
     which knows the answer and gives it to strangers now and then (a forgotten face's name,
     above all); a model that never learnt it would not. At 0 the target never gives it.
 
