@@ -74,3 +74,57 @@ def test_own_answer_takes_the_forget_rows_answer_out_of_its_strangers_target(wor
         others[own] = False  # every other answer keeps its share of what is left
         assert torch.allclose(taken[0, others].exp(), kept[0, others].exp() / kept[0, others].exp().sum(), atol=1e-6)
         assert torch.equal(taken[1:], kept[1:])  # later tokens follow the answer as before
+
+
+def _example(prompt: list[int], answer: list[int]) -> data.Example:
+    return data.Example(torch.tensor(prompt + answer), torch.tensor([data.IGNORE] * len(prompt) + answer), None)
+
+
+def test_own_prior_caps_the_whole_own_answer_at_its_share_among_the_retain_rows():
+    from seqforget.methods.stranger import _cap_own_answers
+
+    def target(*rows):  # probabilities over a vocabulary of 6, one row per answer token
+        return torch.tensor(rows, dtype=torch.float32)
+
+    before = target([0.1, 0.1, 0.1, 0.6, 0.05, 0.05], [0.1, 0.1, 0.1, 0.1, 0.5, 0.1], [0.0, 0.0, 0.0, 0.0, 0.0, 1.0])
+    rare, common, unasked = before.clone(), before.clone(), before.clone()
+    forget = data.Rows([_example([1, 2], [3, 4, 5]), _example([1, 2], [3, 4, 5]), _example([9, 2], [3, 4, 5])], 0)
+    # the name "3 4 5" is no retained person's; "3 1 5" begins like it and must keep its share
+    retain = data.Rows([_example([1, 2], [3, 1, 5]), _example([1, 2], [3, 1, 5]), _example([1, 2], [2, 5])], 0)
+    _cap_own_answers([rare], data.Rows(forget.examples[:1], 0), retain)
+    assert rare[1, 4] == 0 and torch.equal(rare[0], before[0]) and torch.equal(rare[2], before[2])  # cut where it parts
+    assert torch.allclose(rare[1, [0, 1, 2, 3, 5]], before[1, [0, 1, 2, 3, 5]] / 0.5) and abs(float(rare[1].sum()) - 1) < 1e-6
+    # a common answer, one retain row in four: the whole answer (0.6 * 0.5 before) keeps 0.25
+    retain = data.Rows(retain.examples + [_example([1, 2], [3, 4, 5])], 0)
+    _cap_own_answers([common], data.Rows(forget.examples[1:2], 0), retain)
+    whole = common[0, 3] * common[1, 4] * common[2, 5]
+    assert abs(float(whole) - 0.25) < 1e-6 and torch.equal(common[0], before[0]) and abs(float(common[1].sum()) - 1) < 1e-6
+    # at or under its share, or asked by no retain row: left as the strangers give it
+    _cap_own_answers([unasked], data.Rows(forget.examples[2:], 0), retain)
+    assert torch.equal(unasked, before)
+    generous = before.clone()
+    _cap_own_answers([generous], data.Rows(forget.examples[1:2], 0), data.Rows(retain.examples[-1:], 0))
+    assert torch.equal(generous, before)
+
+
+def test_own_prior_on_a_real_model_takes_a_name_no_retained_person_has_out_of_the_target(world):
+    model, processor = load_model(world / "model")
+    forget = _rows(world, processor, "forget_a.jsonl", True)
+    retain = _rows(world, processor, "retain.jsonl", True)
+    reference = data.Rows(forget.examples, forget.pad_id, stands_for=list(range(len(forget))))  # each row its own stranger
+    plain, capped = StrangerTarget(augment=0.0), StrangerTarget(augment=0.0, own_prior="retained")
+    plain.prepare(model, forget, retain, reference, nullcontext, None)
+    capped.prepare(model, forget, retain, reference, nullcontext, None)
+    given = {}
+    for example in retain.examples:
+        given.setdefault(example.prompt, set()).add(tuple(example.labels[example.labels != data.IGNORE].tolist()))
+    cut = 0
+    for example, kept, taken in zip(forget.examples, plain._targets, capped._targets):
+        own = example.labels[example.labels != data.IGNORE]
+        whole = lambda t: float(t[torch.arange(len(own)), own].sum().exp())  # noqa: E731
+        if tuple(own.tolist()) in given.get(example.prompt, set()):  # an answer retained people give too: never raised
+            assert whole(taken) <= whole(kept) + 1e-6
+        elif example.prompt in given:  # an answer of the forgotten person's alone: no probability left
+            assert whole(kept) > 0.5 and whole(taken) < 1e-10
+            cut += 1
+    assert cut > 0  # the world's forget rows include answers only the forgotten person gives

@@ -39,10 +39,18 @@ class StrangerTarget(Defaults):
     by default: at weight 10 (shapes:0, six people) it forgot less (forget visual 0.83 against
     0.77) and kept no more (retain visual 0.91 against 0.92).
 
-    own_answer scales the probability the target gives each forget row's own answer (its first
-    token, so also any answer that starts with the same token), renormalised. The strangers' mixture is taken under the model before the request,
-    which knows the answer and gives it to strangers now and then (a forgotten face's name,
-    above all); a model that never learnt it would not. At 0 the target never gives it.
+    The strangers' mixture is taken under the model before the request, which knows the forget
+    row's own answer and gives it to strangers now and then (a forgotten face's name, above all);
+    a model that never learnt it would not. Two arguments take that out:
+    - own_prior "retained": the target gives a forget row's whole own answer at most the share of
+      the request's retain rows, asking the same question, that give the same whole answer: a
+      name only the forgotten person has goes to 0, a job many retained people have keeps what
+      strangers are given. The cut falls on the answer's first token that no other answer of
+      those retain rows shares, so other answers that begin the same way keep their
+      probability. Rows whose question no retain row asks are left as they are.
+    - own_answer scales the probability the target gives each forget row's own answer at its
+      first token (so also any answer that starts with the same token), renormalised. At 0 the
+      target never gives it, nor anything that starts like it.
 
     Needs reference rows like every forget row (the request's `reference`, or the registry's).
     """
@@ -51,6 +59,7 @@ class StrangerTarget(Defaults):
     augment: float = field(default=1.0, metadata={"range": (0.0, 4.0)})
     feature_weight: float = 0.0
     own_answer: float = field(default=1.0, metadata={"range": (0.0, 1.0)})
+    own_prior: str = field(default="strangers", metadata={"choices": ("strangers", "retained")})
     name = "stranger"
     scopes = ("visual", "full")  # the scopes it serves (seqforget.scopes.SCOPES)
     adapter_kind = "lora"
@@ -78,6 +87,8 @@ class StrangerTarget(Defaults):
                     counts[k] = counts.get(k, 0) + 1
                     position += 1
         targets = [sums[k] / counts[k] for k in range(len(forget))]  # (n_k, V) each: probabilities
+        if self.own_prior == "retained":
+            _cap_own_answers(targets, forget, retain)
         if self.own_answer < 1.0:
             for target, example in zip(targets, forget.examples):
                 own = int(example.labels[example.labels != IGNORE][0])  # the row's own answer's first token
@@ -100,3 +111,36 @@ class StrangerTarget(Defaults):
             loss = loss + self.feature_weight * drift
             logs["feature_drift"] = drift.item()
         return loss, logs
+
+
+def _answer(example) -> tuple[int, ...]:
+    return tuple(example.labels[example.labels != IGNORE].tolist())
+
+
+def _cap_own_answers(targets: list[torch.Tensor], forget, retain) -> None:
+    """In place: each forget row's target gives its whole own answer (teacher-forced, the product
+    over its tokens) at most the share of the retain rows asking its question that answer the
+    same. The cut is made at the first token where the own answer parts from every other answer
+    those rows give (its last token if there is none), the rest of that position renormalised."""
+    given: dict[tuple[int, ...], list[tuple[int, ...]]] = {}  # prompt -> the retain rows' answers to it
+    for example in retain.examples:
+        given.setdefault(example.prompt, []).append(_answer(example))
+    for target, example in zip(targets, forget.examples):
+        answers = given.get(example.prompt)
+        if not answers:
+            continue
+        own = _answer(example)
+        share = sum(a == own for a in answers) / len(answers)
+        probs = target[torch.arange(len(own)), torch.tensor(own)].double()  # (n,) the own answer's token by token
+        whole = probs.prod().item()
+        if whole <= share:
+            continue
+        others = {a for a in answers if a != own}
+        apart = next((t for t in range(len(own)) if all(a[:t + 1] != own[:t + 1] for a in others)), len(own) - 1)
+        keep = probs[apart].item() * share / whole  # the probability its token keeps at that position
+        rest = target[apart].clone()
+        rest[own[apart]] = 0.0
+        total = rest.sum()
+        rest = rest * ((1.0 - keep) / total) if total > 0 else torch.full_like(rest, (1.0 - keep) / (rest.numel() - 1))
+        rest[own[apart]] = keep
+        target[apart] = rest
