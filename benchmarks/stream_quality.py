@@ -25,6 +25,8 @@ also train the language model's layers, which read the term only on the rows who
 picks, stop only when every kind of forget question is told from strangers' at most 0.6
 (`known_limit`; with partial: true, a request that does not get there commits at its budget),
 and train towards strangers' answers without the forget row's own (`own_answer: 0`).
+`gated_prior` is `gated_lm` with the own answer capped at its share among the retain rows' answers
+to the same question (`own_prior: retained`) in place of `own_answer: 0`.
 
 Printed after every request: its person's figure against vanilla's and the oracle's; over all
 requests so far, the mean figure against the oracle's and how many people are still forgotten;
@@ -69,14 +71,16 @@ from seqforget.models import load_model
 
 KEEP, BACK = 0.97, 0.90  # retained accuracy kept, and a rolled-back person's accuracy restored, as shares of vanilla
 ORACLE = {"visual": "without_images", "full": "without_people"}
+# the visual scope's LLaVA layers and the language model's attention and MLP projections
+WITH_LM = ["mlp.fc1", "mlp.fc2", "multi_modal_projector.linear_1", "multi_modal_projector.linear_2",
+           "self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 # name -> (request fields, registry options: a budget, gated)
 MECHANISMS = {
     "default": ({}, {}),
     "budget": ({}, {"budget": 0.95}),
     "gated": ({}, {"gated": True}),
-    "gated_lm": ({"target_modules": ["mlp.fc1", "mlp.fc2", "multi_modal_projector.linear_1", "multi_modal_projector.linear_2",
-                                     "self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"],
-                  "known_limit": 0.6, "method_args": {"own_answer": 0.0}}, {"gated": True}),
+    "gated_lm": ({"target_modules": WITH_LM, "known_limit": 0.6, "method_args": {"own_answer": 0.0}}, {"gated": True}),
+    "gated_prior": ({"target_modules": WITH_LM, "known_limit": 0.6, "method_args": {"own_prior": "retained"}}, {"gated": True}),
     "dropout": ({"earlier_dropout": 0.5}, {}),
     "from_base": ({"targets_from_base": True}, {}),
     "keep_forgotten": ({"keep_forgotten": True}, {}),
