@@ -167,9 +167,11 @@ def apply(request, registry_path, model_dir, dtype, device, checkpointing, shard
     from seqforget.budget import retained_words
     from seqforget.distributed import is_main_process
     from seqforget.engine import apply_request
+    from seqforget.options import RunOptions
 
-    entry = apply_request(registry_path, request, model_dir, show_progress=not quiet, wait=wait, dtype=dtype,
-                          checkpointing=checkpointing, device=device, shard=shard)
+    run = RunOptions(model_dir=model_dir, dtype=dtype, device=device, checkpointing=checkpointing, shard=shard,
+                     show_progress=not quiet, wait=wait)
+    entry = apply_request(registry_path, request, run)
     if not is_main_process():
         return  # the main process of several says what was applied
     m = entry["metrics"]
@@ -199,11 +201,13 @@ def stream(source, registry_path, model_dir, dtype, device, checkpointing, once,
     Each request is applied once; after a stop or a kill, the next start goes on where it
     stopped. Refused requests are recorded (see `status`) and skipped. SIGTERM or Ctrl-C
     stops after the request in hand (one still training is abandoned, nothing committed)."""
+    from seqforget.options import RunOptions
     from seqforget.stream import StopSignal, run_stream
 
     with StopSignal() as stop:
-        tally = run_stream(registry_path, source, model_dir, once=once, poll=poll, show_progress=not quiet,
-                           log=click.echo, stop=stop, wait=wait, dtype=dtype, checkpointing=checkpointing, device=device)
+        run = RunOptions(model_dir=model_dir, dtype=dtype, device=device, checkpointing=checkpointing,
+                         show_progress=not quiet, wait=wait, stop=stop)
+        tally = run_stream(registry_path, source, run, once=once, poll=poll, log=click.echo)
     ended = f"stopped by {stop.signal}" if stop.signal else "drained"
     click.echo(f"stream {ended}: {tally.applied} applied, {tally.skipped} already done, {tally.rejected} rejected"
                + (f"; {tally.abandoned} abandoned, to be applied by the next start" if tally.abandoned else ""))

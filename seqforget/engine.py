@@ -20,6 +20,7 @@ import contextlib
 import json
 import resource
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,7 +40,7 @@ from seqforget.losses import model_inputs
 from seqforget.methods import make_method
 from seqforget.models import (check_device, device_of, load_model, model_sha256, model_signature, torch_device,
                               torch_dtype)
-from seqforget.progress import Progress
+from seqforget.options import RunOptions
 from seqforget.projection import Factor, NullSpace, Sketch, extend_basis
 from seqforget.requests import Request, load_request, parse_request
 from seqforget.scopes import ARCHITECTURES, SCOPES, match_layers, scope_layers
@@ -113,33 +114,28 @@ def live_model(state: Snapshot, model_dir: Path | None = None, dtype: str | None
     return live.model, live.processor
 
 
-def apply_request(root: Path, request: Path | Request, model_dir: Path | None = None, show_progress: bool = True,
-                  wait: bool = True, live: Live | None = None, stop=None, source: dict | None = None,
-                  dtype: str | None = None, checkpointing: bool = False, device: str | None = None,
-                  shard: bool = False) -> dict:
+def apply_request(root: Path, request: Path | Request, run: RunOptions = RunOptions(), live: Live | None = None,
+                  source: dict | None = None, **options) -> dict:
     """Apply one deletion request (a request file, or one `read_request` read) and commit it;
-    return its manifest entry. `live`: a live model of this registry to use and keep up to
-    date (a stream's), instead of loading one. `stop`: a callable; when it returns true
-    during training, the request is abandoned (seqforget.errors.Stopped) and nothing commits.
-    `source`: where a stream read the request ({"source", "digest"}), kept in the entry.
-    `dtype`, `device`: the precision to load the model in and where it runs, if not the registry's
-    (no effect with `live`).
-    `checkpointing`: train with gradient checkpointing (seqforget.training.train_adapter).
-    `shard`: under a launcher, split the model's weights across the processes instead of each
-    holding all of them (seqforget.distributed)."""
+    return its manifest entry. `run`: how to run it (seqforget.options.RunOptions); keyword
+    `options` set single fields of it, e.g. show_progress=False. When `run.stop` says so during
+    training, the request is abandoned (seqforget.errors.Stopped) and nothing commits. `live`: a
+    live model of this registry to use and keep up to date (a stream's), instead of loading one
+    (`run`'s model_dir, dtype and device then have no effect). `source`: where a stream read the
+    request ({"source", "digest"}), kept in the entry."""
+    run = replace(run, **options)
     reg = Registry.open(root)
     if not isinstance(request, Request):
         request = read_request(reg.snapshot(), request)
     method = make_method(request.method, request.method_args)
-    group = Group(shard)  # several processes under torchrun or accelerate: only the main one writes
-    show_progress = show_progress and group.main
-    with reg.writer(wait=wait) if group.main else Follower(reg, group) as writer:
+    group = Group(run.shard)  # several processes under torchrun or accelerate: only the main one writes
+    with reg.writer(wait=run.wait) if group.main else Follower(reg, group) as writer:
         state = writer.snapshot()
         if group.main:
             group.wait()  # the others (seqforget.distributed.Follower) read the registry once this process holds its lock
         _refuse_if_present(state, request)
         if live is None:
-            live = group.in_turn(lambda: _load_live(state, model_dir, dtype, device, group, request, method))
+            live = group.in_turn(lambda: _load_live(state, run, group, request, method))
         else:
             live.sync(state)
         model, processor = live.model, live.processor
@@ -158,9 +154,7 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
         basis_seconds = time.perf_counter() - grown
         nullspaces = _nullspaces(request, targets, bases, added, _held(request, live, state))
         with writer.begin(request.id, method=request.method, scope=request.scope) as txn:
-            progress = Progress(request.training.steps, f"apply {request.id}", show_progress, stop=stop)
-            adapter, gate, metrics = _unlearn(live, method, request, before, rows, targets, nullspaces, progress,
-                                              checkpointing, group, keep)
+            adapter, gate, metrics = _unlearn(live, method, request, before, rows, targets, nullspaces, run, group, keep)
             keys, metrics["forget_keys"] = _forget_keys(model, rows.forget, targets, bases, added, request)
             metrics["room"] = _room(model, targets, nullspaces)
             metrics.update(basis=growth, seconds=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb(),
@@ -183,17 +177,16 @@ def apply_request(root: Path, request: Path | Request, model_dir: Path | None = 
         return entry
 
 
-def _load_live(state: Snapshot, model_dir: Path | None, dtype: str | None, device: str | None, group: Group,
-               request: Request, method) -> Live:
+def _load_live(state: Snapshot, run: RunOptions, group: Group, request: Request, method) -> Live:
     """The live model for a request; with the group's weights sharded, composed whole on the CPU,
     then split, the request's target layers whole if its update needs them so."""
     if not group.sharded:
-        return Live.load(state, base_model_dir(state, model_dir), dtype, device)
+        return Live.load(state, base_model_dir(state, run.model_dir), run.dtype, run.device)
     if registry_gated(state):
         raise SeqforgetError("a gated registry's model cannot be sharded across processes; run without --shard")
-    live = Live.load(state, base_model_dir(state, model_dir), dtype, "cpu")
+    live = Live.load(state, base_model_dir(state, run.model_dir), run.dtype, "cpu")
     targets = _targets(request, method, live.model)
-    live.shard(group, torch_device(device or registry_device(state)),
+    live.shard(group, torch_device(run.device or registry_device(state)),
                keep=targets if UPDATES[method.adapter_kind].whole_layers else ())
     return live
 
@@ -337,15 +330,14 @@ def _encode(request: Request, processor, encoder: data.Encoder, capped: bool = F
 
 
 def _unlearn(live: Live, method, request: Request, before: dict, rows: data.RequestRows, targets: list[str],
-             nullspaces: dict[str, NullSpace], progress: Progress, checkpointing: bool = False, group: Group | None = None,
-             keep: Floor | None = None):
+             nullspaces: dict[str, NullSpace], run: RunOptions, group: Group, keep: Floor | None = None):
     """Train the adapter under the null spaces, probe after (`before`: the probes before):
     (adapter, gate, metrics). The live model ends with the adapter composed in (in a gated
     registry, a visual request's behind its gate), pending until the request commits.
     `keep`: the registry budget's floor, which every check must hold."""
     settings = request.training
     model = live.model
-    if live.gating is not None and checkpointing:
+    if live.gating is not None and run.checkpointing:
         raise SeqforgetError("gradient checkpointing is not offered in a gated registry: it recomputes the vision "
                              "tower's layers after their gates' picks are gone; apply without it")
     gate, gate_figures = None, None
@@ -355,11 +347,9 @@ def _unlearn(live: Live, method, request: Request, before: dict, rows: data.Requ
     earlier = (live.earlier_off(settings.earlier_dropout, settings.seed)
                if settings.earlier_dropout > 0 or settings.targets_from_base else None)
     try:
-        with progress:
-            trained = train_adapter(model, method, rows, targets, nullspaces, settings, progress, earlier,
-                                    guard_start=before["guard" if rows.guard is not None else "retain"]["token_acc"],
-                                    checkpointing=checkpointing, processes=group, floor=keep,
-                                    behind=(lambda layers: live.gating.behind(gate, layers)) if gate is not None else None)
+        trained = train_adapter(model, method, request, rows, targets, nullspaces, run, group, earlier,
+                                guard_start=before["guard" if rows.guard is not None else "retain"]["token_acc"],
+                                floor=keep, behind=(lambda layers: live.gating.behind(gate, layers)) if gate is not None else None)
     finally:
         if earlier is not None:
             earlier.remove()
@@ -373,7 +363,7 @@ def _unlearn(live: Live, method, request: Request, before: dict, rows: data.Requ
                "rows": {"forget": len(rows.forget), "retain": len(rows.retain), "guard": len(guard) if guard else 0,
                         "guard_tokens": guard.answer_tokens if guard else 0},
                "targets": len(targets), "projection": settings.projection and UPDATES[method.adapter_kind].projected,
-               "stop": {**trained.stop.record(), "reached": trained.stop.reached}, "gradient_checkpointing": checkpointing,
+               "stop": {**trained.stop.record(), "reached": trained.stop.reached}, "gradient_checkpointing": run.checkpointing,
                "trajectory": trained.trajectory, "train_seconds": trained.seconds, "step_seconds": trained.step_seconds,
                **({"gate": gate_figures} if gate is not None else {})}
     return trained.adapter, gate, metrics

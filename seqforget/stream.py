@@ -27,7 +27,7 @@ import hashlib
 import json
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from registry import Registry
@@ -36,6 +36,7 @@ from seqforget.engine import apply_request, base_model_dir, read_request
 from seqforget.distributed import launched
 from seqforget.errors import AlreadyDone, SeqforgetError, Stopped
 from seqforget.live import Live
+from seqforget.options import RunOptions
 from seqforget.requests import read_request_file
 
 SUFFIXES = (".yaml", ".yml", ".json")
@@ -126,26 +127,27 @@ class Tally:
     abandoned: str | None = None  # the request a stop abandoned
 
 
-def run_stream(root: Path, source: Path, model_dir: Path | None = None, once: bool = False, poll: float = 2.0,
-               show_progress: bool = True, log=print, stop: StopSignal | None = None, wait: bool = True,
-               dtype: str | None = None, checkpointing: bool = False, device: str | None = None) -> Tally:
-    """Apply SOURCE's requests in order until it is drained (`once`) or a stop is asked for.
-    The registry's lock is held for each request in hand, not while the stream waits for more;
-    `wait=False`: a lock another process holds stops the stream (RegistryBusy) instead."""
+def run_stream(root: Path, source: Path, run: RunOptions = RunOptions(), once: bool = False, poll: float = 2.0,
+               log=print) -> Tally:
+    """Apply SOURCE's requests in order until it is drained (`once`) or a stop is asked for
+    (`run.stop`, a StopSignal). The registry's lock is held for each request in hand, not while
+    the stream waits for more; `run.wait` false: a lock another process holds stops the stream
+    (RegistryBusy) instead."""
     if launched():
         raise SeqforgetError("a stream runs in one process; under torchrun or accelerate launch, use `seqforget apply`")
     reg = Registry.open(root)
     state = reg.snapshot()
-    live = Live.load(state, base_model_dir(state, model_dir), dtype, device)
+    live = Live.load(state, base_model_dir(state, run.model_dir), run.dtype, run.device)
     tally = Tally()
-    stop = stop or StopSignal()
+    stop = run.stop or StopSignal()  # one no `with` entered never fires
+    run = replace(run, stop=stop)
     handled: set[tuple[str, str]] = set()  # items this run took, whatever came of them (an equal re-sent one leaves no record)
     while not stop():
         todo = [i for i in _not_applied(reg, read_source(source)) if (i.source, i.digest) not in handled]
         for n, item in enumerate(todo, start=1):
             if stop():
                 break
-            _one(reg, item, live, f"[{n}/{len(todo)}]", show_progress, log, stop, tally, wait, checkpointing)
+            _one(reg, item, live, f"[{n}/{len(todo)}]", run, log, tally)
             if tally.abandoned:
                 return tally
             handled.add((item.source, item.digest))
@@ -164,26 +166,23 @@ def _not_applied(reg: Registry, items: list[Item]) -> list[Item]:
     return [i for i in items if (i.source, i.digest) not in seen]
 
 
-def _one(reg: Registry, item: Item, live: Live, counter: str, show_progress: bool, log, stop: StopSignal, tally: Tally,
-         wait: bool, checkpointing: bool = False) -> None:
+def _one(reg: Registry, item: Item, live: Live, counter: str, run: RunOptions, log, tally: Tally) -> None:
     start = time.perf_counter()
     try:
         if item.problem:
             raise SeqforgetError(item.problem)
         request = read_request(reg.snapshot(), item.path, item.raw, item.source)
-        entry = apply_request(reg.root, request, live=live, show_progress=show_progress, stop=stop, wait=wait,
-                              checkpointing=checkpointing,
-                              source={"source": item.source, "digest": item.digest})
+        entry = apply_request(reg.root, request, run, live, source={"source": item.source, "digest": item.digest})
     except Stopped:
         tally.abandoned = item.id or item.source
-        log(f"{counter} abandoned {tally.abandoned} ({stop.signal}): nothing of it was committed")
+        log(f"{counter} abandoned {tally.abandoned} ({run.stop.signal}): nothing of it was committed")
         return
     except AlreadyDone as e:
         tally.skipped += 1
         log(f"{counter} skipped {item.source}: {e}")
         return
     except SeqforgetError as e:  # the request's own fault; the registry's (RegistryError) stops the stream
-        with reg.writer(wait=wait) as writer:
+        with reg.writer(wait=run.wait) as writer:
             writer.reject(item.source, item.digest, " ".join(str(e).split()), item.id)
         tally.rejected += 1
         state = reg.snapshot()

@@ -26,7 +26,10 @@ from seqforget.data import RequestRows
 from seqforget.distributed import Group
 from seqforget.errors import SeqforgetError
 from seqforget.losses import answer_nll
+from seqforget.options import RunOptions
+from seqforget.progress import Progress
 from seqforget.projection import NullSpace
+from seqforget.requests import Request
 from seqforget.stopping import Stop, Stopping
 from seqforget.updates import UPDATES
 
@@ -40,44 +43,40 @@ class Trained:
     step_seconds: float  # of which in the optimiser steps: forward, backward, update, projection
 
 
-def train_adapter(model, method, rows: RequestRows, targets: list[str], nullspaces: dict[str, NullSpace], settings,
-                  progress=None, earlier=None,
-                  guard_start: float | None = None, checkpointing: bool = False, processes: Group | None = None,
-                  floor: Floor | None = None, behind=None) -> Trained:
-    """Train the method's update on `model` (left unchanged on return) and give back its adapter.
+def train_adapter(model, method, request: Request, rows: RequestRows, targets: list[str],
+                  nullspaces: dict[str, NullSpace], run: RunOptions = RunOptions(), processes: Group | None = None,
+                  earlier=None, guard_start: float | None = None, floor: Floor | None = None, behind=None) -> Trained:
+    """Train the method's update for `request` (its training settings) on `model` (left unchanged
+    on return) and give back its adapter.
 
     rows: the request's encoded rows, as the scope means them: forget and retain rows to train on,
     the guard's rows the retain guard watches, reference rows that set the level to stop at
     (seqforget.stopping).
     nullspaces: {module: NullSpace} for the projected layers, or {} for none.
-    settings: seqforget.requests.Training. progress: a seqforget.progress.Progress, or None.
+    run: whether to show progress, what to ask once a step whether to stop, and whether to checkpoint
+    activations (_attached). processes: the processes sharing each batch (seqforget.distributed), or
+    None for this one alone; only the main one shows progress.
     earlier: a seqforget.live.EarlierOff to draw from at every step, or None.
     guard_start: the token accuracy of the guard's rows before training, if already probed.
     floor: what the registry's budget asks of its guard rows at every check (seqforget.budget), or None.
-    checkpointing: recompute the layers' activations in the backward pass instead of keeping them
-    (transformers' gradient checkpointing): less memory for the same gradients, at about one more
-    forward pass's time. processes: the processes sharing each batch (seqforget.distributed), or
-    None for this one alone. behind: in a gated registry, a context for the update's LoRA layers
-    ({name: layer}) under which they change only the images the request's gate picks
-    (seqforget.gate.Gating.behind); an update of another kind trains ungated.
+    behind: in a gated registry, a context for the update's LoRA layers ({name: layer}) under which
+    they change only the images the request's gate picks (seqforget.gate.Gating.behind); an update
+    of another kind trains ungated.
     """
     start = time.perf_counter()
+    settings = request.training
     processes = processes or Group()
     processes.check(settings.batch_size)
     torch.manual_seed(settings.seed)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     update = UPDATES[method.adapter_kind](model, targets, settings, nullspaces)
     net, original = update.model, update.original  # `with original():` runs the model as it was before this request
     if settings.targets_from_base and earlier is not None:
         original = _without(original, earlier)  # ... or as the base model, every earlier request off
     net.eval()
-    gated = contextlib.ExitStack()
-    try:
-        if behind is not None and update.kind == "lora":
-            gated.enter_context(behind(update.layers))
-        if checkpointing:  # after PEFT wrapped the model: wrapping a checkpointed one, it adds input hooks of its own
-            _checkpointing_on(model)
+    shown = run.show_progress and processes.main  # the main process speaks for them all
+    with (Progress(settings.steps, f"apply {request.id}", shown, stop=run.stop) as progress,
+          _attached(model, update, behind, run.checkpointing)):
         method.prepare(net, rows.forget, rows.retain, rows.reference, original, update)
         forget_batches = rows.forget.endless(settings.batch_size, settings.seed)
         retain_batches = rows.retain.endless(settings.batch_size, settings.seed + 1)
@@ -96,9 +95,7 @@ def train_adapter(model, method, rows: RequestRows, targets: list[str], nullspac
             retain_batch = next(retain_batches)
             loss, logs = method.loss(net, processes.share(next(forget_batches)), processes.share(retain_batch), original)
             optimizer.zero_grad(set_to_none=True)
-            if not loss.requires_grad:
-                raise SeqforgetError(f"the method's loss does not depend on the target layers ({', '.join(targets[:3])}"
-                                     f"{' ...' if len(targets) > 3 else ''}): its rows never reach them, so no weight can change")
+            _refuse_if_unreached(loss, targets)
             loss.backward()
             processes.average(update.parameters)
             if bound is None:
@@ -108,8 +105,7 @@ def train_adapter(model, method, rows: RequestRows, targets: list[str], nullspac
                 logs["step_guard"] = guarded_step(net, update, optimizer, retain_batch, bound)
             step_seconds += time.perf_counter() - began
             trajectory.append({"step": step, "loss": loss.item(), **logs})
-            if progress is not None:
-                progress.update(loss=loss.item())
+            progress.update(loss=loss.item())
             pause_point("training")
             if dropping:
                 earlier.all_on()
@@ -125,16 +121,37 @@ def train_adapter(model, method, rows: RequestRows, targets: list[str], nullspac
                 if decision.stop:
                     break
         adapter = update.adapter(method.sign)
+    stop = stopping.result()
+    del trajectory[stop.step:]  # steps after the kept check were undone by the retain guard (checks say which before it)
+    return Trained(adapter, trajectory, stop, time.perf_counter() - start, step_seconds)
+
+
+def _refuse_if_unreached(loss: torch.Tensor, targets: list[str]) -> None:
+    if not loss.requires_grad:
+        raise SeqforgetError(f"the method's loss does not depend on the target layers ({', '.join(targets[:3])}"
+                             f"{' ...' if len(targets) > 3 else ''}): its rows never reach them, so no weight can change")
+
+
+@contextmanager
+def _attached(model, update, behind, checkpointing: bool):
+    """The update's model ready to train: behind its gate (`behind`, LoRA layers only) and, with
+    `checkpointing`, the layers' activations recomputed in the backward pass instead of kept
+    (transformers' gradient checkpointing: less memory for the same gradients, at about one
+    more forward pass's time). On the way out, the update is taken off `model` again."""
+    gated = contextlib.ExitStack()
+    try:
+        if behind is not None and update.kind == "lora":
+            gated.enter_context(behind(update.layers))
+        if checkpointing:  # after PEFT wrapped the model: wrapping a checkpointed one, it adds input hooks of its own
+            _checkpointing_on(model)
+        yield
     finally:
-        net.eval()
+        update.model.eval()
         gated.close()
         update.remove()
         if checkpointing:
             model.activation_checkpointing_disable()
             model.disable_input_require_grads()  # enabling made the input embeddings' outputs require grad
-    stop = stopping.result()
-    del trajectory[stop.step:]  # steps after the kept check were undone by the retain guard (checks say which before it)
-    return Trained(adapter, trajectory, stop, time.perf_counter() - start, step_seconds)
 
 
 @torch.no_grad()

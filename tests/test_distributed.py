@@ -172,6 +172,7 @@ def test_a_killed_process_leaves_the_registry_as_it_was(world, tmp_path):
 
 def test_a_stream_refuses_to_run_as_one_of_several_processes(world, tmp_path, monkeypatch):
     from seqforget.errors import SeqforgetError
+    from seqforget.options import RunOptions
     from seqforget.stream import run_stream
 
     reg = tmp_path / "reg"
@@ -179,4 +180,4 @@ def test_a_stream_refuses_to_run_as_one_of_several_processes(world, tmp_path, mo
     (tmp_path / "inbox").mkdir()
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(SeqforgetError, match="one process"):
-        run_stream(reg, tmp_path / "inbox", once=True, show_progress=False, log=lambda s: None)
+        run_stream(reg, tmp_path / "inbox", RunOptions(show_progress=False), once=True, log=lambda s: None)
