@@ -147,13 +147,28 @@ def parse_request(raw: dict, path: Path, source: str, default_retain: str | None
                   default_reference: str | None = None) -> Request:
     """Validate a request given as a mapping, read from the file `path` (relative data paths
     resolve against its folder; `source` names it, e.g. a JSONL line), and the data it names."""
-    from seqforget.methods import make_method, method_problems
-
     path = Path(path).absolute()
     if not isinstance(raw, dict):
         raise SeqforgetError(f"invalid request {source}: expected a mapping of fields")
     problems: list[str] = []
+    fields, chosen = _fields(raw, problems)
+    data = _data(raw, path, default_retain, default_reference, problems)
+    partial = raw.get("partial", False)  # checked after the data, so that its problem keeps its place in the list
+    if not isinstance(partial, bool):
+        problems.append(f"partial: expected true or false, got {partial!r}")
+    problems += _row_problems(fields["scope"], chosen, "method" not in raw, data["forget"], data["retain"],
+                              data["reference"])
+    if problems:
+        shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else [])
+        raise SeqforgetError(f"invalid request {Path(source).name}: " + "; ".join(shown))
+    hashes = {"forget": sha256_file(data["forget_path"]), "retain": sha256_file(data["retain_path"]),
+              **({"reference": sha256_file(data["reference_path"])} if data["reference_path"] else {})}
+    return Request(**fields, **data, source=source, partial=partial, data_sha256=hashes)
 
+
+def _fields(raw: dict, problems: list[str]) -> tuple[dict, object]:
+    """The request's own fields, checked, by Request's names for them, and its method built from
+    its arguments (None unless they and the scope are valid). Each problem joins `problems`."""
     for key in sorted(set(raw) - _CONTRACT - set(_TRAINING)):
         problems.append(f"unknown field {key!r}")
     request_id = raw.get("id")
@@ -163,19 +178,7 @@ def parse_request(raw: dict, path: Path, source: str, default_retain: str | None
     if not isinstance(scope, str) or scope not in SCOPES:
         problems.append(f"scope: expected one of {', '.join(SCOPES)}, got {scope!r}")
         scope = None
-    method = raw.get("method", SCOPES[scope].default if scope else None)
-    method_args = raw.get("method_args") or {}
-    if not isinstance(method_args, dict):
-        problems.append("method_args: expected a mapping")
-        method_args = {}
-    chosen = None  # the method, built from its arguments, once they are known to be valid
-    if not isinstance(method, str):
-        problems.append("method: expected a method name" if "method" in raw else "method: required when the scope is not known")
-    else:
-        found = method_problems(method, scope, method_args)
-        problems += found
-        chosen = None if found or scope is None else make_method(method, method_args)
-
+    name, method_args, chosen = _method(raw, scope, problems)
     training = _training(raw, problems, dict(chosen.budget) if chosen is not None else {})
     targets = raw.get("target_modules")
     if targets is not None and (not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets) or not targets):
@@ -183,7 +186,34 @@ def parse_request(raw: dict, path: Path, source: str, default_retain: str | None
     refusal = raw.get("refusal", Request.refusal)
     if not isinstance(refusal, str) or not refusal.strip():
         problems.append("refusal: expected a non-empty string")
+        refusal = Request.refusal  # a stand-in: the request is refused
+    return {"id": request_id, "scope": scope, "method": name, "method_args": method_args, "training": training,
+            "target_modules": targets, "refusal": refusal.strip()}, chosen
 
+
+def _method(raw: dict, scope: str | None, problems: list[str]) -> tuple[object, dict, object]:
+    """(name, arguments, method): the method the request names, else its scope's default, and the
+    method built from them (None unless they and the scope are valid)."""
+    from seqforget.methods import make_method, method_problems
+
+    name = raw.get("method", SCOPES[scope].default if scope else None)
+    method_args = raw.get("method_args") or {}
+    if not isinstance(method_args, dict):
+        problems.append("method_args: expected a mapping")
+        method_args = {}
+    if not isinstance(name, str):
+        problems.append("method: expected a method name" if "method" in raw else "method: required when the scope is not known")
+        return name, method_args, None
+    found = method_problems(name, scope, method_args)
+    problems += found
+    return name, method_args, None if found or scope is None else make_method(name, method_args)
+
+
+def _data(raw: dict, path: Path, default_retain: str | None, default_reference: str | None,
+          problems: list[str]) -> dict:
+    """The request's data files, relative ones resolved against the folder of `path`, and their
+    rows, by Request's names for them; the registry's defaults where it names no retain or
+    reference set."""
     forget_path = _data_path(raw.get("forget"), path, "forget", problems)
     retain_value = raw.get("retain", default_retain)
     if retain_value is None:
@@ -194,42 +224,26 @@ def parse_request(raw: dict, path: Path, source: str, default_retain: str | None
     reference_value = raw.get("reference", default_reference)
     reference_path = _data_path(reference_value, path, "reference", problems) if reference_value is not None else None
     reference = read_rows(reference_path, problems, "reference") if reference_path else []
-    partial = raw.get("partial", False)
-    if not isinstance(partial, bool):
-        problems.append(f"partial: expected true or false, got {partial!r}")
+    return {"forget_path": forget_path, "retain_path": retain_path, "reference_path": reference_path,
+            "forget": forget, "retain": retain, "reference": reference}
+
+
+def _row_problems(scope: str | None, method, by_default: bool, forget: list[Row], retain: list[Row],
+                  reference: list[Row]) -> list[str]:
+    """What the rows lack for the scope and the method (`by_default`: the scope's), and rows that
+    are in two sets that must not share any."""
+    problems = []
     if scope and not SCOPES[scope].forgets_text_rows and forget and not any(r.image for r in forget):
         problems.append("forget: a visual request needs rows with an image")
     if scope and not SCOPES[scope].forgets_text_rows and reference and not any(r.image for r in reference):
         problems.append("reference: a visual request needs reference rows with an image (its level is set by image rows)")
-    problems += _reference_problems(chosen, scope, "method" not in raw, forget, reference)
+    problems += _reference_problems(method, scope, by_default, forget, reference)
     shared = set(forget) & set(retain)
     if shared:
         problems.append(f"forget and retain share {len(shared)} row(s): the basis would protect what is to be forgotten")
     if set(forget) & set(reference):
         problems.append("forget and reference share rows: reference rows must be about what the model never saw")
-
-    if problems:
-        shown = problems[:MAX_LISTED] + ([f"... and {len(problems) - MAX_LISTED} more"] if len(problems) > MAX_LISTED else [])
-        raise SeqforgetError(f"invalid request {Path(source).name}: " + "; ".join(shown))
-    return Request(
-        id=request_id,
-        scope=scope,
-        method=method,
-        source=source,
-        forget_path=forget_path,
-        retain_path=retain_path,
-        forget=forget,
-        retain=retain,
-        training=training,
-        method_args=method_args,
-        target_modules=targets,
-        refusal=refusal.strip(),
-        reference_path=reference_path,
-        reference=reference,
-        partial=partial,
-        data_sha256={"forget": sha256_file(forget_path), "retain": sha256_file(retain_path),
-                     **({"reference": sha256_file(reference_path)} if reference_path else {})},
-    )
+    return problems
 
 
 def _reference_problems(method, scope, by_default: bool, forget: list[Row], reference: list[Row]) -> list[str]:
