@@ -32,7 +32,8 @@ from registry import Registry
 from seqforget import data
 from seqforget.engine import apply_request, init_registry, live_model, rollback_request
 from seqforget.losses import answer_nll
-from seqforget.models import TinySpec, load_model
+from seqforget.models import load_model
+from seqforget.tiny import TinySpec
 from seqforget.bench import cache_root
 from seqforget.bench.scoring import accuracy_by_person, choice_accuracy, choice_hits, generation_scores, membership_aucs
 from seqforget.bench.vanilla import TrainSpec, cached_model, examples_for, language_side, trainable

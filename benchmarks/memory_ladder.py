@@ -43,7 +43,7 @@ from pathlib import Path
 from benchmarks.forget_retain import PROFILES, Bench, write_request
 from seqforget.bench import cache_root
 from seqforget.bench.world import cached_world
-from seqforget.models import TinySpec
+from seqforget.tiny import TinySpec
 from seqforget.requests import Training
 
 RUNGS = {  # name -> the sizes of the model (heads of 64 dimensions, as LLaVA's)
@@ -58,7 +58,7 @@ RETAIN_ROWS = 64
 
 def build(rung: str, out: Path, cache: Path, profile: str = "default") -> None:
     """Save rung's model to `out` (run in a process of its own: the model is not kept)."""
-    from seqforget.models import build_tiny_llava
+    from seqforget.tiny import build_tiny_llava
 
     world = cached_world(PROFILES[profile].world, cache)
     build_tiny_llava(out, world.corpus(), RUNGS[rung], tokenizer=world.tokenizer())

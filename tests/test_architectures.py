@@ -12,7 +12,8 @@ from seqforget.conditioning import projector_name
 from seqforget.engine import apply_request, export_model, init_registry, live_model, rollback_request
 from seqforget.errors import SeqforgetError
 from seqforget.methods import METHODS
-from seqforget.models import build_tiny_idefics3, load_model
+from seqforget.models import load_model
+from seqforget.tiny import build_tiny_idefics3
 from seqforget.scopes import SCOPES, architecture, linear_layers, scope_layers
 
 

@@ -190,7 +190,7 @@ def test_apply_to_a_folder_that_is_no_registry_is_refused_and_creates_nothing(wo
 
 def test_model_folder_that_does_not_match_is_refused(world, applied, tmp_path):
     from seqforget.bench.world import load_world
-    from seqforget.models import TinySpec, build_tiny_llava
+    from seqforget.tiny import TinySpec, build_tiny_llava
 
     build_tiny_llava(tmp_path / "other", load_world(world).corpus(), TinySpec(seed=1))
     before = snapshot(applied)

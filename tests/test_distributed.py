@@ -17,7 +17,8 @@ from seqforget.composition import delta
 from seqforget.distributed import block_stacks
 from seqforget.engine import apply_request, init_registry
 from seqforget.errors import SeqforgetError
-from seqforget.models import build_tiny_idefics3, load_model
+from seqforget.models import load_model
+from seqforget.tiny import build_tiny_idefics3
 
 # the same update as one process, up to the order floating-point sums take across processes
 # (measured: at most 2e-6 of each layer's update, after 6 AdamW steps)

@@ -33,7 +33,7 @@ from torch import nn
 from registry import new_folder
 from seqforget import data
 from seqforget.losses import answer_logprob
-from seqforget.models import TinySpec, build_tiny_llava
+from seqforget.tiny import TinySpec, build_tiny_llava
 from seqforget.bench.world import Item, World, draw_scenery
 
 

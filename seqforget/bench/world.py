@@ -48,7 +48,7 @@ class Style(Protocol):
     keys of `general` are features every look has, asked of images without a person."""
 
     name: str
-    tokenizer: str  # "word" or "bpe": which builder of seqforget.models makes the vocabulary
+    tokenizer: str  # "word" or "bpe": which builder of seqforget.tiny makes the vocabulary
     visual: dict[str, str]  # attribute -> question about the person in the image
     identity: str
     textual: dict[str, str]  # attribute -> question, "{}" for the name
@@ -171,7 +171,7 @@ class World:
 
     def tokenizer(self):
         """The style's tokenizer, built from the corpus."""
-        from seqforget.models import build_bpe_tokenizer, build_word_tokenizer
+        from seqforget.tiny import build_bpe_tokenizer, build_word_tokenizer
 
         build = {"word": build_word_tokenizer, "bpe": build_bpe_tokenizer}[self.style.tokenizer]
         return build(self.corpus())
