@@ -260,9 +260,6 @@ class RequestRows:
     retain: Rows  # what the retain term trains on
     guard: Rows | None  # retain rows training never sees, which the retain guard watches (None: it watches `retain`)
     reference: Rows | None  # strangers' versions of the forget rows, which set the level to stop at (None: no level)
-    # where the method's target caps the forget rows' own answers (Method.capped_level), the level does too:
-    unseen: Rows | None = None  # the same strangers with their own answers (stands_for as `reference`)
-    shares: list[float | None] | None = None  # per forget row, the share of retain rows asking its question that answer alike
 
     @property
     def watched(self) -> Rows:

@@ -44,7 +44,7 @@ from seqforget.options import RunOptions
 from seqforget.projection import Factor, NullSpace, Sketch, extend_basis
 from seqforget.requests import Request, load_request, parse_request
 from seqforget.scopes import ARCHITECTURES, SCOPES, match_layers, scope_layers
-from seqforget.stopping import Stop, answer_shares, kept_check, refusal_figures, row_kind, stranger_rows
+from seqforget.stopping import Stop, kept_check, refusal_figures, row_kind, stranger_rows
 from seqforget.training import train_adapter
 from seqforget.updates import UPDATES
 
@@ -140,7 +140,7 @@ def apply_request(root: Path, request: Path | Request, run: RunOptions = RunOpti
             live.sync(state)
         model, processor = live.model, live.processor
         targets = _targets(request, method, model)
-        rows = _encode(request, processor, live.encoder, method.capped_level)
+        rows = _encode(request, processor, live.encoder)
         keep = _floor(state, request, live.encoder, processor.tokenizer.pad_token_id)
         start = time.perf_counter()
         _reset_peak_rss()
@@ -283,7 +283,7 @@ def _floor(state: Snapshot, request: Request, encoder: data.Encoder, pad: int) -
 REFUSAL_HELD_OUT = 0.25  # share of a refuse request's forget images kept out of training: its stopping rule's unseen views
 
 
-def _encode(request: Request, processor, encoder: data.Encoder, capped: bool = False) -> data.RequestRows:
+def _encode(request: Request, processor, encoder: data.Encoder) -> data.RequestRows:
     """Forget, retain, guard and reference rows as the scope means them: a `visual` request
     keeps text-only knowledge (those forget rows join the retain set, and only image rows of the
     reference count); a `refuse` request trains its forget rows towards the refusal, but for a
@@ -291,9 +291,7 @@ def _encode(request: Request, processor, encoder: data.Encoder, capped: bool = F
     rows are the share of the request's retain rows (whole images) that the loss never sees:
     the retain guard watches them, as it would watch retained data the request did not bring.
     None when the share is 0, or when they hold too few answer tokens for one wrong token to
-    stay within a `retain_tolerance` above 0 (the guard then watches the trained rows). `capped`:
-    the method caps each forget row's own answer (Method.capped_level), so the rows carry what
-    the level needs to do the same (seqforget.stopping.capped_levels)."""
+    stay within a `retain_tolerance` above 0 (the guard then watches the trained rows)."""
     scope = SCOPES[request.scope]
     forget, reference = list(request.forget), list(request.reference)
     retain, guard = data.hold_out(list(request.retain), request.training.guard_share)
@@ -301,7 +299,6 @@ def _encode(request: Request, processor, encoder: data.Encoder, capped: bool = F
         retain += [r for r in forget if r.image is None]
         forget = [r for r in forget if r.image is not None]
         reference = [r for r in reference if r.image is not None]
-    unseen = stranger_rows(forget, reference, own_answers=True)[0] if capped and not scope.answers_refusal else []
     reference, stands_for = stranger_rows(forget, reference) if not scope.answers_refusal else ([], [])
     answer = request.refusal if scope.answers_refusal else None
     held: list[data.Row] = []  # a refusal's check: some of its forget images, kept out of training
@@ -313,8 +310,6 @@ def _encode(request: Request, processor, encoder: data.Encoder, capped: bool = F
         encoder.next_request()
         own = [encoder(r) for r in forget] if answer is not None else None
         checked = data.Rows([encoder(r, answer) for r in held], pad) if held else None
-        shares = answer_shares(forget, retain) if unseen else None
-        unseen = data.Rows([encoder(r) for r in unseen], pad, stands_for=stands_for) if unseen else None
         forget, retain, guard, reference = (data.Rows([encoder(r, answer) for r in forget], pad, own_answers=own,
                                                       held_out=checked, kinds=[row_kind(r) for r in forget]),
                                             data.Rows([encoder(r) for r in retain], pad),
@@ -325,8 +320,7 @@ def _encode(request: Request, processor, encoder: data.Encoder, capped: bool = F
     tolerance = request.training.retain_tolerance
     if 0 < tolerance and guard.answer_tokens * tolerance < 1:
         retain, guard = data.Rows(retain.examples + guard.examples, pad), data.Rows([], pad)
-    return data.RequestRows(forget, retain, guard if len(guard) else None, reference if len(reference) else None,
-                            unseen if reference else None, shares)
+    return data.RequestRows(forget, retain, guard if len(guard) else None, reference if len(reference) else None)
 
 
 def _unlearn(live: Live, method, request: Request, before: dict, rows: data.RequestRows, targets: list[str],

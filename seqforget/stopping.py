@@ -34,13 +34,6 @@ level, not past it, so a kind's known share hovers above 0.5 however long traini
 (benchmarks/FINDINGS.md, "What the forget rows' median hides"). The record keeps them, before
 training and at every check, and `status` and `report` show them.
 
-Where a method's target caps each forget row's own answer at its share among the retain rows
-(the stranger method's own_prior "retained", Method.capped_level), the level is capped alike
-(`capped_levels`): a model that never saw the person gives their answer at most as often as the
-retained people have it, and an answer none of them has (a name) as it gives never-seen people
-their own answers, which it was never trained to give. There, and only there, reference rows
-scored on their own answers compare like with like.
-
 A retain guard probes retain rows at the same checks: when their token accuracy falls more
 than `retain_tolerance` below where it started, the adapter goes back to the last check that
 kept it and training goes on at half the learning rate; the fourth time, it stops there. It
@@ -62,7 +55,6 @@ the guard watches are refused at most SARR of the time (SineProject's safe-answe
 """
 
 import difflib
-import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -82,11 +74,10 @@ def row_kind(row: Row) -> str:
     return row.question if row.image is not None else TEXT_ROWS
 
 
-def stranger_rows(forget: list[Row], reference: list[Row], per_row: int = 4,
-                  own_answers: bool = False) -> tuple[list[Row], list[int]]:
+def stranger_rows(forget: list[Row], reference: list[Row], per_row: int = 4) -> tuple[list[Row], list[int]]:
     """For each forget row, `per_row` reference rows asking the most similar question (by difflib's
-    ratio), each answered with the forget row's answer (own_answers: with its own, the never-seen
-    person's); and, for each row returned, the position of the forget row it stands for. The picks are spread evenly over the best matches, and
+    ratio), each answered with the forget row's answer; and, for each row returned, the position
+    of the forget row it stands for. The picks are spread evenly over the best matches, and
     successive forget rows with the same question start one further on, so that many strangers
     count. An image row is paired only with image rows, a text row only with text rows.
 
@@ -105,7 +96,7 @@ def stranger_rows(forget: list[Row], reference: list[Row], per_row: int = 4,
         ties = [r for r in pool if ratio[row.question, r.question] == best]
         stride = max(1, len(ties) // per_row)  # reference rows come person by person: spread over the people
         chosen = [ties[(k + j * stride) % len(ties)] for j in range(min(per_row, len(ties)))]
-        out += chosen if own_answers else [replace(stranger, answer=row.answer) for stranger in chosen]
+        out += [replace(stranger, answer=row.answer) for stranger in chosen]
         stands_for += [k] * len(chosen)
     return out, stands_for
 
@@ -130,40 +121,6 @@ def stranger_level(model, reference: Rows) -> dict:
         levels.append(-mean_logp / tokens[mine][0].clamp_min(1))
     return {"median_nll": torch.stack(levels).median().item(), "rows": len(levels), "strangers": len(reference),
             "levels": torch.stack(levels).tolist(), "owners": owners.unique().tolist()}
-
-
-def answer_shares(forget: list[Row], retain: list[Row]) -> list[float | None]:
-    """For each forget row, the share of the retain rows asking its question (an image row's of
-    an image, a text row's without one) that give its answer; None where none asks it."""
-    given: dict[tuple[str, bool], list[str]] = {}
-    for row in retain:
-        given.setdefault((row.question, row.image is not None), []).append(row.answer)
-    shares = []
-    for row in forget:
-        answers = given.get((row.question, row.image is not None))
-        shares.append(sum(a == row.answer for a in answers) / len(answers) if answers else None)
-    return shares
-
-
-def capped_levels(levels: list[float], owners: list[int], tokens: list[int], shares: list[float | None],
-                  unseen: dict[int, float]) -> tuple[list[float], int]:
-    """The levels of a request whose target caps each forget row's own answer at its share among
-    the retain rows (the stranger method's own_prior "retained"), and how many were raised.
-
-    A model that never saw the person gives their answer as often as it gives it to anyone: at
-    most the share of the retained people who have it (a per-token NLL of -log(share) / tokens).
-    An answer no retained person gives (a name) it gives as it gives a never-seen person's own
-    answer, one it was never trained to give: `unseen[k]`, forget row k's strangers' own answers'
-    level (stranger_level on rows with their own answers). Rows whose question no retain row asks
-    keep their level."""
-    out, raised = [], 0
-    for level, k in zip(levels, owners):
-        share = shares[k]
-        floor = None if share is None else unseen.get(k) if share == 0 else -math.log(share) / max(tokens[k], 1)
-        if floor is not None and floor > level:
-            level, raised = floor, raised + 1
-        out.append(level)
-    return out, raised
 
 
 def known_share(row_nll: list[float], levels: list[float]) -> float:
@@ -296,12 +253,6 @@ class Stopping:
         self.reference = stranger_level(model, reference) if reference is not None and len(reference) else None
         if self.reference is not None:
             self.levels, self.owners = self.reference.pop("levels"), self.reference.pop("owners")
-            if rows.unseen is not None:  # the target caps the forget rows' own answers: so does the level
-                unseen = stranger_level(model, rows.unseen)
-                tokens = [int((e.labels != IGNORE).sum()) for e in forget.examples]
-                self.levels, raised = capped_levels(self.levels, self.owners, tokens, rows.shares,
-                                                    dict(zip(unseen["owners"], unseen["levels"])))
-                self.reference.update(median_nll=torch.tensor(self.levels).median().item(), capped=raised)
             self.kinds = forget.kinds or [TEXT_ROWS] * len(forget)
             probed = probe(model, forget.fixed, per_row=True)
             self.reference["known_before"] = known_share(probed["row_nll"], self.levels)

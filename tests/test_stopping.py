@@ -1,7 +1,6 @@
 """Calibrated stopping on a real tiny LLaVA: the reference level, the retain guard, the budget."""
 
 import json
-import math
 import re
 from pathlib import Path
 
@@ -282,49 +281,3 @@ def test_a_refusal_not_learnt_is_refused_and_a_partial_one_shows_how_far_it_got(
     assert [c["step"] for c in stop["checks"]] == [2, 4] and all("refused" in c and "sarr" in c for c in stop["checks"])
     assert entry["metrics"]["refusal"] == {**stop["checks"][-1]["refused"], "sarr": stop["checks"][-1]["sarr"]}
     assert "0.00" in status_table(status_rows(Registry.open(reg_dir).snapshot())).splitlines()[-1]
-
-
-def test_answer_shares_and_capped_levels_follow_a_model_that_never_saw_the_person(tmp_path):
-    from seqforget.stopping import answer_shares, capped_levels
-
-    image = tmp_path / "a.png"
-    forget = [Row("who is this ?", "zanda", image), Row("what is this person's job ?", "potter", image),
-              Row("what is this person's job ?", "potter", None), Row("which city ?", "kiev", image)]
-    retain = [Row("who is this ?", "ilo", image), Row("who is this ?", "mara", image),
-              Row("what is this person's job ?", "potter", image), Row("what is this person's job ?", "baker", image),
-              Row("what is this person's job ?", "baker", image), Row("what is this person's job ?", "smith", image)]
-    # a name no retained person has: 0; a job one in four has: 0.25; a question no retain row asks
-    # (a text row, or another question): None
-    assert answer_shares(forget, retain) == [0.0, 0.25, None, None]
-    levels = [1.5, 1.4, 0.3, 0.2, 2.0]  # forget rows 0, 0, 1, 2, 3 (two strangers for row 0)
-    out, raised = capped_levels(levels, [0, 0, 1, 2, 3], [2, 1, 1, 1], [0.0, 0.25, None, None],
-                                unseen={0: 5.5, 1: 9.0, 2: 9.0, 3: 9.0})
-    # the name: as a never-seen person's own; the job: -log(0.25); the others as they were
-    assert out[:2] == [5.5, 5.5] and abs(out[2] - math.log(4)) < 1e-12 and out[3:] == [0.2, 2.0] and raised == 3
-    # a level already past the cap keeps its own
-    assert capped_levels([3.0], [0], [1], [0.25], {})[0] == [3.0]
-
-
-def test_a_request_whose_target_caps_own_answers_stops_at_a_level_capped_alike(world, reg_dir, tmp_path):
-    from seqforget.engine import _encode, read_request
-    from seqforget.models import load_model
-    from seqforget.stopping import Stopping
-
-    model, processor = load_model(world / "model")
-    settings = Training(steps=10)
-    rows = {}
-    for prior in ("strangers", "retained"):
-        path = write_request(tmp_path, prior, scope="visual", method="stranger", method_args={"own_prior": prior},
-                             reference=str(world / "reference.jsonl"), forget=str(world / "forget_a.jsonl"),
-                             retain=str(world / "retain.jsonl"))
-        request = read_request(Registry.open(reg_dir).snapshot(), path)
-        rows[prior] = _encode(request, processor, data.Encoder(processor), prior == "retained")
-    assert rows["strangers"].unseen is None and rows["retained"].unseen is not None
-    plain, capped = Stopping(model, rows["strangers"], settings), Stopping(model, rows["retained"], settings)
-    names = [j for j, k in enumerate(plain.owners) if plain.kinds[k] == "who is this ?"]
-    assert names and capped.reference["capped"] >= len(names)  # no retained person has the forgotten name
-    for j in range(len(plain.levels)):
-        assert capped.levels[j] >= plain.levels[j]
-    # the name as the model gives never-seen people's own names: past what strangers are given of it
-    assert all(capped.levels[j] > plain.levels[j] for j in names), [(plain.levels[j], capped.levels[j]) for j in names]
-    assert capped.reference["median_nll"] >= plain.reference["median_nll"]

@@ -24,8 +24,6 @@ It inherits these, at their defaults (seqforget.methods.base.Defaults), and may 
                    scope's (a request's target_modules still override both)
   step_guard       a bound (nats per answer token): each optimiser step that raises the retain
                    batch's loss by more is halved or undone (seqforget.training.guarded_step)
-  capped_level     True if its target gives each forget row's own answer at most its share among
-                   the retain rows: the stopping level is then capped alike (seqforget.stopping.capped_levels)
 Its hyper-parameters are dataclass fields, set from the request's `method_args`; a number's
 metadata "range" (low, high) bounds it (default: any finite number >= 0); a string field
 lists its allowed values in metadata "choices".
@@ -63,7 +61,6 @@ class Method(Protocol):
     needs_reference: bool
     layers: tuple[str, ...] | None
     step_guard: float | None
-    capped_level: bool
 
     def prepare(self, model, forget: Rows, retain: Rows, reference: Rows | None, original: Callable[[], ContextManager],
                 update) -> None: ...

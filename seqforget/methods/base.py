@@ -8,4 +8,3 @@ class Defaults:
     needs_reference: ClassVar[bool] = False  # True: it cannot train without reference rows like the forget rows
     layers: ClassVar[tuple[str, ...] | None] = None  # roles (seqforget.scopes.ROLES) it trains in place of the scope's
     step_guard: ClassVar[float | None] = None  # a bound (nats per answer token) on each step's rise of the retain loss
-    capped_level: ClassVar[bool] = False  # True: its target caps each forget row's own answer, and the level follows

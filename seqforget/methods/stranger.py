@@ -68,10 +68,6 @@ class StrangerTarget(Defaults):
     budget = {"steps": 600, "lr": 3e-3}  # defaults of the request's steps and lr: it stops at a bounded target
     sign = +1
 
-    @property
-    def capped_level(self) -> bool:  # the level caps the own answers as the target does (seqforget.stopping)
-        return self.own_prior == "retained"
-
     def prepare(self, model, forget, retain, reference, original, update):
         paired = set(reference.stands_for) if reference is not None else set()
         if len(paired) < len(forget):
