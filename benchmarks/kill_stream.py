@@ -4,7 +4,8 @@
 
 On the benchmark's tiny world, `seqforget stream SOURCE --once` runs as its own process and
 gets SIGKILL after a random delay (uniform between 0 and --max-delay seconds: while it starts,
-trains, writes or commits), then starts again, until --kills kills were dealt; new request
+trains, writes or commits; the first --aimed kills instead as soon as a request's write has
+begun, its staging folder open), then starts again, until --kills kills were dealt; new request
 files arrive in the source folder whenever it runs dry. After every kill the registry is
 checked: `verify` clean, every request seen committed before still committed with the same
 files, no request committed twice, commit numbers without gaps. At the end the last start
@@ -78,7 +79,20 @@ def check(reg: Path, seen: dict[str, dict]) -> int:
     return len(registry.leftovers(state))
 
 
-def run(world: Path, work: Path, kills: int, max_delay: float, seed: int, log=print) -> dict:
+def wait_for_a_write(proc: subprocess.Popen, reg: Path, timeout: float) -> bool:
+    """Wait until `proc` has begun a request's write (a folder in the registry's staging area):
+    True then, False if it ended or `timeout` passed first."""
+    staging, end = reg / "staging", time.perf_counter() + timeout
+    while proc.poll() is None and time.perf_counter() < end:
+        if staging.is_dir() and any(staging.iterdir()):
+            return True
+        time.sleep(0.005)
+    return False
+
+
+def run(world: Path, work: Path, kills: int, max_delay: float, seed: int, aimed: int = 0, log=print) -> dict:
+    """`kills` kills; the first `aimed` of them as soon as a write has begun (wait_for_a_write),
+    the rest after a random delay."""
     source, reg = work / "source", work / "killed"
     init_registry(reg, world / "model")
     rng, seen = random.Random(seed), {}
@@ -90,7 +104,11 @@ def run(world: Path, work: Path, kills: int, max_delay: float, seed: int, log=pr
             written += BATCH
         proc = stream(source, reg)
         starts += 1
-        if dealt < kills:
+        if dealt < aimed:
+            if wait_for_a_write(proc, reg, timeout=60.0):
+                proc.kill()
+                dealt += 1
+        elif dealt < kills:
             try:
                 proc.wait(timeout=rng.uniform(0.0, max_delay))
             except subprocess.TimeoutExpired:
@@ -126,6 +144,7 @@ def main(argv=None) -> None:
     parser.add_argument("--kills", type=int, default=50)
     parser.add_argument("--max-delay", type=float, default=10.0, help="seconds: each kill comes uniformly within this")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--aimed", type=int, default=0, help="of the kills, this many as soon as a request's write has begun")
     parser.add_argument("--cache", type=Path, default=None, help="where the tiny world and its model are kept")
     args = parser.parse_args(argv)
     from benchmarks.forget_retain import PROFILES, prepare
