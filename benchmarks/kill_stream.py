@@ -30,6 +30,7 @@ import torch
 import yaml
 
 from registry import Registry
+from seqforget.bench.world import request_folder
 from seqforget.engine import init_registry, live_model
 
 TOLERANCE = 0.0  # largest |weight difference| allowed against the uninterrupted run: requests train deterministically
@@ -152,32 +153,13 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory(prefix="kill-stream-") as work:
-        world = tiny_world(prepare(PROFILES["tiny"], args.cache or cache_root() / "bench"), Path(work) / "world")
-        result = run(world, Path(work), args.kills, args.max_delay, args.seed)
+        bench = prepare(PROFILES["tiny"], args.cache or cache_root() / "bench")
+        world = request_folder(bench.world, bench.vanilla, Path(work) / "world")
+        result = run(world, Path(work), args.kills, args.max_delay, args.seed, args.aimed)
     print(f"\n{result['kills']} kills over {result['starts']} starts in {result['seconds']:.0f} s; "
           f"{result['mid_write']} left an uncommitted write for the next start; {result['requests']} requests committed, "
           f"each once; verify clean and nothing lost after every kill; largest weight difference from an "
           f"uninterrupted stream {result['max_weight_difference']:g} (tolerance {TOLERANCE:g})")
-
-
-def tiny_world(bench, folder: Path) -> Path:
-    """A folder with the tiny world's forget_a/forget_b/retain/reference/guard JSONL files (one person
-    each to forget, everyone else retained, never-seen people as reference, the retained people's
-    held-out views as a registry's guard set) and its model in model/."""
-    import shutil
-
-    w = bench.world
-    first, second, *rest = w.forget_order()
-    kinds = {"visual", "identity", "textual", "cloze"}
-    folder.mkdir(parents=True, exist_ok=True)
-    w.write_jsonl(folder / "forget_a.jsonl", w.select(kinds, [first], "train"))
-    w.write_jsonl(folder / "forget_b.jsonl", w.select(kinds, [second], "train"))
-    w.write_jsonl(folder / "retain.jsonl", w.select(kinds, rest, "train"))
-    w.write_jsonl(folder / "reference.jsonl", w.select(kinds, w.unseen_names))
-    w.write_jsonl(folder / "guard.jsonl", w.select({"visual", "identity"}, rest, "test"))  # views no request trains on
-    if not (folder / "model").exists():
-        shutil.copytree(bench.vanilla, folder / "model")
-    return folder
 
 
 if __name__ == "__main__":

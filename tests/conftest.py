@@ -18,7 +18,7 @@ from peft import PeftModel
 from transformers import AutoModelForImageTextToText
 
 from benchmarks.forget_retain import PROFILES, prepare
-from benchmarks.kill_stream import tiny_world
+from seqforget.bench.world import request_folder
 from seqforget.cli import cli
 
 torch.set_num_threads(2)
@@ -51,7 +51,7 @@ def world(tiny_bench, tmp_path_factory) -> Path:
     retain.jsonl: everything about the other people;
     reference.jsonl: everything about people the model never saw.
     """
-    return tiny_world(tiny_bench, tiny_bench.world.root)
+    return request_folder(tiny_bench.world, tiny_bench.vanilla, tiny_bench.world.root)
 
 
 def write_request(folder: Path, request_id: str, filename: str | None = None, **fields) -> Path:

@@ -278,3 +278,23 @@ def load_world(root: Path) -> World:
     items = [Item(**{**i, "options": tuple(i["options"])}) for i in raw["items"]]
     return World(WorldSpec(**raw["spec"]), root, [Person(**p) for p in raw["people"]], items,
                  [Person(**p) for p in raw["unseen"]])
+
+
+def request_folder(world: World, model: Path, folder: Path) -> Path:
+    """A folder a request can name its rows from: forget_a.jsonl and forget_b.jsonl (everything about
+    one person each, of the world's forget order), retain.jsonl (everything about everyone else),
+    reference.jsonl (the never-seen people), guard.jsonl (the retained people's held-out views: a
+    registry's guard set), and a copy of `model` in model/."""
+    import shutil
+
+    first, second, *rest = world.forget_order()
+    kinds = {"visual", "identity", "textual", "cloze"}
+    folder.mkdir(parents=True, exist_ok=True)
+    world.write_jsonl(folder / "forget_a.jsonl", world.select(kinds, [first], "train"))
+    world.write_jsonl(folder / "forget_b.jsonl", world.select(kinds, [second], "train"))
+    world.write_jsonl(folder / "retain.jsonl", world.select(kinds, rest, "train"))
+    world.write_jsonl(folder / "reference.jsonl", world.select(kinds, world.unseen_names))
+    world.write_jsonl(folder / "guard.jsonl", world.select({"visual", "identity"}, rest, "test"))  # views no request trains on
+    if not (folder / "model").exists():
+        shutil.copytree(model, folder / "model")
+    return folder
