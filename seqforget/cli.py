@@ -242,13 +242,17 @@ def export(out_dir, registry_path, model_dir, dtype, device):
 @cli.command()
 @registry_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(registry_path, as_json):
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also draw each request's forget and retain figures, in commit order, into this PNG (needs matplotlib).")
+def status(registry_path, as_json, plot):
     """What is applied, active and rolled back."""
     from seqforget.budget import budget_line, running_total
-    from seqforget.status import status_rows, status_table
+    from seqforget.status import plot_status, status_rows, status_table
 
     state = Registry.open(registry_path).snapshot()
     rows = status_rows(state)
+    if plot is not None:
+        plot_status(rows, plot)
     if as_json:
         click.echo(json.dumps({"registry": str(state.root), "base_model": state.base_model, "guard": state.guard,
                                "retained": running_total(state), "requests": rows, "rejected": state.rejected}, indent=2))

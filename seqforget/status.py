@@ -1,6 +1,7 @@
 """What `seqforget status` shows: one record per request, and the table of them."""
 
 from registry import Snapshot
+from seqforget.errors import SeqforgetError
 
 
 def status_rows(state: Snapshot) -> list[dict]:
@@ -85,3 +86,54 @@ def status_table(rows: list[dict]) -> str:
     out = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]
     out.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def status_series(rows: list[dict]) -> dict[str, list]:
+    """What `status --plot` draws, one value per request in commit order: its forget rows' token
+    accuracy before and after it, its retain rows' after it, how well its forget rows are told
+    from strangers' after it (None without reference rows), and the registry guard's exact
+    answers as a share of the base model's after it (None without a budget)."""
+    def after(m, key):
+        return m[key][1] if m.get(key) else None
+
+    return {"labels": [r["id"] + (" (rolled back)" if r["state"] == "rolled_back" else "") for r in rows],
+            "forget_before": [r["metrics"]["forget_acc"][0] for r in rows],
+            "forget_after": [r["metrics"]["forget_acc"][1] for r in rows],
+            "retain_after": [r["metrics"]["retain_acc"][1] for r in rows],
+            "known_after": [after(r["metrics"], "known") for r in rows],
+            "retained_of_base": [r["metrics"]["retained"]["after"] / r["metrics"]["retained"]["base"]
+                                 if r["metrics"].get("retained") else None for r in rows]}
+
+
+def plot_status(rows: list[dict], path) -> dict[str, list]:
+    """Draw status_series(rows) into a PNG at `path`; return the series. Needs matplotlib."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise SeqforgetError("status --plot needs matplotlib: pip install matplotlib") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = status_series(rows)
+    x = list(range(len(rows)))
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows) + 3), 4))
+    ax.plot(x, series["forget_before"], marker=".", linestyle=":", color="tab:red", label="forget rows, before")
+    ax.plot(x, series["forget_after"], marker="o", color="tab:red", label="forget rows, after")
+    ax.plot(x, series["retain_after"], marker="s", color="tab:blue", label="retain rows, after")
+    for key, label, style in (("known_after", "forget told from strangers (AUC), after", "tab:orange"),
+                              ("retained_of_base", "registry guard, share of base", "black")):
+        if any(v is not None for v in series[key]):
+            ax.plot(x, [float("nan") if v is None else v for v in series[key]], marker="^", color=style, label=label)
+    ax.set_xticks(x, series["labels"], rotation=30, ha="right", fontsize=7)
+    ax.set_ylim(-0.05, 1.1)
+    ax.set_ylabel("token accuracy (answers), share")
+    ax.set_title("each request, in commit order", fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as e:
+        raise SeqforgetError(f"cannot write the plot to {path}: {e.strerror or e}") from e
+    finally:
+        plt.close(fig)
+    return series

@@ -311,3 +311,30 @@ def test_a_method_argument_with_choices_takes_only_those():
         "method_args.objective: expected one of stranger, target, contrastive, gd, ga, npo, got 'vleraser'"]
     assert method_problems("refusal", "refuse", {"objective": 1.0})[0].startswith("method_args.objective: expected one of ce, dpo")
     assert "vleraser does not serve scope 'visual' (vleraser serves: full;" in method_problems("vleraser", "visual", {})[0]
+
+
+def test_status_draws_each_requests_figures_in_commit_order(world, tmp_path):
+    from seqforget.engine import apply_request, init_registry
+    from seqforget.status import status_rows, status_series
+
+    reg = tmp_path / "reg"
+    init_registry(reg, world / "model")
+    for request_id, forget in (("a", "forget_a.jsonl"), ("b", "forget_b.jsonl")):
+        apply_request(reg, write_request(tmp_path, request_id, forget=str(world / forget), retain=str(world / "retain.jsonl")),
+                      show_progress=False)
+    invoke("rollback", "a", "-r", reg)
+    png = tmp_path / "status.png"
+    assert "2 request(s), 1 active" in invoke("status", "-r", reg, "--plot", png).stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = status_rows(Registry.open(reg).snapshot())
+    series = status_series(rows)
+    assert series["labels"] == ["a (rolled back)", "b"]
+    assert series["forget_before"] == [r["metrics"]["forget_acc"][0] for r in rows]
+    assert series["forget_after"] == [r["metrics"]["forget_acc"][1] for r in rows]
+    assert series["retain_after"] == [r["metrics"]["retain_acc"][1] for r in rows]
+    assert series["retained_of_base"] == [None, None]  # no budget: nothing to draw
+    # a plot that cannot be written: one line, exit 1, nothing left behind
+    before = snapshot(tmp_path)
+    bad = invoke("status", "-r", reg, "--plot", tmp_path / "missing" / "status.png", check=False)
+    assert bad.exit_code == 1 and bad.stderr.count("\n") == 1 and "cannot write the plot" in bad.stderr, bad.stderr
+    assert snapshot(tmp_path) == before
