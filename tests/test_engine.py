@@ -22,6 +22,7 @@ from seqforget.methods import METHODS, served
 from seqforget.scopes import SCOPES
 from seqforget.status import status_rows, status_table
 
+
 @pytest.fixture(scope="module")
 def two_requests(world, tmp_path_factory):
     """A registry with two committed requests (two people forgotten, one after the other)."""

@@ -24,6 +24,7 @@ by likelihood.
 
 import json
 import random
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -285,8 +286,6 @@ def request_folder(world: World, model: Path, folder: Path) -> Path:
     one person each, of the world's forget order), retain.jsonl (everything about everyone else),
     reference.jsonl (the never-seen people), guard.jsonl (the retained people's held-out views: a
     registry's guard set), and a copy of `model` in model/."""
-    import shutil
-
     first, second, *rest = world.forget_order()
     kinds = {"visual", "identity", "textual", "cloze"}
     folder.mkdir(parents=True, exist_ok=True)

@@ -91,7 +91,7 @@ class StrangerTarget(Defaults):
             _cap_own_answers(targets, forget, retain)
         if self.own_answer < 1.0:
             for target, example in zip(targets, forget.examples):
-                own = int(example.labels[example.labels != IGNORE][0])  # the row's own answer's first token
+                own = _answer(example)[0]  # the row's own answer's first token
                 target[0, own] *= self.own_answer
                 target[0] /= target[0].sum()
         self._targets = [t.clamp_min(1e-12).log() for t in targets]
