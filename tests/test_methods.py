@@ -128,3 +128,38 @@ def test_own_prior_on_a_real_model_takes_a_name_no_retained_person_has_out_of_th
             assert whole(kept) > 0.5 and whole(taken) < 1e-10
             cut += 1
     assert cut > 0  # the world's forget rows include answers only the forgotten person gives
+
+
+def test_own_ceiling_holds_each_whole_own_answer_at_most_the_targets_in_log_space(world):
+    from seqforget.losses import answer_logprob
+
+    model, processor = load_model(world / "model")
+    forget = _rows(world, processor, "forget_a.jsonl", True)
+    retain = _rows(world, processor, "retain.jsonl", True)
+    reference = data.Rows(forget.examples, forget.pad_id, stands_for=list(range(len(forget))))  # each row its own stranger
+    batch, retain_batch = next(forget.endless(len(forget), seed=3)), next(retain.endless(5, seed=4))
+    # at the strangers' own target the model is at its ceiling already: nothing to hold
+    plain = StrangerTarget(augment=0.0, own_ceiling=1.0)
+    plain.prepare(model, forget, retain, reference, nullcontext, None)
+    with torch.no_grad():
+        assert plain.loss(model, batch, retain_batch, nullcontext)[1]["own_over_ceiling"] < 1e-4
+    # capped: a name only the forgotten person has is far above its ceiling, and the term is the
+    # mean over the batch's rows of how far each whole answer's log-probability lies above it
+    capped = StrangerTarget(augment=0.0, own_prior="retained", own_ceiling=1.0)
+    capped.prepare(model, forget, retain, reference, nullcontext, None)
+    with torch.no_grad():
+        own, _, _ = answer_logprob(model, batch)
+    over = (own.double() - capped._ceilings[batch["rows"]].double()).clamp_min(0)
+    assert over.max() > 5
+    loss, logs = capped.loss(model, batch, retain_batch, nullcontext)
+    assert abs(logs["own_over_ceiling"] - float(over.mean())) < 1e-3 * max(1.0, float(over.mean()))
+    # and a step down its gradient lowers those answers
+    model.zero_grad()
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 1e-3 * p.grad
+        after, _, _ = answer_logprob(model, batch)
+    above = over > 0
+    assert float(after[above].sum()) < float(own[above].sum())

@@ -52,6 +52,12 @@ class StrangerTarget(Defaults):
       first token (so also any answer that starts with the same token), renormalised. At 0 the
       target never gives it, nor anything that starts like it.
 
+    own_ceiling (a weight; 0: off) adds a term that holds the model's log-probability of each
+    forget row's whole own answer at most the target's: the mean over the batch's rows of how
+    far above it lies. The KL alone barely pushes on an answer the target gives almost nothing
+    (its gradient there is the model's own small probability), so a name cut to 0 stays about
+    as likely as the names strangers are given; in log space the term takes it below them.
+
     Needs reference rows like every forget row (the request's `reference`, or the registry's).
     """
 
@@ -60,6 +66,7 @@ class StrangerTarget(Defaults):
     feature_weight: float = 0.0
     own_answer: float = field(default=1.0, metadata={"range": (0.0, 1.0)})
     own_prior: str = field(default="strangers", metadata={"choices": ("strangers", "retained")})
+    own_ceiling: float = field(default=0.0, metadata={"range": (0.0, 10.0)})
     name = "stranger"
     scopes = ("visual", "full")  # the scopes it serves (seqforget.scopes.SCOPES)
     adapter_kind = "lora"
@@ -95,15 +102,22 @@ class StrangerTarget(Defaults):
                 target[0, own] *= self.own_answer
                 target[0] /= target[0].sum()
         self._targets = [t.clamp_min(1e-12).log() for t in targets]
+        self._ceilings = torch.tensor([_own_logp(t, _answer(e)).item() for t, e in zip(self._targets, forget.examples)])
         self._generator = torch.Generator().manual_seed(0)
 
     def loss(self, model, forget, retain, original):
         target = torch.cat([self._targets[k] for k in forget["rows"].tolist()])  # (answer tokens, V)
         views = augment(forget["pixel_values"], self._generator, self.augment) if "pixel_values" in forget else None
-        forget_kl = answer_kl(target, answer_logprobs(model, forget, views))
+        logp = answer_logprobs(model, forget, views)
+        forget_kl = answer_kl(target, logp)
         views = augment(retain["pixel_values"], self._generator, self.augment) if "pixel_values" in retain else None
         retain_kl = kl_to_original(model, retain, original, views)
         loss, logs = forget_kl + self.retain_weight * retain_kl, {"forget_kl": forget_kl.item(), "retain_kl": retain_kl.item()}
+        if self.own_ceiling:
+            ceilings = self._ceilings[forget["rows"]].to(logp.device)
+            over = (_rows_own_logp(logp, forget["labels"]) - ceilings).clamp_min(0).mean()
+            loss = loss + self.own_ceiling * over
+            logs["own_over_ceiling"] = over.item()
         if self.feature_weight and views is not None:
             with torch.no_grad(), original():
                 before = image_features(model, views)
@@ -115,6 +129,19 @@ class StrangerTarget(Defaults):
 
 def _answer(example) -> tuple[int, ...]:
     return tuple(example.labels[example.labels != IGNORE].tolist())
+
+
+def _own_logp(logp: torch.Tensor, own: tuple[int, ...]) -> torch.Tensor:
+    """The whole answer's log-probability under (n, V) token log-probabilities teacher-forced on it."""
+    return logp[torch.arange(len(own)), torch.tensor(own)].sum()
+
+
+def _rows_own_logp(logp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) each row's whole own answer's log-probability, from answer_logprobs' (answer tokens, V)."""
+    labels = labels[:, 1:].to(logp.device)
+    mask = labels != IGNORE
+    token = logp.gather(1, labels[mask].unsqueeze(1)).squeeze(1)
+    return torch.zeros(len(labels), device=logp.device, dtype=logp.dtype).index_add_(0, mask.nonzero()[:, 0], token)
 
 
 def _cap_own_answers(targets: list[torch.Tensor], forget, retain) -> None:
