@@ -26,7 +26,10 @@ picks, stop only when every kind of forget question is told from strangers' at m
 (`known_limit`; with partial: true, a request that does not get there commits at its budget),
 and train towards strangers' answers without the forget row's own (`own_answer: 0`).
 `gated_prior` is `gated_lm` with the own answer capped at its share among the retain rows' answers
-to the same question (`own_prior: retained`) in place of `own_answer: 0`.
+to the same question (`own_prior: retained`) in place of `own_answer: 0`; `gated_ceiling` is
+`gated_prior` holding the model's log-probability of each forget row's whole own answer at most the target's
+(`own_ceiling: 1`), and `gated_level` the same layers and stop with the strangers' target as it
+is and `own_ceiling: 1`.
 
 Printed after every request: its person's figure against vanilla's and the oracle's; over all
 requests so far, the mean figure against the oracle's and how many people are still forgotten;
@@ -81,6 +84,9 @@ MECHANISMS = {
     "gated": ({}, {"gated": True}),
     "gated_lm": ({"target_modules": WITH_LM, "known_limit": 0.6, "method_args": {"own_answer": 0.0}}, {"gated": True}),
     "gated_prior": ({"target_modules": WITH_LM, "known_limit": 0.6, "method_args": {"own_prior": "retained"}}, {"gated": True}),
+    "gated_ceiling": ({"target_modules": WITH_LM, "known_limit": 0.6,
+                       "method_args": {"own_prior": "retained", "own_ceiling": 1.0}}, {"gated": True}),
+    "gated_level": ({"target_modules": WITH_LM, "known_limit": 0.6, "method_args": {"own_ceiling": 1.0}}, {"gated": True}),
     "dropout": ({"earlier_dropout": 0.5}, {}),
     "from_base": ({"targets_from_base": True}, {}),
     "keep_forgotten": ({"keep_forgotten": True}, {}),
