@@ -19,15 +19,25 @@ def seqforget(*args, preexec_fn=None, prefix=()) -> subprocess.CompletedProcess:
                           env=ENV, preexec_fn=preexec_fn)
 
 
-@pytest.fixture
-def reg(world, tmp_path) -> Path:
-    """A registry with one committed request, and a source folder with two more."""
-    init_registry(tmp_path / "reg", world / "model")
-    write_requests(tmp_path / "source", world, 0, 3)
-    first = tmp_path / "first"
+@pytest.fixture(scope="module")
+def committed_one(world, tmp_path_factory) -> Path:
+    """A folder with a registry holding one committed request, and a source folder with two more."""
+    folder = tmp_path_factory.mktemp("faults")
+    init_registry(folder / "reg", world / "model")
+    write_requests(folder / "source", world, 0, 3)
+    first = folder / "first"
     first.mkdir()
-    (tmp_path / "source" / "r000.yaml").rename(first / "r000.yaml")
-    assert seqforget("stream", first, "-r", tmp_path / "reg", "--once", "-q").returncode == 0
+    (folder / "source" / "r000.yaml").rename(first / "r000.yaml")
+    assert seqforget("stream", first, "-r", folder / "reg", "--once", "-q").returncode == 0
+    return folder
+
+
+@pytest.fixture
+def reg(committed_one, tmp_path) -> Path:
+    """A copy of committed_one's registry and source folder for each test: the tests change them,
+    and training the first request once is enough (it trains deterministically)."""
+    for name in ("reg", "source"):
+        shutil.copytree(committed_one / name, tmp_path / name)
     return tmp_path / "reg"
 
 
