@@ -2,6 +2,7 @@
 each batch, or with --shard the model's weights."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,6 +54,17 @@ def test_two_processes_store_the_adapter_one_process_stores(world, tmp_path):
     assert not Registry.open(shared).verify()  # one request, written once, whole
 
 
+@pytest.fixture(scope="module")
+def first_applied(world, tmp_path_factory) -> Path:
+    """A registry with one earlier request committed (`first`, two steps of gd on person b). Tests
+    copy it: it trains deterministically, so a copy is the registry applying it again would give."""
+    folder = tmp_path_factory.mktemp("first")
+    init_registry(folder / "reg", world / "model")
+    first = write_request(folder, "first", steps=2, forget=str(world / "forget_b.jsonl"), retain=str(world / "retain.jsonl"))
+    apply_request(folder / "reg", first, show_progress=False)
+    return folder / "reg"
+
+
 def _same_updates(one, two, request_id: str) -> None:
     a, b = (s.adapter(s.find(request_id)) for s in (one, two))
     assert sorted(a.modules) == sorted(b.modules)
@@ -64,21 +76,19 @@ def _same_updates(one, two, request_id: str) -> None:
 
 @pytest.mark.parametrize("method, mode, options", [("gd", "--multi_gpu", ("--shard", "--gradient-checkpointing")),
                                                   ("sine", "--use_fsdp", ())])
-def test_sharded_processes_store_what_one_process_stores(world, tmp_path, method, mode, options):
+def test_sharded_processes_store_what_one_process_stores(world, first_applied, tmp_path, method, mode, options):
     """Each process holds half of the blocks' weights (and of the live model's exact bookkeeping);
     the adapter, the figures after it and the composed model are those of one process. An earlier
     request is active, so its terms are split with the weights and the new one adds to shares of
     them; `sine` reparametrises its target layers, which stay whole; checkpointing recomputes
     blocks that run twice a step (gd's forget and retain batches) while their weights are split.
     `accelerate launch --use_fsdp` asks for the same as --shard."""
-    first = write_request(tmp_path, "first", steps=2, forget=str(world / "forget_b.jsonl"), retain=str(world / "retain.jsonl"))
     scope = "visual" if method == "sine" else "full"
     request = write_request(tmp_path, "sh", method=method, scope=scope, steps=4, forget=str(world / "forget_a.jsonl"),
                             retain=str(world / "retain.jsonl"), reference=str(world / "reference.jsonl"), partial=True)
     alone, shared = tmp_path / "alone", tmp_path / "shared"
     for reg in (alone, shared):
-        init_registry(reg, world / "model")
-        apply_request(reg, first, show_progress=False)
+        shutil.copytree(first_applied, reg)
     apply_request(alone, request, show_progress=False)
     proc = launch(request, shared, "", *options, mode=mode)
     out, err = proc.communicate(timeout=600)
@@ -140,11 +150,9 @@ def committed(reg: Path) -> dict[str, str]:
     return {k: v for k, v in snapshot(reg).items() if not k.startswith(("journal", "lock", "staging"))}
 
 
-def test_a_killed_process_leaves_the_registry_as_it_was(world, tmp_path):
+def test_a_killed_process_leaves_the_registry_as_it_was(world, first_applied, tmp_path):
     reg = tmp_path / "reg"
-    init_registry(reg, world / "model")
-    first = write_request(tmp_path, "first", steps=2, forget=str(world / "forget_b.jsonl"), retain=str(world / "retain.jsonl"))
-    apply_request(reg, first, show_progress=False)
+    shutil.copytree(first_applied, reg)
     before = committed(reg)
     request = write_request(tmp_path, "dp", method="gd", steps=400, check_every=400, forget=str(world / "forget_a.jsonl"),
                             retain=str(world / "retain.jsonl"))
@@ -167,7 +175,11 @@ def test_a_killed_process_leaves_the_registry_as_it_was(world, tmp_path):
     assert proc.returncode != 0
     assert Registry.open(reg).snapshot().find("dp") is None
     assert committed(reg) == before  # byte for byte
-    entry = apply_request(reg, request, show_progress=False)  # the next writer clears what the killed write left
+    # the next writer clears what the killed write left, and the id is free again; the 400 steps were
+    # only there to keep the launched write running until the kill, so its retry takes 2
+    again = write_request(tmp_path, "dp", filename="dp-again.yaml", method="gd", steps=2, forget=str(world / "forget_a.jsonl"),
+                          retain=str(world / "retain.jsonl"))
+    entry = apply_request(reg, again, show_progress=False)
     assert entry["id"] == "dp" and not Registry.open(reg).verify()
 
 
