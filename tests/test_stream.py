@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import fixed_batch, logits, write_request
+from conftest import fixed_batch, invoke, logits, write_request
 from registry import Registry
 from seqforget.engine import apply_request, init_registry, live_model, rollback_request
 from seqforget.live import Live, entry_key
@@ -30,15 +30,15 @@ def stream(*args, env=None, check=True) -> subprocess.CompletedProcess:
     return proc
 
 
+# What the registry holds is read in this process: the stream under test runs in its own, and a
+# fresh process for each look would only add its start-up (a torch import) to every check.
 def status(reg: Path) -> dict:
-    out = subprocess.run([sys.executable, "-m", "seqforget", "status", "--json", "-r", str(reg)], capture_output=True,
-                         text=True, env=ENV, check=True)
-    return json.loads(out.stdout)
+    return json.loads(invoke("status", "--json", "-r", reg).stdout)
 
 
 def verify(reg: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "seqforget", "verify", "-r", str(reg)], capture_output=True, text=True, env=ENV)
-    assert out.returncode == 0, out.stdout + out.stderr
+    out = invoke("verify", "-r", reg, check=False)
+    assert out.exit_code == 0, out.output
 
 
 def request_body(world: Path, request_id: str, **fields) -> dict:
@@ -80,8 +80,7 @@ def test_a_folder_is_applied_in_name_order_once_and_a_restart_applies_only_what_
     seen = status(reg)
     assert [r["id"] for r in seen["requests"]] == ["a-first", "b-second", "c-third", "broken"]
     assert len(seen["rejected"]) == 2
-    human = subprocess.run([sys.executable, "-m", "seqforget", "status", "-r", str(reg)], capture_output=True, text=True,
-                           env=ENV, check=True).stdout
+    human = invoke("status", "-r", reg).stdout
     assert "2 request(s) rejected by a stream" in human and "04.yaml (a-first)" in human
     verify(reg)
 
@@ -190,7 +189,9 @@ def _paused_stream(source: Path, reg: Path, point: str) -> subprocess.Popen:
 
 def test_sigterm_abandons_the_request_in_training_and_the_next_start_applies_it(world, reg, tmp_path):
     source = tmp_path / "requests.jsonl"
-    source.write_text(json.dumps(request_body(world, "long", steps=50)) + "\n")
+    # the stream stops itself after the first step, so a request of more than one step is still training
+    # when SIGTERM comes: 4 steps do, and keep short the next start, which trains it in full
+    source.write_text(json.dumps(request_body(world, "long", steps=4)) + "\n")
     proc = _paused_stream(source, reg, "training")
     proc.send_signal(signal.SIGTERM)
     os.kill(proc.pid, signal.SIGCONT)
