@@ -1,6 +1,7 @@
 """The engine on a real tiny LLaVA: projection, composition, rollback, PEFT and export parity."""
 
 import json
+import shutil
 
 import h5py
 import numpy as np
@@ -236,13 +237,29 @@ def test_export_loads_with_transformers_and_matches_the_engine(world, two_reques
 MATRIX = [(scope, method) for scope in SCOPES for method in served(scope)]
 
 
+@pytest.fixture(scope="module")
+def one_request(world, tmp_path_factory):
+    """one_request(scope, method): (a registry holding one request of that method under that scope,
+    the entry apply_request returned for it), applied on first use. The two tests below that apply
+    the same visual requests share them; the one that changes its registry copies it."""
+    made = {}
+
+    def applied(scope, method):
+        if (scope, method) not in made:
+            folder = tmp_path_factory.mktemp(f"{scope}-{method}")
+            init_registry(folder / "reg", world / "model")
+            request = write_request(folder, "r", scope=scope, method=method, steps=3, forget=str(world / "forget_a.jsonl"),
+                                    retain=str(world / "retain.jsonl"), reference=str(world / "reference.jsonl"), partial=True)
+            made[scope, method] = folder / "reg", apply_request(folder / "reg", request, show_progress=False)
+        return made[scope, method]
+    return applied
+
+
 @pytest.mark.parametrize("scope, method", MATRIX, ids=[f"{s}-{m}" for s, m in MATRIX])
-def test_every_method_applies_stores_exports_loads_in_peft_and_rolls_back(world, tmp_path, scope, method):
+def test_every_method_applies_stores_exports_loads_in_peft_and_rolls_back(world, one_request, tmp_path, scope, method):
+    applied, entry = one_request(scope, method)
     reg_dir = tmp_path / "reg"
-    init_registry(reg_dir, world / "model")
-    request = write_request(tmp_path, "r", scope=scope, method=method, steps=3, forget=str(world / "forget_a.jsonl"),
-                            retain=str(world / "retain.jsonl"), reference=str(world / "reference.jsonl"), partial=True)
-    entry = apply_request(reg_dir, request, show_progress=False)
+    shutil.copytree(applied, reg_dir)  # rolled back below
     kind = METHODS[method].adapter_kind
     assert (entry["scope"], entry["method"], entry["kind"], entry["state"]) == (scope, method, kind, "active")
     state = Registry.open(reg_dir).snapshot()
@@ -270,12 +287,8 @@ def test_every_method_applies_stores_exports_loads_in_peft_and_rolls_back(world,
 
 
 @pytest.mark.parametrize("method", served("visual"))
-def test_a_visual_request_leaves_the_language_model_bit_identical(world, tmp_path, method):
-    reg_dir = tmp_path / "reg"
-    init_registry(reg_dir, world / "model")
-    request = write_request(tmp_path, "v", scope="visual", method=method, steps=3, forget=str(world / "forget_a.jsonl"),
-                            retain=str(world / "retain.jsonl"), reference=str(world / "reference.jsonl"), partial=True)
-    apply_request(reg_dir, request, show_progress=False)
+def test_a_visual_request_leaves_the_language_model_bit_identical(world, one_request, method):
+    reg_dir, _ = one_request("visual", method)
     live, _ = live_model(Registry.open(reg_dir).snapshot())
     _, base = _base_weights(world)
     changed = {n for n, p in live.named_parameters() if not torch.equal(p, base[n])}

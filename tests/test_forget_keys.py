@@ -26,10 +26,17 @@ def apply(tmp_path, world, reg, request_id: str, forget: str, **fields) -> dict:
     return apply_request(reg, path, show_progress=False)
 
 
-def test_a_requests_forget_keys_lie_outside_its_basis_and_hold_its_forget_inputs(world, tmp_path):
-    reg = tmp_path / "reg"
-    init_registry(reg, world / "model")
-    entry = apply(tmp_path, world, reg, "first", "forget_a.jsonl")
+@pytest.fixture(scope="module")
+def first_applied(world, tmp_path_factory) -> tuple:
+    """(a registry holding one visual request, `first`, on person a; its entry): both tests below
+    begin with it, and the one that goes on from it copies it."""
+    folder = tmp_path_factory.mktemp("first")
+    init_registry(folder / "reg", world / "model")
+    return folder / "reg", apply(folder, world, folder / "reg", "first", "forget_a.jsonl")
+
+
+def test_a_requests_forget_keys_lie_outside_its_basis_and_hold_its_forget_inputs(world, first_applied):
+    reg, entry = first_applied
     state = Registry.open(reg).snapshot()
     keys, basis = state.forget_keys(entry), state.basis(entry)
     assert "forget_keys.h5" in entry["files"] and set(keys) == set(basis)
@@ -53,12 +60,12 @@ def test_a_requests_forget_keys_lie_outside_its_basis_and_hold_its_forget_inputs
         assert held >= 0.97 - 2e-3 and grown["captured_before"] < grown["captured_after"] or k.rank == 0
 
 
-def test_keep_forgotten_and_apart_from_earlier_hold_what_the_first_request_made_still(world, tmp_path):
+def test_keep_forgotten_and_apart_from_earlier_hold_what_the_first_request_made_still(world, first_applied, tmp_path):
     """The same second request, three ways: plain; with keep_forgotten (off the first request's
     forget keys); with apart_from_earlier (off the input directions the first request's term reads)."""
     reg = tmp_path / "reg"
-    init_registry(reg, world / "model")
-    first = apply(tmp_path, world, reg, "first", "forget_a.jsonl")
+    shutil.copytree(first_applied[0], reg)
+    first = first_applied[1]
     roots = {name: tmp_path / name for name in ("plain", "apart")}
     for root in roots.values():
         shutil.copytree(reg, root)
