@@ -289,7 +289,9 @@ def methods(as_json):
         click.echo(f"{m['name']}: {m['summary']}\n  scopes: {scopes}\n  adapter: {m['adapter_kind']}"
                    f"{' (subtracted)' if m['sign'] < 0 else ''}\n  budget: {budget['steps']} steps at lr {budget['lr']:g}"
                    f"{'; needs reference rows' if m['needs_reference'] else ''}\n  method_args: {args}\n"
-                   f"  source: {m['source']}\n")
+                   + (f"  in a gated registry's {' and '.join(m['gated_scopes'])} requests: "
+                      f"{', '.join(f'{k}={v:g}' for k, v in m['gated_args'].items())}\n" if m["gated_args"] and m["gated_scopes"] else "")
+                   + f"  source: {m['source']}\n")
 
 
 @cli.command()

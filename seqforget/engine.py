@@ -139,7 +139,7 @@ def apply_request(root: Path, request: Path | Request, run: RunOptions = RunOpti
         else:
             live.sync(state)
         model, processor = live.model, live.processor
-        targets = _targets(request, method, model)
+        targets = _targets(request, method, model, registry_gated(state))
         rows = _encode(request, processor, live.encoder)
         keep = _floor(state, request, live.encoder, processor.tokenizer.pad_token_id)
         start = time.perf_counter()
@@ -185,7 +185,7 @@ def _load_live(state: Snapshot, run: RunOptions, group: Group, request: Request,
     if registry_gated(state):
         raise SeqforgetError("a gated registry's model cannot be sharded across processes; run without --shard")
     live = Live.load(state, base_model_dir(state, run.model_dir), run.dtype, "cpu")
-    targets = _targets(request, method, live.model)
+    targets = _targets(request, method, live.model, gated=False)
     live.shard(group, torch_device(run.device or registry_device(state)),
                keep=targets if UPDATES[method.adapter_kind].whole_layers else ())
     return live
@@ -227,12 +227,13 @@ def export_model(root: Path, out_dir: Path, model_dir: Path | None = None, dtype
 
 def read_request(state: Snapshot, request_path: Path, raw: dict | None = None, source: str | None = None) -> Request:
     """The request in `request_path` (or the mapping `raw` read from it, e.g. a JSONL line, named
-    `source`), with the registry's default retain and reference sets where it names none."""
+    `source`), with the registry's default retain and reference sets where it names none, and a
+    gated registry's defaults (seqforget.scopes.Gated) where it sets none of its own."""
     retain, reference = state.default_retain, state.default_reference
     defaults = {"default_retain": retain["path"] if retain else None,
                 "default_reference": reference["path"] if reference else None}
-    request = (load_request(request_path, **defaults) if raw is None else
-               parse_request(raw, request_path, source or str(request_path), **defaults))
+    request = (load_request(request_path, **defaults, gated=registry_gated(state)) if raw is None else
+               parse_request(raw, request_path, source or str(request_path), **defaults, gated=registry_gated(state)))
     for label, default, path in (("retain", retain, request.retain_path), ("reference", reference, request.reference_path)):
         if default and path == Path(default["path"]) and request.data_sha256[label] != default["sha256"]:
             raise SeqforgetError(f"the default {label} set {path} changed since `seqforget init`")
@@ -250,11 +251,13 @@ def _refuse_if_present(state: Snapshot, request: Request) -> None:
     raise SeqforgetError(f"request {request.id} was applied and then rolled back; to apply it again, give it a new id")
 
 
-def _targets(request: Request, method, model) -> list[str]:
+def _targets(request: Request, method, model, gated: bool) -> list[str]:
     """The layers this request trains: those it names (every pattern must match at least one),
-    else the method's own, else its scope's."""
+    else the method's own, else, in a gated registry (`gated`), its scope's `Gated` layers, else
+    its scope's."""
     if not request.target_modules:
-        return scope_layers(model, request.scope, method.layers)
+        behind = SCOPES[request.scope].gated if gated else None
+        return scope_layers(model, request.scope, method.layers or (behind.layers if behind else None))
     unmatched = [p for p in request.target_modules if not match_layers(model, [p])]
     if unmatched:
         raise SeqforgetError(f"request {request.id}: no linear layer of the model matches {', '.join(unmatched)}")

@@ -137,21 +137,24 @@ def read_request_file(path: Path) -> dict:
     return obj
 
 
-def load_request(path: Path, default_retain: str | None = None, default_reference: str | None = None) -> Request:
+def load_request(path: Path, default_retain: str | None = None, default_reference: str | None = None,
+                 gated: bool = False) -> Request:
     """Parse and validate a request file and the data it names; raise with every problem at once."""
     path = Path(path).absolute()
-    return parse_request(read_request_file(path), path, str(path), default_retain, default_reference)
+    return parse_request(read_request_file(path), path, str(path), default_retain, default_reference, gated)
 
 
 def parse_request(raw: dict, path: Path, source: str, default_retain: str | None = None,
-                  default_reference: str | None = None) -> Request:
+                  default_reference: str | None = None, gated: bool = False) -> Request:
     """Validate a request given as a mapping, read from the file `path` (relative data paths
-    resolve against its folder; `source` names it, e.g. a JSONL line), and the data it names."""
+    resolve against its folder; `source` names it, e.g. a JSONL line), and the data it names.
+    gated: it is for a gated registry, where a scope's `Gated` defaults (seqforget.scopes) and its
+    method's `gated_args` come before the request's own fields."""
     path = Path(path).absolute()
     if not isinstance(raw, dict):
         raise SeqforgetError(f"invalid request {source}: expected a mapping of fields")
     problems: list[str] = []
-    fields, chosen = _fields(raw, problems)
+    fields, chosen = _fields(raw, problems, gated)
     data = _data(raw, path, default_retain, default_reference, problems)
     partial = raw.get("partial", False)  # checked after the data, so that its problem keeps its place in the list
     if not isinstance(partial, bool):
@@ -166,9 +169,10 @@ def parse_request(raw: dict, path: Path, source: str, default_retain: str | None
     return Request(**fields, **data, source=source, partial=partial, data_sha256=hashes)
 
 
-def _fields(raw: dict, problems: list[str]) -> tuple[dict, object]:
+def _fields(raw: dict, problems: list[str], gated: bool = False) -> tuple[dict, object]:
     """The request's own fields, checked, by Request's names for them, and its method built from
-    its arguments (None unless they and the scope are valid). Each problem joins `problems`."""
+    its arguments (None unless they and the scope are valid), with a gated registry's defaults
+    under them (`gated`). Each problem joins `problems`."""
     for key in sorted(set(raw) - _CONTRACT - set(_TRAINING)):
         problems.append(f"unknown field {key!r}")
     request_id = raw.get("id")
@@ -178,8 +182,9 @@ def _fields(raw: dict, problems: list[str]) -> tuple[dict, object]:
     if not isinstance(scope, str) or scope not in SCOPES:
         problems.append(f"scope: expected one of {', '.join(SCOPES)}, got {scope!r}")
         scope = None
-    name, method_args, chosen = _method(raw, scope, problems)
-    training = _training(raw, problems, dict(chosen.budget) if chosen is not None else {})
+    behind = SCOPES[scope].gated if gated and scope else None
+    name, method_args, chosen = _method(raw, scope, problems, behind is not None)
+    training = _training(raw, problems, {**(behind.training if behind else {}), **(chosen.budget if chosen else {})})
     targets = raw.get("target_modules")
     if targets is not None and (not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets) or not targets):
         problems.append("target_modules: expected a non-empty list of layer names")
@@ -191,10 +196,11 @@ def _fields(raw: dict, problems: list[str]) -> tuple[dict, object]:
             "target_modules": targets, "refusal": refusal.strip()}, chosen
 
 
-def _method(raw: dict, scope: str | None, problems: list[str]) -> tuple[object, dict, object]:
+def _method(raw: dict, scope: str | None, problems: list[str], gated: bool = False) -> tuple[object, dict, object]:
     """(name, arguments, method): the method the request names, else its scope's default, and the
-    method built from them (None unless they and the scope are valid)."""
-    from seqforget.methods import make_method, method_problems
+    method built from them (None unless they and the scope are valid); `gated`: the method's
+    `gated_args` under the request's arguments."""
+    from seqforget.methods import METHODS, make_method, method_problems
 
     name = raw.get("method", SCOPES[scope].default if scope else None)
     method_args = raw.get("method_args") or {}
@@ -204,6 +210,8 @@ def _method(raw: dict, scope: str | None, problems: list[str]) -> tuple[object, 
     if not isinstance(name, str):
         problems.append("method: expected a method name" if "method" in raw else "method: required when the scope is not known")
         return name, method_args, None
+    if gated and name in METHODS:
+        method_args = {**METHODS[name].gated_args, **method_args}
     found = method_problems(name, scope, method_args)
     problems += found
     return name, method_args, None if found or scope is None else make_method(name, method_args)

@@ -9,6 +9,10 @@ architecture keeps those layers. The two tables.
     refuse  answer the target's questions with a refusal. The language model's attention
             (q, v) and MLP layers train, towards the refusal.
 
+In a gated registry (`init --gated`, seqforget.gate) a `visual` request's term reaches only the
+images its gate picks, and the rows that show them: there it also trains the language model's
+layers, and its stopping rule and defaults are those of `Scope.gated` (docs/requests.md).
+
 Each scope names its default method; each method (seqforget.methods) names the scopes it
 serves. Scopes name the parts they train by role
 (`ROLES`); `ARCHITECTURES` says, per model family (its config's model_type), which linear
@@ -61,18 +65,31 @@ ARCHITECTURES = {  # config.model_type -> its layers
 
 
 @dataclass(frozen=True)
+class Gated:
+    """What a request of a scope trains, and its defaults, in a gated registry."""
+
+    layers: tuple[str, ...]  # roles (ROLES), in place of the scope's
+    training: dict  # defaults of the request's training settings (seqforget.requests.Training), before the method's
+
+
+@dataclass(frozen=True)
 class Scope:
     name: str
     layers: tuple[str, ...]  # roles (ROLES)
     default: str  # the method a request of this scope gets when it names none (each method lists the scopes it serves)
     forgets_text_rows: bool  # False: text-only forget rows are knowledge that stays (retained)
     answers_refusal: bool  # forget rows are trained towards the request's refusal
+    gated: Gated | None = None  # in a gated registry: None, as in any other
 
 
 SCOPES = {
     s.name: s
     for s in (
-        Scope("visual", ("vision_mlp", "projector"), "stranger", forgets_text_rows=False, answers_refusal=False),
+        # gated: the language model's layers too (they change only the rows whose image the gate picks,
+        # so what is known from text stays), every kind of question told from strangers' at most 0.6
+        # of the time, checked every 5 steps (benchmarks/FINDINGS.md, "Gated registries")
+        Scope("visual", ("vision_mlp", "projector"), "stranger", forgets_text_rows=False, answers_refusal=False,
+              gated=Gated(("vision_mlp", "projector", "language"), {"known_limit": 0.6, "check_every": 5})),
         Scope("full", ("projector", "language"), "stranger", forgets_text_rows=True, answers_refusal=False),
         Scope("refuse", ("language",), "refusal", forgets_text_rows=True, answers_refusal=True),
     )

@@ -294,9 +294,11 @@ def test_methods_lists_every_method_with_its_scopes_kind_arguments_and_source():
     stranger = next(m for m in listed if m["name"] == "stranger")
     assert stranger["default_for"] == ["visual", "full"] and stranger["budget"] == {"steps": 600, "lr": 3e-3}
     assert {"name": "retain_weight", "default": 3.0, "range": [0.0, None]} in stranger["args"]  # None: unbounded
+    assert (stranger["gated_args"], stranger["gated_scopes"]) == ({"own_ceiling": 1.0}, ["visual"])
     table = invoke("methods").output
     assert "stranger: Answer about the forgotten" in table and "scopes: visual (default), full (default)" in table
     assert "budget: 30 steps at lr 0.001" in table  # a method without a budget of its own: the request's defaults
+    assert table.count("in a gated registry's visual requests: own_ceiling=1\n") == 1
     assert {m["name"]: m["adapter_kind"] for m in listed if m["adapter_kind"] != "lora"} == {"sine": "sine", "mmunlearner": "masked"}
     sine = next(m for m in listed if m["name"] == "sine")
     assert sine["args"][0]["choices"][0] == "stranger" and "objective=stranger (of stranger|" in table

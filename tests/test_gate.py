@@ -10,7 +10,7 @@ import torch
 from conftest import write_request
 from registry import GATE_FILE, Registry
 from seqforget import data
-from seqforget.engine import apply_request, export_model, init_registry, live_model, rollback_request
+from seqforget.engine import apply_request, export_model, init_registry, live_model, read_request, rollback_request
 from seqforget.errors import SeqforgetError
 from seqforget.gate import CELLS, TRAINEE, Gate, Gating, fit, pooled
 from seqforget.live import Live
@@ -189,6 +189,35 @@ def test_a_request_trains_behind_its_gate_and_the_images_it_passes_by_get_no_gra
     assert not torch.allclose(ungated[~picks], base[~picks])  # out from behind the gate: every image changes
     update.remove()
     gating.remove_hooks()
+
+
+def test_a_visual_request_in_a_gated_registry_trains_the_language_model_too_with_the_gated_defaults(world, tmp_path):
+    """Unless it sets its own: every kind of forget question told from strangers' at most 0.6 of
+    the time, checked every 5 steps, the stranger method's own answer held to its target in log
+    space; a `full` request, and any request in a registry without gates, as ever."""
+    registries = {"gated": tmp_path / "gated", "plain": tmp_path / "plain"}
+    for name, reg in registries.items():
+        init_registry(reg, world / "model", gated=name == "gated")
+    data_files = dict(forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl"),
+                      reference=str(world / "reference.jsonl"), method="stranger", partial=True)
+    visual = write_request(tmp_path, "visual", scope="visual", steps=2, **data_files)
+    full = write_request(tmp_path, "full", scope="full", **data_files)
+    own = write_request(tmp_path, "own", scope="visual", check_every=10, method_args={"own_ceiling": 0.0}, **data_files)
+
+    def settings(reg, path):
+        request = read_request(Registry.open(reg).snapshot(), path)
+        return request.training.known_limit, request.training.check_every, request.method_args
+    assert settings(registries["gated"], visual) == (0.6, 5, {"own_ceiling": 1.0})
+    assert settings(registries["gated"], own) == (0.6, 10, {"own_ceiling": 0.0})
+    for reg, path in ((registries["gated"], full), (registries["plain"], visual), (registries["plain"], full)):
+        assert settings(reg, path) == (1.0, 25, {})
+
+    trained = {}
+    for name, reg in registries.items():
+        entry = apply_request(reg, visual, show_progress=False)
+        trained[name] = {n.split(".")[1] for n in Registry.open(reg).snapshot().adapter(entry).weights}  # model.<part>. ...
+    assert trained["plain"] == {"vision_tower", "multi_modal_projector"}
+    assert trained["gated"] == {"vision_tower", "multi_modal_projector", "language_model"}
 
 
 def test_a_gated_term_may_reach_the_language_model_for_the_rows_whose_image_its_gate_picks(world, tmp_path):

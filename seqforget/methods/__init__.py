@@ -22,6 +22,8 @@ It inherits these, at their defaults (seqforget.methods.base.Defaults), and may 
   needs_reference  True if it cannot train without reference rows like the forget rows
   layers           a tuple of roles (seqforget.scopes.ROLES): the layers it trains, in place of the
                    scope's (a request's target_modules still override both)
+  gated_args       defaults of its arguments in a gated registry's requests of a scope that
+                   gates (seqforget.scopes.Gated), under the request's own method_args
   step_guard       a bound (nats per answer token): each optimiser step that raises the retain
                    batch's loss by more is halved or undone (seqforget.training.guarded_step)
 Its hyper-parameters are dataclass fields, set from the request's `method_args`; a number's
@@ -60,6 +62,7 @@ class Method(Protocol):
     budget: dict
     needs_reference: bool
     layers: tuple[str, ...] | None
+    gated_args: dict
     step_guard: float | None
 
     def prepare(self, model, forget: Rows, retain: Rows, reference: Rows | None, original: Callable[[], ContextManager],
@@ -123,6 +126,7 @@ def describe() -> list[dict]:
                     "default_for": [scope for scope, s in SCOPES.items() if s.default == name],
                     "adapter_kind": cls.adapter_kind, "sign": cls.sign, "args": args,
                     "budget": dict(method.budget), "needs_reference": method.needs_reference,
+                    "gated_args": dict(cls.gated_args), "gated_scopes": [s for s in scopes_of(name) if SCOPES[s].gated],
                     "summary": summary, "source": cls.source})
     return out
 

@@ -73,6 +73,7 @@ class StrangerTarget(Defaults):
     source = 'seqforget: a bounded target (answers the model gives never-seen people) in place of ascent'
     needs_reference = True  # checked when the request is read
     budget = {"steps": 600, "lr": 3e-3}  # defaults of the request's steps and lr: it stops at a bounded target
+    gated_args = {"own_ceiling": 1.0}  # behind a gate the name goes where strangers' names are (FINDINGS, "own_ceiling")
     sign = +1
 
     def prepare(self, model, forget, retain, reference, original, update):
