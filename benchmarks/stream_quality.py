@@ -18,18 +18,20 @@ views of people no request forgets, none of them among the people retained accur
 measured on, so that the budget's figure and the benchmark's do not share a row.
 
 The `gated` mechanism's registry is gated (`init --gated`, docs/how-it-works.md, "Gated registries"): each
-request's term applies only to the images its gate picks. Its step lines also give the share of
-held-out images some gate picks: of the people forgotten so far (recall), of the retained
-people and of the general images (false positives). `gated_lm` is gated too, and its requests
-also train the language model's layers, which read the term only on the rows whose image a gate
-picks, stop only when every kind of forget question is told from strangers' at most 0.6
-(`known_limit`; with partial: true, a request that does not get there commits at its budget),
-and train towards strangers' answers without the forget row's own (`own_answer: 0`).
-`gated_prior` is `gated_lm` with the own answer capped at its share among the retain rows' answers
-to the same question (`own_prior: retained`) in place of `own_answer: 0`; `gated_ceiling` is
-`gated_prior` holding the model's log-probability of each forget row's whole own answer at most the target's
-(`own_ceiling: 1`), and `gated_level` the same layers and stop with the strangers' target as it
-is and `own_ceiling: 1`.
+request's term applies only to the images its gate picks, and its requests take a gated
+registry's defaults (docs/requests.md): they also train the language model's layers, which read
+the term only on the rows whose image a gate picks, stop only when every kind of forget
+question is told from strangers' at most 0.6 (`known_limit`; with partial: true, a request that
+does not get there commits at its budget), checked every 5 steps, and hold each forget row's
+whole own answer at most the target's in log space (`own_ceiling: 1`). Its step lines also give
+the share of held-out images some gate picks: of the people forgotten so far (recall), of the
+retained people and of the general images (false positives). The other gated mechanisms set
+what they change from the defaults, checked every 25 steps: `gated_vision` trains the vision
+tower and the projector alone, with the median rule (the first gated design); `gated_lm` trains
+towards strangers' answers without the forget row's own (`own_answer: 0`, no ceiling);
+`gated_prior` caps the own answer at its share among the retain rows' answers to the same
+question (`own_prior: retained`, no ceiling); `gated_ceiling` is `gated_prior` with the
+ceiling; `gated_level` is the defaults but for the checks' interval.
 
 Printed after every request: its person's figure against vanilla's and the oracle's; over all
 requests so far, the mean figure against the oracle's and how many people are still forgotten;
@@ -74,19 +76,24 @@ from seqforget.models import load_model
 
 KEEP, BACK = 0.97, 0.90  # retained accuracy kept, and a rolled-back person's accuracy restored, as shares of vanilla
 ORACLE = {"visual": "without_images", "full": "without_people"}
-# the visual scope's LLaVA layers and the language model's attention and MLP projections
-WITH_LM = ["mlp.fc1", "mlp.fc2", "multi_modal_projector.linear_1", "multi_modal_projector.linear_2",
-           "self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+# the visual scope's LLaVA layers, and with them the language model's attention and MLP projections
+VISION = ["mlp.fc1", "mlp.fc2", "multi_modal_projector.linear_1", "multi_modal_projector.linear_2"]
+WITH_LM = VISION + ["self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+EVERY_25 = {"check_every": 25}  # the interval of every request but a gated registry's visual ones
 # name -> (request fields, registry options: a budget, gated)
 MECHANISMS = {
     "default": ({}, {}),
     "budget": ({}, {"budget": 0.95}),
     "gated": ({}, {"gated": True}),
-    "gated_lm": ({"target_modules": WITH_LM, "known_limit": 0.6, "method_args": {"own_answer": 0.0}}, {"gated": True}),
-    "gated_prior": ({"target_modules": WITH_LM, "known_limit": 0.6, "method_args": {"own_prior": "retained"}}, {"gated": True}),
-    "gated_ceiling": ({"target_modules": WITH_LM, "known_limit": 0.6,
+    "gated_vision": ({"target_modules": VISION, "known_limit": 1.0, **EVERY_25, "method_args": {"own_ceiling": 0.0}},
+                     {"gated": True}),
+    "gated_lm": ({"target_modules": WITH_LM, "known_limit": 0.6, **EVERY_25, "method_args": {"own_answer": 0.0, "own_ceiling": 0.0}},
+                 {"gated": True}),
+    "gated_prior": ({"target_modules": WITH_LM, "known_limit": 0.6, **EVERY_25,
+                     "method_args": {"own_prior": "retained", "own_ceiling": 0.0}}, {"gated": True}),
+    "gated_ceiling": ({"target_modules": WITH_LM, "known_limit": 0.6, **EVERY_25,
                        "method_args": {"own_prior": "retained", "own_ceiling": 1.0}}, {"gated": True}),
-    "gated_level": ({"target_modules": WITH_LM, "known_limit": 0.6, "method_args": {"own_ceiling": 1.0}}, {"gated": True}),
+    "gated_level": ({"target_modules": WITH_LM, "known_limit": 0.6, **EVERY_25, "method_args": {"own_ceiling": 1.0}}, {"gated": True}),
     "dropout": ({"earlier_dropout": 0.5}, {}),
     "from_base": ({"targets_from_base": True}, {}),
     "keep_forgotten": ({"keep_forgotten": True}, {}),
