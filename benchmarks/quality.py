@@ -77,6 +77,13 @@ VARIANTS = {  # name -> (scope, what the request sets besides): what else was tr
 }
 
 
+def measured(scope: str) -> tuple[str, ...]:
+    """The methods measured under `scope`: those that serve it, and for `visual` also `sine`, which
+    a request reads as the default loss trained as SineProject's sine residual on the projector
+    (`adapter: sine`)."""
+    return served(scope) + (("sine",) if scope == "visual" else ())
+
+
 def target_check(scope: str, state: dict, vanilla: dict, oracle: dict) -> dict:
     """{criterion: passed} of the target for one state."""
     metric = FORGET_METRIC[scope]
@@ -185,7 +192,7 @@ def run_world(profile_name: str, world: str, stream: int, stream_scopes: tuple[s
         model, processor = load_model(bench.model_dir(**{ORACLE[scope]: forgotten}))
         out["oracles"][scope] = evaluate(bench, model, processor, forgotten)
         out["oracles"][scope]["relearn_other_half"] = relearn_other_half(bench, model, processor, forgotten)
-        for method in served(scope):
+        for method in measured(scope):
             if methods is not None and method not in methods:
                 continue
             log(f"{world} single {scope}/{method}")
@@ -210,7 +217,7 @@ def run_world(profile_name: str, world: str, stream: int, stream_scopes: tuple[s
         for scope in stream_scopes:
             model, processor = load_model(bench.model_dir(**{ORACLE[scope]: people}))
             oracle = evaluate(bench, model, processor, people, retained)
-            for method in served(scope)[: None if deep else 1]:
+            for method in measured(scope)[: None if deep else 1]:
                 if methods is not None and method not in methods:
                     continue
                 log(f"{world} stream {scope}/{method} of {stream}")

@@ -286,7 +286,7 @@ def methods(as_json):
         budget = {"steps": Training.steps, "lr": Training.lr, **m["budget"]}
         args = ", ".join(f"{a['name']}={a['default']:g}" if "choices" not in a else
                          f"{a['name']}={a['default']} (of {'|'.join(a['choices'])})" for a in m["args"]) or "none"
-        click.echo(f"{m['name']}: {m['summary']}\n  scopes: {scopes}\n  adapter: {m['adapter_kind']}"
+        click.echo(f"{m['name']}: {m['summary']}\n  scopes: {scopes}\n  adapters: {', '.join(m['adapters'])}"
                    f"{' (subtracted)' if m['sign'] < 0 else ''}\n  budget: {budget['steps']} steps at lr {budget['lr']:g}"
                    f"{'; needs reference rows' if m['needs_reference'] else ''}\n  method_args: {args}\n"
                    + (f"  in a gated registry's {' and '.join(m['gated_scopes'])} requests: "

@@ -187,7 +187,7 @@ def _load_live(state: Snapshot, run: RunOptions, group: Group, request: Request,
     live = Live.load(state, base_model_dir(state, run.model_dir), run.dtype, "cpu")
     targets = _targets(request, method, live.model, gated=False)
     live.shard(group, torch_device(run.device or registry_device(state)),
-               keep=targets if UPDATES[method.adapter_kind].whole_layers else ())
+               keep=targets if UPDATES[request.adapter].whole_layers else ())
     return live
 
 
@@ -253,11 +253,12 @@ def _refuse_if_present(state: Snapshot, request: Request) -> None:
 
 def _targets(request: Request, method, model, gated: bool) -> list[str]:
     """The layers this request trains: those it names (every pattern must match at least one),
-    else the method's own, else, in a gated registry (`gated`), its scope's `Gated` layers, else
-    its scope's."""
+    else the method's own, else its adapter kind's, else, in a gated registry (`gated`), its
+    scope's `Gated` layers, else its scope's."""
     if not request.target_modules:
         behind = SCOPES[request.scope].gated if gated else None
-        return scope_layers(model, request.scope, method.layers or (behind.layers if behind else None))
+        roles = method.layers or UPDATES[request.adapter].roles or (behind.layers if behind else None)
+        return scope_layers(model, request.scope, roles)
     unmatched = [p for p in request.target_modules if not match_layers(model, [p])]
     if unmatched:
         raise SeqforgetError(f"request {request.id}: no linear layer of the model matches {', '.join(unmatched)}")
@@ -359,7 +360,7 @@ def _unlearn(live: Live, method, request: Request, before: dict, rows: data.Requ
     metrics = {"before": before, "after": after,
                "rows": {"forget": len(rows.forget), "retain": len(rows.retain), "guard": len(guard) if guard else 0,
                         "guard_tokens": guard.answer_tokens if guard else 0},
-               "targets": len(targets), "projection": settings.projection and UPDATES[method.adapter_kind].projected,
+               "targets": len(targets), "projection": settings.projection and UPDATES[request.adapter].projected,
                "stop": {**trained.stop.record(), "reached": trained.stop.reached}, "gradient_checkpointing": run.checkpointing,
                "trajectory": trained.trajectory, "train_seconds": trained.seconds, "step_seconds": trained.step_seconds,
                **({"gate": gate_figures} if gate is not None else {})}

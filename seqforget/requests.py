@@ -33,6 +33,7 @@ from seqforget.data import Row, read_rows
 from seqforget.errors import SeqforgetError
 from seqforget.projection import SKETCH_RANK
 from seqforget.scopes import SCOPES
+from seqforget.updates import UPDATES
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_LISTED = 12
 
@@ -76,6 +77,7 @@ class Request:
     forget: list[Row]
     retain: list[Row]
     training: Training = Training()
+    adapter: str = "lora"  # the adapter kind that trains (seqforget.updates): the method's default unless named
     method_args: dict = field(default_factory=dict)
     target_modules: list[str] | None = None
     refusal: str = "I cannot help with that."
@@ -90,6 +92,7 @@ class Request:
             "id": self.id,
             "scope": self.scope,
             "method": self.method,
+            **({"adapter": self.adapter} if self.adapter != _default_adapter(self.method) else {}),
             "method_args": self.method_args,
             "training": {k: v for k, v in dataclasses.asdict(self.training).items()
                          if k not in _LATER or v != _TRAINING[k].default},
@@ -115,7 +118,8 @@ class Request:
         }
 
 
-_CONTRACT = {"id", "scope", "method", "forget", "retain", "reference", "partial", "method_args", "target_modules", "refusal"}
+_CONTRACT = {"id", "scope", "method", "adapter", "forget", "retain", "reference", "partial", "method_args", "target_modules",
+             "refusal"}
 _TRAINING = {f.name: f for f in dataclasses.fields(Training)}
 # Training fields added since earlier_dropout: they count in a request's identity only when set,
 # so that a request committed before them is still recognised when re-sent. A new field goes here.
@@ -183,8 +187,10 @@ def _fields(raw: dict, problems: list[str], gated: bool = False) -> tuple[dict, 
         problems.append(f"scope: expected one of {', '.join(SCOPES)}, got {scope!r}")
         scope = None
     behind = SCOPES[scope].gated if gated and scope else None
-    name, method_args, chosen = _method(raw, scope, problems, behind is not None)
-    training = _training(raw, problems, {**(behind.training if behind else {}), **(chosen.budget if chosen else {})})
+    name, method_args, chosen, adapter = _method(raw, scope, problems, behind is not None)
+    kind = UPDATES.get(adapter)
+    training = _training(raw, problems, {**(behind.training if behind else {}), **(chosen.budget if chosen else {}),
+                                         **(kind.budget if kind else {})})
     targets = raw.get("target_modules")
     if targets is not None and (not isinstance(targets, list) or not all(isinstance(t, str) and t for t in targets) or not targets):
         problems.append("target_modules: expected a non-empty list of layer names")
@@ -192,29 +198,49 @@ def _fields(raw: dict, problems: list[str], gated: bool = False) -> tuple[dict, 
     if not isinstance(refusal, str) or not refusal.strip():
         problems.append("refusal: expected a non-empty string")
         refusal = Request.refusal  # a stand-in: the request is refused
-    return {"id": request_id, "scope": scope, "method": name, "method_args": method_args, "training": training,
-            "target_modules": targets, "refusal": refusal.strip()}, chosen
+    return {"id": request_id, "scope": scope, "method": name, "adapter": adapter if kind else "lora",
+            "method_args": method_args, "training": training, "target_modules": targets, "refusal": refusal.strip()}, chosen
 
 
-def _method(raw: dict, scope: str | None, problems: list[str], gated: bool = False) -> tuple[object, dict, object]:
-    """(name, arguments, method): the method the request names, else its scope's default, and the
-    method built from them (None unless they and the scope are valid); `gated`: the method's
-    `gated_args` under the request's arguments."""
+def _method(raw: dict, scope: str | None, problems: list[str], gated: bool = False) -> tuple[object, dict, object, object]:
+    """(name, arguments, method, adapter kind): the method the request names, else its scope's
+    default, the method built from them (None unless they and the scope are valid), and the kind
+    the request names, else the method's default; `gated`: the method's `gated_args` under the
+    request's arguments. `method: sine` (with `method_args: {objective: M}`, default stranger)
+    reads as method M with `adapter: sine`."""
     from seqforget.methods import METHODS, make_method, method_problems
 
     name = raw.get("method", SCOPES[scope].default if scope else None)
     method_args = raw.get("method_args") or {}
+    adapter = raw.get("adapter")
     if not isinstance(method_args, dict):
         problems.append("method_args: expected a mapping")
         method_args = {}
+    if name == "sine" and adapter in (None, "sine"):
+        method_args = dict(method_args)
+        name, adapter = method_args.pop("objective", "stranger"), "sine"
     if not isinstance(name, str):
         problems.append("method: expected a method name" if "method" in raw else "method: required when the scope is not known")
-        return name, method_args, None
+        return name, method_args, None, None
     if gated and name in METHODS:
         method_args = {**METHODS[name].gated_args, **method_args}
     found = method_problems(name, scope, method_args)
+    if name in METHODS:
+        kinds = METHODS[name].adapters
+        if adapter is None:
+            adapter = kinds[0]
+        elif adapter not in kinds:
+            found.append(f"adapter: {name} trains {' or '.join(kinds)}, not {adapter!r}" if isinstance(adapter, str)
+                         else f"adapter: expected one of {', '.join(kinds)}")
     problems += found
-    return name, method_args, None if found or scope is None else make_method(name, method_args)
+    return name, method_args, None if found or scope is None else make_method(name, method_args), adapter
+
+
+def _default_adapter(method: str) -> str:
+    """The adapter kind `method` trains unless a request names another."""
+    from seqforget.methods import METHODS
+
+    return METHODS[method].adapters[0] if method in METHODS else "lora"
 
 
 def _data(raw: dict, path: Path, default_retain: str | None, default_reference: str | None,

@@ -1,6 +1,6 @@
 """The training loop of one request's update, top to bottom.
 
-The method's adapter kind says what trains (seqforget.updates): a PEFT LoRA, a sine residual
+The request's adapter kind says what trains (seqforget.updates): a PEFT LoRA, a sine residual
 or a masked dense delta on the target layers of the live model. Its updates are kept in the
 null space of the retained inputs: projected at the start, on every gradient, and again
 after every optimiser step (AdamW rescales each coordinate, which would otherwise leave the
@@ -69,7 +69,7 @@ def train_adapter(model, method, request: Request, rows: RequestRows, targets: l
     processes.check(settings.batch_size)
     torch.manual_seed(settings.seed)
     model.requires_grad_(False)
-    update = UPDATES[method.adapter_kind](model, targets, settings, nullspaces)
+    update = UPDATES[request.adapter](model, targets, settings, nullspaces)
     net, original = update.model, update.original  # `with original():` runs the model as it was before this request
     if settings.targets_from_base and earlier is not None:
         original = _without(original, earlier)  # ... or as the base model, every earlier request off

@@ -11,7 +11,6 @@ from seqforget.composition import compose, delta
 from seqforget.conditioning import projector_name
 from seqforget.engine import apply_request, export_model, init_registry, live_model, rollback_request
 from seqforget.errors import SeqforgetError
-from seqforget.methods import METHODS
 from seqforget.models import load_model
 from seqforget.tiny import build_tiny_idefics3
 from seqforget.scopes import SCOPES, architecture, linear_layers, scope_layers
@@ -94,7 +93,7 @@ def test_idefics3_applies_under_every_scope_exports_loads_in_peft_and_rolls_back
         before = state.record(entry, "metrics.json")["before"]
         assert before["projector_condition"] is not None  # taken of the connector's projection
         live, _ = live_model(state)
-        if METHODS[method].adapter_kind == "lora":  # plain PEFT reads the stored adapter as the engine composes it
+        if entry["kind"] == "lora":  # plain PEFT reads the stored adapter as the engine composes it
             peft = PeftModel.from_pretrained(load_model(idefics3)[0], state.folder(entry)).eval()
             alone, _ = load_model(idefics3)
             compose(alone, [adapter])

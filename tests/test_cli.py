@@ -289,7 +289,7 @@ def test_methods_lists_every_method_with_its_scopes_kind_arguments_and_source():
     assert sorted(m["name"] for m in listed) == sorted(METHODS)
     for m in listed:
         assert m["scopes"] == [s for s in SCOPES if m["name"] in served(s)] and m["scopes"]
-        assert m["adapter_kind"] == METHODS[m["name"]].adapter_kind and m["source"] and m["summary"]
+        assert m["adapters"] == list(METHODS[m["name"]].adapters) and m["source"] and m["summary"]
         assert [a["name"] for a in m["args"]] == [f.name for f in dataclasses.fields(METHODS[m["name"]])]
     stranger = next(m for m in listed if m["name"] == "stranger")
     assert stranger["default_for"] == ["visual", "full"] and stranger["budget"] == {"steps": 600, "lr": 3e-3}
@@ -299,18 +299,18 @@ def test_methods_lists_every_method_with_its_scopes_kind_arguments_and_source():
     assert "stranger: Answer about the forgotten" in table and "scopes: visual (default), full (default)" in table
     assert "budget: 30 steps at lr 0.001" in table  # a method without a budget of its own: the request's defaults
     assert table.count("in a gated registry's visual requests: own_ceiling=1\n") == 1
-    assert {m["name"]: m["adapter_kind"] for m in listed if m["adapter_kind"] != "lora"} == {"sine": "sine", "mmunlearner": "masked"}
-    sine = next(m for m in listed if m["name"] == "sine")
-    assert sine["args"][0]["choices"][0] == "stranger" and "objective=stranger (of stranger|" in table
-    assert next(m for m in listed if m["name"] == "vleraser")["sign"] == -1 and "adapter: lora (subtracted)" in table
+    assert {m["name"]: m["adapters"] for m in listed if m["adapters"] != ["lora", "sine"]} == {
+        "mmunlearner": ["masked"], "vleraser": ["lora"]}  # any other loss trains a LoRA or a sine residual
+    assert "adapters: lora, sine\n" in table
+    assert next(m for m in listed if m["name"] == "vleraser")["sign"] == -1 and "adapters: lora (subtracted)" in table
 
 
 def test_a_method_argument_with_choices_takes_only_those():
     from seqforget.methods import method_problems
 
-    assert method_problems("sine", "visual", {"objective": "npo"}) == []
-    assert method_problems("sine", "visual", {"objective": "vleraser"}) == [
-        "method_args.objective: expected one of stranger, target, contrastive, gd, ga, npo, got 'vleraser'"]
+    assert method_problems("stranger", "visual", {"own_prior": "retained"}) == []
+    assert method_problems("stranger", "visual", {"own_prior": "everyone"}) == [
+        "method_args.own_prior: expected one of strangers, retained, got 'everyone'"]
     assert method_problems("refusal", "refuse", {"objective": 1.0})[0].startswith("method_args.objective: expected one of ce, dpo")
     assert "vleraser does not serve scope 'visual' (vleraser serves: full;" in method_problems("vleraser", "visual", {})[0]
 

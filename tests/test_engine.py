@@ -234,33 +234,36 @@ def test_export_loads_with_transformers_and_matches_the_engine(world, two_reques
 
 # ---- every method under every scope it serves ---------------------------------------------------
 
-MATRIX = [(scope, method) for scope in SCOPES for method in served(scope)]
+# each method with its own adapter kind, and each scope's default method as a sine residual
+MATRIX = ([(scope, method, METHODS[method].adapters[0]) for scope in SCOPES for method in served(scope)]
+          + [(scope, SCOPES[scope].default, "sine") for scope in SCOPES])
 
 
 @pytest.fixture(scope="module")
 def one_request(world, tmp_path_factory):
-    """one_request(scope, method): (a registry holding one request of that method under that scope,
-    the entry apply_request returned for it), applied on first use. The two tests below that apply
-    the same visual requests share them; the one that changes its registry copies it."""
+    """one_request(scope, method, adapter): (a registry holding one request of that method and
+    adapter kind under that scope, the entry apply_request returned for it), applied on first use.
+    The two tests below that apply the same visual requests share them; the one that changes its
+    registry copies it."""
     made = {}
 
-    def applied(scope, method):
-        if (scope, method) not in made:
-            folder = tmp_path_factory.mktemp(f"{scope}-{method}")
+    def applied(scope, method, adapter):
+        if (scope, method, adapter) not in made:
+            folder = tmp_path_factory.mktemp(f"{scope}-{method}-{adapter}")
             init_registry(folder / "reg", world / "model")
-            request = write_request(folder, "r", scope=scope, method=method, steps=3, forget=str(world / "forget_a.jsonl"),
-                                    retain=str(world / "retain.jsonl"), reference=str(world / "reference.jsonl"), partial=True)
-            made[scope, method] = folder / "reg", apply_request(folder / "reg", request, show_progress=False)
-        return made[scope, method]
+            request = write_request(folder, "r", scope=scope, method=method, adapter=adapter, steps=3,
+                                    forget=str(world / "forget_a.jsonl"), retain=str(world / "retain.jsonl"),
+                                    reference=str(world / "reference.jsonl"), partial=True)
+            made[scope, method, adapter] = folder / "reg", apply_request(folder / "reg", request, show_progress=False)
+        return made[scope, method, adapter]
     return applied
 
 
-@pytest.mark.parametrize("scope, method", MATRIX, ids=[f"{s}-{m}" for s, m in MATRIX])
-def test_every_method_applies_stores_exports_loads_in_peft_and_rolls_back(world, one_request, tmp_path, scope, method):
-    applied, entry = one_request(scope, method)
+@pytest.mark.parametrize("scope, method, kind", MATRIX, ids=["-".join(case) for case in MATRIX])
+def test_every_method_applies_stores_exports_loads_in_peft_and_rolls_back(world, one_request, tmp_path, scope, method, kind):
+    applied, entry = one_request(scope, method, kind)
     reg_dir = tmp_path / "reg"
     shutil.copytree(applied, reg_dir)  # rolled back below
-    kind = METHODS[method].adapter_kind
     assert (entry["scope"], entry["method"], entry["kind"], entry["state"]) == (scope, method, kind, "active")
     state = Registry.open(reg_dir).snapshot()
     assert method in status_table(status_rows(state))
@@ -286,9 +289,12 @@ def test_every_method_applies_stores_exports_loads_in_peft_and_rolls_back(world,
         assert torch.equal(p, q), name  # nothing active: the base model, bit for bit
 
 
-@pytest.mark.parametrize("method", served("visual"))
-def test_a_visual_request_leaves_the_language_model_bit_identical(world, one_request, method):
-    reg_dir, _ = one_request("visual", method)
+VISUAL = [(method, kind) for scope, method, kind in MATRIX if scope == "visual"]
+
+
+@pytest.mark.parametrize("method, kind", VISUAL, ids=["-".join(case) for case in VISUAL])
+def test_a_visual_request_leaves_the_language_model_bit_identical(world, one_request, method, kind):
+    reg_dir, _ = one_request("visual", method, kind)
     live, _ = live_model(Registry.open(reg_dir).snapshot())
     _, base = _base_weights(world)
     changed = {n for n, p in live.named_parameters() if not torch.equal(p, base[n])}

@@ -17,7 +17,7 @@ from seqforget.models import load_model
 
 # mmunlearner's step guard undoes ascent steps that cost retained answers: at lr 1e-2 it undid all four
 # on seed 2 of the world, leaving nothing to commit; at 1e-3 they are taken
-KINDS = {"sine": {"scope": "visual", "method": "sine", "lr": 1e-2},
+KINDS = {"sine": {"scope": "visual", "method": "gd", "adapter": "sine", "lr": 1e-2},
          "masked": {"scope": "visual", "method": "mmunlearner", "lr": 1e-3},
          "lora": {"scope": "full", "method": "gd", "lr": 1e-2}}
 

@@ -35,6 +35,33 @@ def test_steps_and_lr_default_to_the_methods_budget_unless_the_request_sets_them
     assert (mine.steps, mine.lr) == (50, 1e-4)
 
 
+def test_a_request_names_its_adapter_kind_beside_its_method(tmp_path):
+    """Any loss that trains a LoRA trains a sine residual too, at the kind's budget unless the
+    request sets its own; `method: sine` reads as its objective with `adapter: sine`; a kind the
+    method cannot train is refused in one line; the default kind leaves a request's identity as
+    it was before requests could name one."""
+    import pytest
+    from seqforget.errors import SeqforgetError
+
+    plain = load_request(_write(tmp_path, method="gd"))
+    assert plain.adapter == "lora" and "adapter" not in plain.content()
+    assert load_request(_write(tmp_path, method="gd", adapter="lora")).sha256() == plain.sha256()
+    sine = load_request(_write(tmp_path, method="gd", adapter="sine"))
+    assert (sine.method, sine.adapter, sine.training.steps, sine.training.lr) == ("gd", "sine", 600, 3e-3)
+    assert sine.content()["adapter"] == "sine" and sine.sha256() != plain.sha256()
+    assert load_request(_write(tmp_path, method="gd", adapter="sine", steps=5)).training.steps == 5
+    refusal = load_request(_write(tmp_path, scope="refuse", adapter="sine"))
+    assert (refusal.method, refusal.adapter) == ("refusal", "sine")
+    old = load_request(_write(tmp_path, method="sine", method_args={"objective": "npo"}))
+    assert (old.method, old.adapter, old.method_args) == ("npo", "sine", {})
+    assert (load_request(_write(tmp_path, method="sine")).method, old.adapter) == ("stranger", "sine")
+    for fields, said in (({"method": "stranger", "adapter": "masked"}, "adapter: stranger trains lora or sine, not 'masked'"),
+                         ({"method": "vleraser", "adapter": "sine"}, "adapter: vleraser trains lora, not 'sine'"),
+                         ({"method": "gd", "adapter": 3}, "adapter: expected one of lora, sine")):
+        with pytest.raises(SeqforgetError, match=said):
+            load_request(_write(tmp_path, **fields))
+
+
 def test_a_request_is_known_by_its_content_not_by_where_its_files_lie(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

@@ -39,7 +39,7 @@ def _request(world, folder, rid, **fields):
 # ---- every adapter kind in one live model -------------------------------------------------------------
 
 # at lr 1e-2 mmunlearner's step guard undid all four steps on seed 2 of the world: nothing to commit
-KINDS = {"sine": {"scope": "visual", "method": "sine", "steps": 4, "lr": 1e-2},
+KINDS = {"sine": {"scope": "visual", "method": "gd", "adapter": "sine", "steps": 4, "lr": 1e-2},
          "masked": {"scope": "visual", "method": "mmunlearner", "steps": 4, "lr": 1e-3},
          "lora": {"scope": "visual", "method": "gd", "steps": 4, "lr": 1e-2}}
 

@@ -3,8 +3,6 @@
 A method is a small object with:
   name           its registry name
   scopes         the scopes it serves (seqforget.scopes.SCOPES; each scope names its default)
-  adapter_kind   what trains and what the registry stores for it: "lora", "sine" or "masked"
-                 (seqforget.updates)
   source         where its mechanism comes from
   sign           +1 if the update it learns is added to the model, -1 if it is subtracted
                  (distil-then-delete methods; the stored adapter holds the negated factor)
@@ -18,6 +16,9 @@ A method is a small object with:
 In both, `with original():` runs the model as it was before this request (the update
 switched off); wrap it in torch.no_grad().
 It inherits these, at their defaults (seqforget.methods.base.Defaults), and may set them:
+  adapters         the adapter kinds it can train (seqforget.updates: "lora", "sine", "masked"), its
+                   default first; a request names another with `adapter` (any loss that trains a
+                   LoRA also trains a sine residual)
   budget           a dict of defaults for the request's `steps` and `lr`
   needs_reference  True if it cannot train without reference rows like the forget rows
   layers           a tuple of roles (seqforget.scopes.ROLES): the layers it trains, in place of the
@@ -44,7 +45,6 @@ from seqforget.methods.gd import GradientDifference
 from seqforget.methods.mmunlearner import MMUnlearner
 from seqforget.methods.npo import NPO
 from seqforget.methods.refusal import Refusal
-from seqforget.methods.sineproject import SineProject
 from seqforget.methods.stranger import StrangerTarget
 from seqforget.methods.target import AnswerTarget
 from seqforget.methods.vleraser import VLEraser
@@ -57,7 +57,7 @@ class Method(Protocol):
     name: str
     scopes: tuple[str, ...]
     sign: int
-    adapter_kind: str
+    adapters: tuple[str, ...]
     source: str
     budget: dict
     needs_reference: bool
@@ -74,7 +74,7 @@ class Method(Protocol):
 
 
 METHODS: dict[str, type] = {m.name: m for m in (StrangerTarget, GradientDifference, GradientAscent, NPO, AnswerTarget,
-                                                 ContrastiveVisual, SineProject, MMUnlearner, VLEraser, Refusal)}
+                                                 ContrastiveVisual, MMUnlearner, VLEraser, Refusal)}
 
 
 def served(scope: str) -> tuple[str, ...]:
@@ -124,7 +124,7 @@ def describe() -> list[dict]:
         summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split()).rstrip(":")
         out.append({"name": name, "scopes": scopes_of(name),
                     "default_for": [scope for scope, s in SCOPES.items() if s.default == name],
-                    "adapter_kind": cls.adapter_kind, "sign": cls.sign, "args": args,
+                    "adapters": list(cls.adapters), "sign": cls.sign, "args": args,
                     "budget": dict(method.budget), "needs_reference": method.needs_reference,
                     "gated_args": dict(cls.gated_args), "gated_scopes": [s for s in scopes_of(name) if SCOPES[s].gated],
                     "summary": summary, "source": cls.source})

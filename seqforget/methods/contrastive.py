@@ -49,7 +49,6 @@ class ContrastiveVisual(Defaults):
     augment: float = field(default=1.0, metadata={"range": (0.0, 4.0)})
     name = "contrastive"
     scopes = ("visual",)  # the scopes it serves (seqforget.scopes.SCOPES)
-    adapter_kind = "lora"
     source = ("null-space constrained contrastive visual forgetting for multimodal models (continual, visual module "
               "only; arXiv 2605.05909)")
     needs_reference = True

@@ -10,7 +10,6 @@ class GradientAscent(Defaults):
 
     name = "ga"
     scopes = ("visual", "full")  # the scopes it serves (seqforget.scopes.SCOPES)
-    adapter_kind = "lora"
     source = ('Jang et al., "Knowledge Unlearning for Mitigating Privacy Risks in Language Models", ACL '
              '2023 (arXiv 2210.01504)')
     sign = +1

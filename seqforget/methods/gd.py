@@ -12,7 +12,6 @@ class GradientDifference(Defaults):
     retain_weight: float = 1.0
     name = "gd"
     scopes = ("visual", "full")  # the scopes it serves (seqforget.scopes.SCOPES)
-    adapter_kind = "lora"
     source = ('Liu, Liu and Stone, "Continual Learning and Private Unlearning", CoLLAs 2022 (arXiv '
              "2203.12817); TOFU's gradient difference")
     sign = +1

@@ -43,7 +43,7 @@ class MMUnlearner(Defaults):
     step_guard: float = field(default=0.05, metadata={"range": (1e-6, 1e6)})
     name = "mmunlearner"
     scopes = ("visual", "full")  # the scopes it serves (seqforget.scopes.SCOPES)
-    adapter_kind = "masked"
+    adapters = ("masked",)  # its saliency mask acts on the weights' own update
     source = ('Huo et al., "MMUnlearner: Reformulating Multimodal Machine Unlearning in the Era of Multimodal Large '
               'Language Models", ACL Findings 2025 (arXiv 2502.11051)')
     budget = {"steps": 200, "lr": 1e-4}

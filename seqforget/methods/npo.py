@@ -22,7 +22,6 @@ class NPO(Defaults):
     retain_weight: float = 1.0
     name = "npo"
     scopes = ("visual", "full")  # the scopes it serves (seqforget.scopes.SCOPES)
-    adapter_kind = "lora"
     source = ('Zhang et al., "Negative Preference Optimization: From Catastrophic Collapse to Effective '
              'Unlearning", COLM 2024 (arXiv 2404.05868)')
     sign = +1

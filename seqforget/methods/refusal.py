@@ -48,7 +48,6 @@ class Refusal(Defaults):
     beta: float = field(default=0.1, metadata={"range": (1e-6, 1e3)})
     name = "refusal"
     scopes = ("refuse",)  # the scopes it serves (seqforget.scopes.SCOPES)
-    adapter_kind = "lora"
     source = ('SafeEraser (Chen et al., arXiv 2502.12520): refusal with prompt decoupling, as SineProject (arXiv '
               '2511.18444) uses it; the cross-entropy towards a refusal is TOFU\'s "I don\'t know" baseline')
     budget = {"steps": 600, "lr": 1e-2}

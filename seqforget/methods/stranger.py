@@ -69,7 +69,6 @@ class StrangerTarget(Defaults):
     own_ceiling: float = field(default=0.0, metadata={"range": (0.0, 10.0)})
     name = "stranger"
     scopes = ("visual", "full")  # the scopes it serves (seqforget.scopes.SCOPES)
-    adapter_kind = "lora"
     source = 'seqforget: a bounded target (answers the model gives never-seen people) in place of ascent'
     needs_reference = True  # checked when the request is read
     budget = {"steps": 600, "lr": 3e-3}  # defaults of the request's steps and lr: it stops at a bounded target

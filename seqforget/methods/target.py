@@ -32,7 +32,6 @@ class AnswerTarget(Defaults):
     augment: float = field(default=1.0, metadata={"range": (0.0, 4.0)})
     name = "target"
     scopes = ("visual",)  # the scopes it serves (seqforget.scopes.SCOPES)
-    adapter_kind = "lora"
     source = 'seqforget: a bounded target (answers of the nearest retained face) in place of ascent'
     budget = {"steps": 600, "lr": 3e-3}  # defaults of the request's steps and lr: it stops at a bounded target
     sign = +1

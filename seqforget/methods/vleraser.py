@@ -46,7 +46,7 @@ class VLEraser(Defaults):
     lam: float = field(default=0.0, metadata={"range": (0.0, 1.0)})
     name = "vleraser"
     scopes = ("full",)  # the scopes it serves (seqforget.scopes.SCOPES)
-    adapter_kind = "lora"
+    adapters = ("lora",)  # it distils into the LoRA's own factors
     source = 'VL-Eraser: distil the target into a null-space ("vacuum") LoRA, then subtract it (CVPR 2026)'
     layers = ("language_mlp",)
     budget = {"steps": 600, "lr": 1e-2}
