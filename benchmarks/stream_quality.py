@@ -27,11 +27,12 @@ whole own answer at most the target's in log space (`own_ceiling: 1`). Its step 
 the share of held-out images some gate picks: of the people forgotten so far (recall), of the
 retained people and of the general images (false positives). The other gated mechanisms set
 what they change from the defaults, checked every 25 steps: `gated_vision` trains the vision
-tower and the projector alone, with the median rule (the first gated design); `gated_lm` trains
-towards strangers' answers without the forget row's own (`own_answer: 0`, no ceiling);
-`gated_prior` caps the own answer at its share among the retain rows' answers to the same
-question (`own_prior: retained`, no ceiling); `gated_ceiling` is `gated_prior` with the
-ceiling; `gated_level` is the defaults but for the checks' interval.
+tower's MLPs and the projector alone, with the median rule (the first gated design). The rest
+name their layers by suffix (WITH_LM), which also trains the vision tower's attention (q, v):
+`gated_lm` trains towards strangers' answers without the forget row's own (`own_answer: 0`, no
+ceiling); `gated_prior` caps the own answer at its share among the retain rows' answers to the
+same question (`own_prior: retained`, no ceiling); `gated_ceiling` is `gated_prior` with the
+ceiling; `gated_level` takes the defaults' arguments.
 
 Printed after every request: its person's figure against vanilla's and the oracle's; over all
 requests so far, the mean figure against the oracle's and how many people are still forgotten;
@@ -76,7 +77,8 @@ from seqforget.models import load_model
 
 KEEP, BACK = 0.97, 0.90  # retained accuracy kept, and a rolled-back person's accuracy restored, as shares of vanilla
 ORACLE = {"visual": "without_images", "full": "without_people"}
-# the visual scope's LLaVA layers, and with them the language model's attention and MLP projections
+# the visual scope's LLaVA layers; with them, by suffix, the attention (q, v) of the vision tower and of the
+# language model, and the language model's MLPs (a gated registry's defaults leave the vision tower's attention out)
 VISION = ["mlp.fc1", "mlp.fc2", "multi_modal_projector.linear_1", "multi_modal_projector.linear_2"]
 WITH_LM = VISION + ["self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 EVERY_25 = {"check_every": 25}  # the interval of every request but a gated registry's visual ones
