@@ -189,6 +189,61 @@ def held_bytes(model) -> int:
     return sum(own(p).nbytes for p in model.parameters())
 
 
+def registry_writer(registry, group: Group, wait: bool = True):
+    """What `apply_request` writes through: in the main process the registry's writer, in every
+    other process a Follower. The two sides meet at the same two barriers, both kept here: once
+    the main process holds the registry's lock (on entering, before any process reads the
+    registry), and once its commit is on disk (in `commit`, before any process returns the entry)."""
+    return Leader(registry, group, wait) if group.main else Follower(registry, group)
+
+
+class Leader:
+    """The main process's side: the registry's writer, with the barriers the followers wait at."""
+
+    def __init__(self, registry, group: Group, wait: bool):
+        self.writer, self.group = registry.writer(wait=wait), group
+
+    def __enter__(self) -> "Leader":
+        self.writer.__enter__()
+        self.group.wait()  # the first barrier: this process holds the lock
+        return self
+
+    def __exit__(self, *exc):
+        return self.writer.__exit__(*exc)
+
+    def snapshot(self):
+        return self.writer.snapshot()
+
+    @contextmanager
+    def begin(self, request_id: str, **info):
+        with self.writer.begin(request_id, **info) as txn:
+            yield _Led(txn, self.group)
+
+
+class _Led:
+    """The main process's write: the registry's, and the second barrier once it is committed."""
+
+    def __init__(self, txn, group: Group):
+        self.txn, self.group = txn, group
+
+    def put_adapter(self, adapter) -> None:
+        self.txn.put_adapter(adapter)
+
+    def put_bases(self, bases, *name) -> int:
+        return self.txn.put_bases(bases, *name)
+
+    def put_arrays(self, name: str, arrays) -> int:
+        return self.txn.put_arrays(name, arrays)
+
+    def put_record(self, name: str, record) -> None:
+        self.txn.put_record(name, record)
+
+    def commit(self, fields: dict) -> dict:
+        entry = self.txn.commit(fields)
+        self.group.wait()  # the second barrier: the commit is on disk
+        return entry
+
+
 class Follower:
     """What a process other than the main one holds in place of the registry's writer: the
     registry as the main process locked it, and writes that only wait for the main process's
@@ -198,13 +253,13 @@ class Follower:
         self.registry, self.group = registry, group
 
     def __enter__(self) -> "Follower":
+        self.group.wait()  # the first barrier: the main process holds the lock
         return self
 
     def __exit__(self, *exc) -> None:
         pass
 
     def snapshot(self):
-        self.group.wait()  # until the main process holds the lock
         return self.registry.snapshot()
 
     @contextmanager
@@ -231,5 +286,5 @@ class _Unwritten:
         pass
 
     def commit(self, fields: dict) -> dict:
-        self.follower.group.wait()  # the main process committed
+        self.follower.group.wait()  # the second barrier: the main process committed
         return self.follower.registry.snapshot().find(self.request_id)

@@ -31,7 +31,7 @@ from seqforget.activations import InputStats
 from seqforget.budget import BUDGET, Floor, floor, guard_record, read_guard, refuse_if_below
 from seqforget.composition import changes
 from seqforget.conditioning import IMAGES, projector_condition, projector_name
-from seqforget.distributed import Follower, Group, held_bytes
+from seqforget.distributed import Group, held_bytes, registry_writer
 from seqforget.errors import AlreadyDone, OverBudget, SeqforgetError
 from seqforget.evaluation import probe
 from seqforget.gate import VIEWS, Gate, fit, image_features, views_features
@@ -129,10 +129,8 @@ def apply_request(root: Path, request: Path | Request, run: RunOptions = RunOpti
         request = read_request(reg.snapshot(), request)
     method = make_method(request.method, request.method_args)
     group = Group(run.shard)  # several processes under torchrun or accelerate: only the main one writes
-    with reg.writer(wait=run.wait) if group.main else Follower(reg, group) as writer:
+    with registry_writer(reg, group, run.wait) as writer:  # the processes meet at its barriers (seqforget.distributed)
         state = writer.snapshot()
-        if group.main:
-            group.wait()  # the others (seqforget.distributed.Follower) read the registry once this process holds its lock
         _refuse_if_present(state, request)
         if live is None:
             live = group.in_turn(lambda: _load_live(state, run, group, request, method))
@@ -171,8 +169,6 @@ def apply_request(root: Path, request: Path | Request, run: RunOptions = RunOpti
             entry = txn.commit({"state": "active", "method": request.method, "scope": request.scope, "sign": method.sign,
                                 "sha256": request.sha256(), "partial": not metrics["stop"]["reached"],
                                 "metrics": _summary(metrics, state.guard), **({"stream": source} if source else {})})
-            if group.main:
-                group.wait()  # the others (seqforget.distributed.Follower) return the entry this commit wrote
         live.commit(_pending_key(request), entry)
         return entry
 
