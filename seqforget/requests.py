@@ -188,7 +188,7 @@ def _fields(raw: dict, problems: list[str], gated: bool = False) -> tuple[dict, 
         scope = None
     behind = SCOPES[scope].gated if gated and scope else None
     name, method_args, chosen, adapter = _method(raw, scope, problems, behind is not None)
-    kind = UPDATES.get(adapter)
+    kind = UPDATES.get(adapter) if isinstance(adapter, str) else None
     training = _training(raw, problems, {**(behind.training if behind else {}), **(chosen.budget if chosen else {}),
                                          **(kind.budget if kind else {})})
     targets = raw.get("target_modules")

@@ -57,7 +57,8 @@ def test_a_request_names_its_adapter_kind_beside_its_method(tmp_path):
     assert (load_request(_write(tmp_path, method="sine")).method, old.adapter) == ("stranger", "sine")
     for fields, said in (({"method": "stranger", "adapter": "masked"}, "adapter: stranger trains lora or sine, not 'masked'"),
                          ({"method": "vleraser", "adapter": "sine"}, "adapter: vleraser trains lora, not 'sine'"),
-                         ({"method": "gd", "adapter": 3}, "adapter: expected one of lora, sine")):
+                         ({"method": "gd", "adapter": 3}, "adapter: expected one of lora, sine"),
+                         ({"method": "gd", "adapter": ["sine"]}, "adapter: expected one of lora, sine")):
         with pytest.raises(SeqforgetError, match=said):
             load_request(_write(tmp_path, **fields))
 
