@@ -205,7 +205,11 @@ class Leader:
 
     def __enter__(self) -> "Leader":
         self.writer.__enter__()
-        self.group.wait()  # the first barrier: this process holds the lock
+        try:
+            self.group.wait()  # the first barrier: this process holds the lock
+        except BaseException as e:  # no `with` body runs to release the lock: release it here
+            self.writer.__exit__(type(e), e, e.__traceback__)
+            raise
         return self
 
     def __exit__(self, *exc):

@@ -15,7 +15,7 @@ import pytest
 from conftest import snapshot, write_request
 from registry import Registry
 from seqforget.composition import delta
-from seqforget.distributed import block_stacks
+from seqforget.distributed import block_stacks, registry_writer
 from seqforget.engine import apply_request, init_registry
 from seqforget.errors import SeqforgetError
 from seqforget.models import load_model
@@ -34,6 +34,24 @@ def launch(request: Path, reg: Path, tag: str = "", *options: str, mode: str = "
                "-m", "seqforget", "apply", str(request), "--registry", str(reg), "--quiet", *options]
     env = {**os.environ, "SEQFORGET_TEST_LAUNCH": tag, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def test_a_barrier_that_fails_on_entering_leaves_the_registry_unlocked(world, tmp_path):
+    class Unreached:  # the main process of a group whose other processes never arrive
+        main = True
+
+        def wait(self):
+            raise RuntimeError("barrier timed out")
+
+    init_registry(tmp_path / "reg", world / "model")
+    reg = Registry.open(tmp_path / "reg")
+    writer = registry_writer(reg, Unreached(), wait=False)  # kept, as a traceback keeps it: no garbage collection frees the lock
+    with pytest.raises(RuntimeError, match="barrier timed out"):
+        with writer:
+            pass
+    take = "import sys; from registry import Registry\nwith Registry.open(sys.argv[1]).writer(wait=False): pass"
+    other = subprocess.run([sys.executable, "-c", take, str(tmp_path / "reg")], capture_output=True, text=True)
+    assert other.returncode == 0, other.stderr[-500:]  # the lock was let go: another process takes it at once
 
 
 def test_two_processes_store_the_adapter_one_process_stores(world, tmp_path):
