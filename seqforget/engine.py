@@ -227,9 +227,9 @@ def read_request(state: Snapshot, request_path: Path, raw: dict | None = None, s
     gated registry's defaults (seqforget.scopes.Gated) where it sets none of its own."""
     retain, reference = state.default_retain, state.default_reference
     defaults = {"default_retain": retain["path"] if retain else None,
-                "default_reference": reference["path"] if reference else None}
-    request = (load_request(request_path, **defaults, gated=registry_gated(state)) if raw is None else
-               parse_request(raw, request_path, source or str(request_path), **defaults, gated=registry_gated(state)))
+                "default_reference": reference["path"] if reference else None, "gated": registry_gated(state)}
+    request = (load_request(request_path, **defaults) if raw is None else
+               parse_request(raw, request_path, source or str(request_path), **defaults))
     for label, default, path in (("retain", retain, request.retain_path), ("reference", reference, request.reference_path)):
         if default and path == Path(default["path"]) and request.data_sha256[label] != default["sha256"]:
             raise SeqforgetError(f"the default {label} set {path} changed since `seqforget init`")

@@ -228,7 +228,7 @@ def _method(raw: dict, scope: str | None, problems: list[str], gated: bool = Fal
     if name in METHODS:
         kinds = METHODS[name].adapters
         if adapter is None:
-            adapter = kinds[0]
+            adapter = _default_adapter(name)
         elif adapter not in kinds:
             found.append(f"adapter: {name} trains {' or '.join(kinds)}, not {adapter!r}" if isinstance(adapter, str)
                          else f"adapter: expected one of {', '.join(kinds)}")

@@ -79,7 +79,7 @@ class Scope:
     default: str  # the method a request of this scope gets when it names none (each method lists the scopes it serves)
     forgets_text_rows: bool  # False: text-only forget rows are knowledge that stays (retained)
     answers_refusal: bool  # forget rows are trained towards the request's refusal
-    gated: Gated | None = None  # in a gated registry: None, as in any other
+    gated: Gated | None = None  # in a gated registry; None: as in any other registry
 
 
 SCOPES = {

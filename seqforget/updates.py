@@ -15,7 +15,7 @@ One class per kind, each with the same few members, so the training loop never a
                    weight it reparametrises, which the sharding holds by name
     roles          the layers it trains when a request names none (seqforget.scopes.ROLES), in place
                    of the scope's; None: the scope's
-    budget         defaults of the request's `steps` and `lr` for this kind, before the method's
+    budget         defaults of the request's `steps` and `lr` for this kind, over the method's
 
 A request names its kind beside its method (`adapter: sine`); each method lists the kinds it can
 train (`adapters`, seqforget.methods), its default first.
@@ -26,7 +26,7 @@ train (`adapters`, seqforget.methods), its default first.
             by at most 1 whatever the loss does, which keeps the projector's Jacobian well
             conditioned (the paper: under 10^3 where plain gradient methods reach 10^6 at 7B; every
             request records the figure). By default it trains the projector's linear layers, biases
-            left alone, zero at the start, under any loss that trains a LoRA; 600 steps at lr 3e-3
+            left alone, zero at the start, under any loss but vleraser's; 600 steps at lr 3e-3
             (at 3e-4 a stranger objective moved the forget rows of one benchmark world from 0.96 to
             0.94 in 600 steps). dW is projected, dW <- dW (I - U U^T); since sin is applied
             entrywise, sin(dW) x = 0 holds only to first order in dW (sin(dW) = dW - dW^3 / 6 + ...):

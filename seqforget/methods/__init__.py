@@ -17,8 +17,8 @@ In both, `with original():` runs the model as it was before this request (the up
 switched off); wrap it in torch.no_grad().
 It inherits these, at their defaults (seqforget.methods.base.Defaults), and may set them:
   adapters         the adapter kinds it can train (seqforget.updates: "lora", "sine", "masked"), its
-                   default first; a request names another with `adapter` (any loss that trains a
-                   LoRA also trains a sine residual)
+                   default first; a request names another with `adapter` (by default a method
+                   trains a LoRA or a sine residual)
   budget           a dict of defaults for the request's `steps` and `lr`
   needs_reference  True if it cannot train without reference rows like the forget rows
   layers           a tuple of roles (seqforget.scopes.ROLES): the layers it trains, in place of the
